@@ -1,0 +1,118 @@
+// attnqat/attnqat.h — the public C++ API of attnqat.
+//
+// Every entry point validates its arguments first (src/common/validate.cpp, shared by all
+// backends) and returns a Status. Tensors on the CPU run the reference (src/reference); tensors on
+// a CUDA device run the kernels when the library was built with CUDA (build_info()). `stream` is
+// a cudaStream_t passed as void* (ignored on the CPU); nothing here synchronizes the device.
+#pragma once
+
+#include <string>
+
+#include "attnqat/formats.h"
+#include "attnqat/tensor.h"
+
+namespace attnqat {
+
+// ---- Build information ---------------------------------------------------------------------
+
+struct BuildInfo {
+  std::string version;
+  bool cuda = false;           // CUDA kernels compiled in
+  std::string cuda_archs;      // e.g. "90a"
+  std::string cuda_version;    // toolkit used to build, e.g. "13.0"
+};
+BuildInfo build_info();
+
+// ---- Quantization (numerics sections 2, 3, 7) ----------------------------------------------
+
+enum class Format : uint8_t { kNVFP4, kMXFP4 };
+
+// Which axis the blocks run along.
+//  kLast:  the last axis (Q, K, V with channel blocks). x [..., L]: data [..., L/2],
+//          scales [..., L/block]. L must be a multiple of the block size.
+//  kToken: the second-to-last axis of x [..., N, D] (V with token blocks): blocks of 16
+//          consecutive tokens per channel, the last one zero-padded. data [..., D, ceil(N/16)*8],
+//          scales [..., D, ceil(N/16)]. NVFP4 only.
+enum class BlockAxis : uint8_t { kLast, kToken };
+
+struct QuantizeOptions {
+  Format format = Format::kNVFP4;
+  BlockAxis axis = BlockAxis::kLast;
+  // NVFP4 second-level scale g: a one-element fp32 tensor on the device of x. When
+  // `compute_global_scale` is true the op first writes nvfp4_global_scale(amax(x)) into it;
+  // otherwise it reads it (a positive power of two). Unused (may be undefined) for MXFP4.
+  bool compute_global_scale = false;
+};
+
+// x (fp32/fp16/bf16, last axis contiguous) -> packed codes (uint8) and scales (uint8).
+Status quantize(const TensorView& x, const TensorView& data, const TensorView& scales,
+                const TensorView& global_scale, const QuantizeOptions& opts, void* stream = nullptr);
+// packed codes + scales -> out (fp32/fp16/bf16, shape of the original x). Exact.
+Status dequantize(const TensorView& data, const TensorView& scales, const TensorView& global_scale,
+                  const TensorView& out, const QuantizeOptions& opts, void* stream = nullptr);
+// out = dequantize(quantize(x)), same shape; out may alias x.
+Status fake_quantize(const TensorView& x, const TensorView& out, const TensorView& global_scale,
+                     const QuantizeOptions& opts, void* stream = nullptr);
+
+// ---- Attention (numerics sections 3-6) -----------------------------------------------------
+
+enum class Mode : uint8_t { kBF16, kFP4, kDropInQAT, kAttnQAT };
+enum class PQuant : uint8_t { kPaper, kAnchored };
+enum class VBlocks : uint8_t { kChannel, kToken };
+
+const char* mode_name(Mode m);
+
+// The ablation switches of numerics section 6. attn_qat: all on; drop_in_qat: all off.
+struct BackwardSwitches {
+  bool quantized_qkv = true;      // recompute S from the quantized Q, K, V
+  bool quant_p = true;            // use P_F (quantized P) for dV
+  bool high_precision_o = true;   // D = rowsum(dO * O') instead of rowsum(dO * O)
+};
+BackwardSwitches default_switches(Mode m);
+
+// Arithmetic of the CPU reference. kFloat32 is the contract; kFloat64 accumulates (dot
+// products, exp2, row sums, outputs) in double for tests; kBF16Operands rounds the operands of
+// the P.V products (P~, and P in bf16 mode) and of the backward's dS/P products to bf16 before
+// multiplying, as tensor cores do — the "low-precision emulation" the tolerances are built on.
+enum class Precision : uint8_t { kFloat32, kFloat64, kBF16Operands };
+
+struct AttentionOptions {
+  Mode mode = Mode::kAttnQAT;
+  PQuant p_quant = PQuant::kPaper;
+  VBlocks v_blocks = VBlocks::kChannel;
+  bool causal = false;           // bottom-right aligned
+  float softmax_scale = 0.0f;    // c; <= 0 means 1/sqrt(D)
+  int kv_tile = 128;             // keys per tile of the online softmax (matters for "paper")
+  BackwardSwitches bwd{};        // used by the backward (and to decide whether O' is needed)
+  Precision precision = Precision::kFloat32;  // CPU reference only
+};
+
+// Forward outputs. q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D].
+//  o     [B, Hq, Nq, D]  dtype of q
+//  o_hp  [B, Hq, Nq, D]  O' (high-precision output); leave undefined (data == nullptr) to skip
+//  lse   [B, Hq, Nq]     fp32, natural log; -inf for rows that see no key
+//  m_ref [B, Hq, Nq]     fp32, the final reference max of each row (log2 units)    } optional:
+//  l     [B, Hq, Nq]     fp32, the final row sum of the unquantized p~            } both or none
+struct ForwardOutputs {
+  TensorView o, o_hp, lse, m_ref, l;
+};
+
+Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const AttentionOptions& opts, const ForwardOutputs& out,
+                         void* stream = nullptr);
+
+// What the backward reads from the forward: o (needed when D uses O), o_hp (when D uses O'),
+// lse, and m_ref + l (anchored mode).
+struct ForwardState {
+  TensorView o, o_hp, lse, m_ref, l;
+};
+struct BackwardOutputs {
+  TensorView dq, dk, dv;  // shapes and dtypes of q, k, v
+};
+
+Status attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                          const TensorView& v, const ForwardState& saved,
+                          const AttentionOptions& opts, const BackwardOutputs& grads,
+                          void* stream = nullptr);
+
+}  // namespace attnqat

@@ -1,0 +1,109 @@
+// The public entry points: validate (src/common/validate.cpp), then dispatch on the device to
+// the CPU reference or the CUDA backend. The only place where the two backends meet.
+#include <string>
+
+#include "attnqat/attnqat.h"
+#include "common/validate.h"
+#include "reference/reference.h"
+#ifdef ATTNQAT_WITH_CUDA
+#include "cuda/api.h"
+#endif
+
+#ifndef ATTNQAT_VERSION
+#define ATTNQAT_VERSION "0.0.0"
+#endif
+
+namespace attnqat {
+namespace {
+
+[[maybe_unused]] Status no_cuda(const char* op) {
+  return Status::NotImplemented(std::string(op) +
+                                ": got CUDA tensors, but this build of attnqat has no CUDA kernels "
+                                "(built without a CUDA toolkit; see attnqat.build_info())");
+}
+
+[[maybe_unused]] Status not_yet(const char* op) {
+  return Status::NotImplemented(std::string(op) +
+                                ": the CUDA kernel is not implemented yet; run on CPU tensors "
+                                "(the reference) for now");
+}
+
+}  // namespace
+
+BuildInfo build_info() {
+  BuildInfo info;
+  info.version = ATTNQAT_VERSION;
+#ifdef ATTNQAT_WITH_CUDA
+  info.cuda = true;
+  info.cuda_archs = cuda::archs_built();
+#ifdef ATTNQAT_CUDA_VERSION
+  info.cuda_version = ATTNQAT_CUDA_VERSION;
+#endif
+#endif
+  return info;
+}
+
+Status quantize(const TensorView& x, const TensorView& data, const TensorView& scales,
+                const TensorView& global_scale, const QuantizeOptions& opts, void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(validate_quantize(x, data, scales, global_scale, opts));
+  if (x.device == Device::kCPU) return reference::quantize(x, data, scales, global_scale, opts);
+#ifdef ATTNQAT_WITH_CUDA
+  return cuda::quantize(x, data, scales, global_scale, opts, stream);
+#else
+  (void)stream;
+  return no_cuda("quantize");
+#endif
+}
+
+Status dequantize(const TensorView& data, const TensorView& scales, const TensorView& global_scale,
+                  const TensorView& out, const QuantizeOptions& opts, void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(validate_dequantize(data, scales, global_scale, out, opts));
+  if (out.device == Device::kCPU) return reference::dequantize(data, scales, global_scale, out, opts);
+#ifdef ATTNQAT_WITH_CUDA
+  return cuda::dequantize(data, scales, global_scale, out, opts, stream);
+#else
+  (void)stream;
+  return no_cuda("dequantize");
+#endif
+}
+
+Status fake_quantize(const TensorView& x, const TensorView& out, const TensorView& global_scale,
+                     const QuantizeOptions& opts, void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(validate_fake_quantize(x, out, global_scale, opts));
+  if (x.device == Device::kCPU) return reference::fake_quantize(x, out, global_scale, opts);
+#ifdef ATTNQAT_WITH_CUDA
+  return cuda::fake_quantize(x, out, global_scale, opts, stream);
+#else
+  (void)stream;
+  return no_cuda("fake_quantize");
+#endif
+}
+
+Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const AttentionOptions& opts, const ForwardOutputs& out, void* stream) {
+  (void)stream;
+  ATTNQAT_RETURN_IF_ERROR(validate_attention_forward(q, k, v, opts, out));
+  if (q.device == Device::kCPU) return reference::attention_forward(q, k, v, opts, out);
+#ifdef ATTNQAT_WITH_CUDA
+  return not_yet("attention_forward");
+#else
+  return no_cuda("attention_forward");
+#endif
+}
+
+Status attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                          const TensorView& v, const ForwardState& saved,
+                          const AttentionOptions& opts, const BackwardOutputs& grads,
+                          void* stream) {
+  (void)stream;
+  ATTNQAT_RETURN_IF_ERROR(validate_attention_backward(dout, q, k, v, saved, opts, grads));
+  if (q.device == Device::kCPU)
+    return reference::attention_backward(dout, q, k, v, saved, opts, grads);
+#ifdef ATTNQAT_WITH_CUDA
+  return not_yet("attention_backward");
+#else
+  return no_cuda("attention_backward");
+#endif
+}
+
+}  // namespace attnqat

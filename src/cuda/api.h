@@ -1,0 +1,18 @@
+// Host entry points of the CUDA backend (defined in src/cuda/*.cu). Called by src/api.cpp after
+// validation, only when the library was built with CUDA (ATTNQAT_WITH_CUDA).
+#pragma once
+
+#include "attnqat/attnqat.h"
+
+namespace attnqat::cuda {
+
+std::string archs_built();  // e.g. "90a"
+
+Status quantize(const TensorView& x, const TensorView& data, const TensorView& scales,
+                const TensorView& global_scale, const QuantizeOptions& opts, void* stream);
+Status dequantize(const TensorView& data, const TensorView& scales, const TensorView& global_scale,
+                  const TensorView& out, const QuantizeOptions& opts, void* stream);
+Status fake_quantize(const TensorView& x, const TensorView& out, const TensorView& global_scale,
+                     const QuantizeOptions& opts, void* stream);
+
+}  // namespace attnqat::cuda

@@ -1,0 +1,137 @@
+// Helpers of the attention tests: random problems, calls through the public API, error norms.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "attnqat/attnqat.h"
+
+namespace attnqat::test {
+
+template <typename T>
+struct Problem {
+  int64_t B = 1, Hq = 1, Hkv = 1, Nq = 1, Nk = 1, D = 16;
+  std::vector<T> q, k, v;
+};
+
+// Gaussian Q, K, V; K gets a few outlier channels (x8), as real attention inputs have.
+template <typename T>
+Problem<T> random_problem(int64_t B, int64_t Hq, int64_t Hkv, int64_t Nq, int64_t Nk, int64_t D,
+                          uint32_t seed, double q_scale = 1.0) {
+  Problem<T> p;
+  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.Nq = Nq, p.Nk = Nk, p.D = D;
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> n01(0.0, 1.0);
+  p.q.resize(B * Hq * Nq * D);
+  p.k.resize(B * Hkv * Nk * D);
+  p.v.resize(B * Hkv * Nk * D);
+  for (auto& x : p.q) x = static_cast<T>(q_scale * n01(rng));
+  for (size_t i = 0; i < p.k.size(); ++i)
+    p.k[i] = static_cast<T>(n01(rng) * ((i % D) % 13 == 3 ? 8.0 : 1.0));
+  for (auto& x : p.v) x = static_cast<T>(n01(rng));
+  return p;
+}
+
+template <typename T>
+constexpr DType dtype_of() {
+  return sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
+}
+
+template <typename T>
+struct Fwd {
+  std::vector<T> o, o_hp;
+  std::vector<float> lse, m_ref, l;
+};
+
+template <typename T>
+Fwd<T> forward(Problem<T>& p, const AttentionOptions& opts, bool with_hp = true) {
+  Fwd<T> f;
+  const int64_t rows = p.B * p.Hq * p.Nq;
+  f.o.assign(rows * p.D, T(NAN));
+  f.o_hp.assign(with_hp ? rows * p.D : 0, T(NAN));
+  f.lse.assign(rows, NAN);
+  f.m_ref.assign(rows, NAN);
+  f.l.assign(rows, NAN);
+  const DType dt = dtype_of<T>();
+  ForwardOutputs out;
+  out.o = make_view(f.o.data(), dt, {p.B, p.Hq, p.Nq, p.D}, "o");
+  if (with_hp) out.o_hp = make_view(f.o_hp.data(), dt, {p.B, p.Hq, p.Nq, p.D}, "o_hp");
+  out.lse = make_view(f.lse.data(), DType::kFloat32, {p.B, p.Hq, p.Nq}, "lse");
+  out.m_ref = make_view(f.m_ref.data(), DType::kFloat32, {p.B, p.Hq, p.Nq}, "m_ref");
+  out.l = make_view(f.l.data(), DType::kFloat32, {p.B, p.Hq, p.Nq}, "l");
+  const Status st = attention_forward(make_view(p.q.data(), dt, {p.B, p.Hq, p.Nq, p.D}, "q"),
+                                      make_view(p.k.data(), dt, {p.B, p.Hkv, p.Nk, p.D}, "k"),
+                                      make_view(p.v.data(), dt, {p.B, p.Hkv, p.Nk, p.D}, "v"), opts, out);
+  EXPECT_TRUE(st.ok()) << st.message();
+  return f;
+}
+
+template <typename T>
+struct Grads {
+  std::vector<T> dq, dk, dv;
+};
+
+template <typename T>
+Grads<T> backward(Problem<T>& p, Fwd<T>& f, std::vector<T>& dout, const AttentionOptions& opts) {
+  Grads<T> g;
+  g.dq.assign(p.q.size(), T(NAN));
+  g.dk.assign(p.k.size(), T(NAN));
+  g.dv.assign(p.v.size(), T(NAN));
+  const DType dt = dtype_of<T>();
+  ForwardState s;
+  s.o = make_view(f.o.data(), dt, {p.B, p.Hq, p.Nq, p.D}, "o");
+  if (!f.o_hp.empty()) s.o_hp = make_view(f.o_hp.data(), dt, {p.B, p.Hq, p.Nq, p.D}, "o_hp");
+  s.lse = make_view(f.lse.data(), DType::kFloat32, {p.B, p.Hq, p.Nq}, "lse");
+  s.m_ref = make_view(f.m_ref.data(), DType::kFloat32, {p.B, p.Hq, p.Nq}, "m_ref");
+  s.l = make_view(f.l.data(), DType::kFloat32, {p.B, p.Hq, p.Nq}, "l");
+  BackwardOutputs out;
+  out.dq = make_view(g.dq.data(), dt, {p.B, p.Hq, p.Nq, p.D}, "dq");
+  out.dk = make_view(g.dk.data(), dt, {p.B, p.Hkv, p.Nk, p.D}, "dk");
+  out.dv = make_view(g.dv.data(), dt, {p.B, p.Hkv, p.Nk, p.D}, "dv");
+  const Status st = attention_backward(make_view(dout.data(), dt, {p.B, p.Hq, p.Nq, p.D}, "dout"),
+                                       make_view(p.q.data(), dt, {p.B, p.Hq, p.Nq, p.D}, "q"),
+                                       make_view(p.k.data(), dt, {p.B, p.Hkv, p.Nk, p.D}, "k"),
+                                       make_view(p.v.data(), dt, {p.B, p.Hkv, p.Nk, p.D}, "v"), s, opts, out);
+  EXPECT_TRUE(st.ok()) << st.message();
+  return g;
+}
+
+// ||a - b|| / ||b||; NaN anywhere gives +inf (NaN never passes a tolerance).
+template <typename A, typename B>
+double rel_err(const std::vector<A>& a, const std::vector<B>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    const double x = static_cast<double>(a[i]), y = static_cast<double>(b[i]);
+    if (std::isnan(x) || std::isnan(y)) return std::numeric_limits<double>::infinity();
+    num += (x - y) * (x - y);
+    den += y * y;
+  }
+  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+}
+
+template <typename A>
+double cosine(const std::vector<A>& a, const std::vector<A>& b) {
+  double ab = 0, aa = 0, bb = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    ab += static_cast<double>(a[i]) * b[i];
+    aa += static_cast<double>(a[i]) * a[i];
+    bb += static_cast<double>(b[i]) * b[i];
+  }
+  return ab / std::sqrt(aa * bb);
+}
+
+inline AttentionOptions options(Mode mode, PQuant pq = PQuant::kPaper, bool causal = false) {
+  AttentionOptions o;
+  o.mode = mode;
+  o.p_quant = pq;
+  o.causal = causal;
+  o.bwd = default_switches(mode);
+  return o;
+}
+
+}  // namespace attnqat::test

@@ -42,6 +42,7 @@ BackwardSwitches default_switches(Mode m) {
 }
 
 bool TensorView::is_contiguous() const {
+  if (numel() == 0) return true;  // nothing to address
   int64_t expected = 1;
   for (int i = ndim - 1; i >= 0; --i) {
     if (shape[i] != 1 && stride[i] != expected) return false;

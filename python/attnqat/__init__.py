@@ -1,0 +1,53 @@
+"""attnqat: 4-bit (NVFP4) attention with quantization-aware training.
+
+The public API (numpy arrays and torch tensors alike):
+
+- :func:`quantize_nvfp4`, :func:`quantize_mxfp4` -> :class:`QuantizedTensor` (packed codes,
+  scales, second-level scale, block axis; ``.dequantize()``), :func:`fake_quantize`.
+- :func:`attention` — FlashAttention-style attention in the Attn-QAT modes ``bf16``, ``fp4``,
+  ``drop_in_qat`` and ``attn_qat``, differentiable for torch tensors.
+- :func:`build_info` — what this build contains (CUDA kernels or CPU reference only).
+
+CPU inputs run the reference implementation of ``docs/numerics.md``; CUDA tensors run the
+kernels when the package was built with CUDA.
+"""
+
+import importlib.util as _importlib_util
+
+from ._C import build_info as _build_info
+from .attention import attention
+from .formats import QuantizedTensor, dequantize, fake_quantize, quantize_mxfp4, quantize_nvfp4
+
+if _importlib_util.find_spec("torch") is not None:
+    from . import _torch_ops  # noqa: F401  (registers torch.ops.attnqat.*)
+
+__version__ = _build_info()["version"]
+
+
+def build_info() -> dict:
+    """What this build of attnqat contains.
+
+    Returns a dict with ``version``, ``cuda`` (True when CUDA kernels are compiled in),
+    ``cuda_archs`` (e.g. ``"90a;100a;120a"``), ``cuda_version`` and ``torch`` (the installed
+    torch version, or None when torch is not installed; the package works without it on numpy
+    arrays).
+    """
+    info = dict(_build_info())
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+__all__ = [
+    "QuantizedTensor",
+    "attention",
+    "build_info",
+    "dequantize",
+    "fake_quantize",
+    "quantize_mxfp4",
+    "quantize_nvfp4",
+]

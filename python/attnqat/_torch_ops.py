@@ -1,0 +1,181 @@
+"""The torch custom ops of attnqat (``torch.ops.attnqat.*``).
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) implementation, so it works under
+``torch.compile`` and CUDA-graph capture, and the attention and fake-quantization ops have
+autograd formulas. Outputs are allocated here and filled by the C++ core (``attnqat._C``) on the
+current CUDA stream; nothing synchronizes.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+_LIB = "attnqat"
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t.contiguous() if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1 else t
+
+
+def _packed_shapes(shape, format: str, axis: str):
+    from .formats import packed_shapes
+
+    return packed_shapes(shape, format, axis)
+
+
+# ---- Quantization ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_LIB}::quantize", mutates_args=())
+def _quantize_op(x: Tensor, format: str, axis: str, global_scale: float, compute_global_scale: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    dshape, sshape = _packed_shapes(x.shape, format, axis)
+    data = torch.empty(dshape, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(sshape, dtype=torch.uint8, device=x.device)
+    g = torch.full((1,), global_scale, dtype=torch.float32, device=x.device)
+    _C.quantize(x, data, scales, g if format == "nvfp4" else None, format, axis, compute_global_scale, _stream(x))
+    return data, scales, g
+
+
+@_quantize_op.register_fake
+def _(x, format, axis, global_scale, compute_global_scale):
+    dshape, sshape = _packed_shapes(x.shape, format, axis)
+    return (x.new_empty(dshape, dtype=torch.uint8), x.new_empty(sshape, dtype=torch.uint8),
+            x.new_empty((1,), dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{_LIB}::dequantize", mutates_args=())
+def _dequantize_op(data: Tensor, scales: Tensor, global_scale: Tensor, format: str, axis: str, shape: List[int], dtype: torch.dtype) -> Tensor:
+    out = torch.empty(shape, dtype=dtype, device=data.device)
+    _C.dequantize(data, scales, global_scale if format == "nvfp4" else None, out, format, axis, _stream(data))
+    return out
+
+
+@_dequantize_op.register_fake
+def _(data, scales, global_scale, format, axis, shape, dtype):
+    return data.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::fake_quantize", mutates_args=())
+def _fake_quantize_op(x: Tensor, format: str, axis: str, global_scale: float, compute_global_scale: bool) -> Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    g = torch.full((1,), global_scale, dtype=torch.float32, device=x.device) if format == "nvfp4" else None
+    _C.fake_quantize(x, out, g, format, axis, compute_global_scale, _stream(x))
+    return out
+
+
+@_fake_quantize_op.register_fake
+def _(x, format, axis, global_scale, compute_global_scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_quantize_backward(ctx, grad):
+    # Straight-through estimator: the quantizer passes the gradient unchanged.
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd(f"{_LIB}::fake_quantize", _fake_quantize_backward)
+
+
+def quantize(x: Tensor, format: str, axis: str, global_scale: float, compute: bool):
+    # Quantization never copies silently: the C++ validation reports a strided last dim.
+    return torch.ops.attnqat.quantize(x, format, axis, global_scale, compute)
+
+
+def dequantize(data, scales, g, format, axis, shape, dtype):
+    return torch.ops.attnqat.dequantize(data, scales, g, format, axis, list(shape), dtype)
+
+
+def fake_quantize(x: Tensor, format: str, axis: str, global_scale: float, compute: bool):
+    return torch.ops.attnqat.fake_quantize(x, format, axis, global_scale, compute)
+
+
+# ---- Attention ---------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, mode: str, p_quant: str,
+    v_blocks: str, kv_tile: int, bwd_quantized_qkv: bool, bwd_quant_p: bool,
+    bwd_high_precision_o: bool, precision: str, need_o_hp: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o_hp = torch.empty(q.shape if need_o_hp else (0,), dtype=q.dtype, device=q.device)
+    lse, m_ref, l = (torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(3))
+    _C.attention_forward(q, k, v, o, o_hp if need_o_hp else None, lse, m_ref, l, mode, p_quant, v_blocks,
+                         causal, softmax_scale, kv_tile, bwd_quantized_qkv, bwd_quant_p,
+                         bwd_high_precision_o, precision, _stream(q))
+    return o, o_hp, lse, m_ref, l
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, causal, softmax_scale, mode, p_quant, v_blocks, kv_tile, bwd_quantized_qkv, bwd_quant_p,
+      bwd_high_precision_o, precision, need_o_hp):
+    row = tuple(q.shape[:3])
+    return (q.new_empty(q.shape), q.new_empty(q.shape if need_o_hp else (0,)),
+            q.new_empty(row, dtype=torch.float32), q.new_empty(row, dtype=torch.float32),
+            q.new_empty(row, dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{_LIB}::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, o_hp: Tensor, lse: Tensor, m_ref: Tensor,
+    l: Tensor, causal: bool, softmax_scale: float, mode: str, p_quant: str, v_blocks: str, kv_tile: int,
+    bwd_quantized_qkv: bool, bwd_quant_p: bool, bwd_high_precision_o: bool, precision: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _C.attention_backward(_last_dim_contiguous(dout), q, k, v, o, o_hp if o_hp.numel() else None, lse,
+                          m_ref, l, dq, dk, dv, mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
+                          bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision, _stream(q))
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, o, o_hp, lse, m_ref, l, causal, softmax_scale, mode, p_quant, v_blocks, kv_tile,
+      bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_bwd_backward(ctx, *grads):
+    raise NotImplementedError("attnqat.attention: double backward (gradients of gradients) is not supported")
+
+
+torch.library.register_autograd(f"{_LIB}::attention_bwd", _attention_bwd_backward)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    ctx.options = inputs[3:13]
+    o, o_hp, lse, m_ref, l = output
+    ctx.save_for_backward(q, k, v, o, o_hp, lse, m_ref, l)
+    ctx.mark_non_differentiable(o_hp, lse, m_ref, l)
+
+
+def _attention_backward(ctx, do, do_hp, dlse, dm, dl):
+    q, k, v, o, o_hp, lse, m_ref, l = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnqat.attention_bwd(do, q, k, v, o, o_hp, lse, m_ref, l, *ctx.options)
+    return (dq, dk, dv) + (None,) * 11
+
+
+torch.library.register_autograd(f"{_LIB}::attention_fwd", _attention_backward, setup_context=_attention_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, cfg) -> Tuple[Tensor, Tensor]:
+    """Runs the forward op; O' is computed only when autograd will call the backward."""
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got one on {t.device}")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    need_o_hp = wants_grad and cfg.needs_o_hp
+    o, _, lse, _, _ = torch.ops.attnqat.attention_fwd(q, k, v, *cfg.as_args(), need_o_hp)
+    return o, lse

@@ -1,0 +1,266 @@
+// attnqat._C — the Python binding of the C++ API (include/attnqat/attnqat.h).
+//
+// Every array argument is an nb::ndarray (numpy arrays, torch tensors, anything with
+// __dlpack__), converted to a non-owning TensorView. Outputs are allocated by the Python layer
+// and passed in. The GIL is released while the C++ code runs. A non-OK Status becomes
+// ValueError (bad argument), NotImplementedError or RuntimeError (CUDA error).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "attnqat/attnqat.h"
+
+namespace nb = nanobind;
+using namespace attnqat;
+
+namespace {
+
+using AnyArray = nb::ndarray<>;
+using OptArray = std::optional<AnyArray>;
+
+DType dtype_of(const AnyArray& a, const char* name) {
+  const nb::dlpack::dtype dt = a.dtype();
+  using nb::dlpack::dtype_code;
+  if (dt.lanes == 1) {
+    if (dt.code == static_cast<uint8_t>(dtype_code::Float)) {
+      if (dt.bits == 32) return DType::kFloat32;
+      if (dt.bits == 16) return DType::kFloat16;
+      if (dt.bits == 64) return DType::kFloat64;
+    }
+    if (dt.code == static_cast<uint8_t>(dtype_code::Bfloat) && dt.bits == 16) return DType::kBFloat16;
+    if (dt.code == static_cast<uint8_t>(dtype_code::UInt) && dt.bits == 8) return DType::kUInt8;
+  }
+  throw nb::value_error((std::string(name) + ": unsupported dtype (code " + std::to_string(dt.code) +
+                         ", " + std::to_string(dt.bits) + " bits)").c_str());
+}
+
+TensorView to_view(const AnyArray& a, const char* name) {
+  TensorView t;
+  t.name = name;
+  if (a.ndim() > static_cast<size_t>(kMaxDims))
+    throw nb::value_error((std::string(name) + ": expected at most " + std::to_string(kMaxDims) +
+                           " dimensions, got " + std::to_string(a.ndim())).c_str());
+  t.data = a.data();
+  t.dtype = dtype_of(a, name);
+  const int dev = a.device_type();
+  if (dev == nb::device::cpu::value) t.device = Device::kCPU;
+  else if (dev == nb::device::cuda::value) t.device = Device::kCUDA;
+  else throw nb::value_error((std::string(name) + ": expected a CPU or CUDA tensor, got DLPack device type " +
+                              std::to_string(dev)).c_str());
+  t.device_id = a.device_id();
+  t.ndim = static_cast<int>(a.ndim());
+  for (int i = 0; i < t.ndim; ++i) {
+    t.shape[i] = static_cast<int64_t>(a.shape(i));
+    t.stride[i] = static_cast<int64_t>(a.stride(i));
+  }
+  return t;
+}
+
+TensorView opt_view(const OptArray& a, const char* name) {
+  if (!a) {
+    TensorView t;
+    t.name = name;
+    return t;
+  }
+  return to_view(*a, name);
+}
+
+void check(const Status& st) {
+  if (st.ok()) return;
+  switch (st.code()) {
+    case StatusCode::kInvalidArgument: throw nb::value_error(st.message().c_str());
+    case StatusCode::kNotImplemented:
+      PyErr_SetString(PyExc_NotImplementedError, st.message().c_str());
+      throw nb::python_error();
+    default: throw std::runtime_error(st.message());
+  }
+}
+
+Format parse_format(const std::string& s) {
+  if (s == "nvfp4") return Format::kNVFP4;
+  if (s == "mxfp4") return Format::kMXFP4;
+  throw nb::value_error(("format: expected 'nvfp4' or 'mxfp4', got '" + s + "'").c_str());
+}
+BlockAxis parse_axis(const std::string& s) {
+  if (s == "last") return BlockAxis::kLast;
+  if (s == "token") return BlockAxis::kToken;
+  throw nb::value_error(("axis: expected 'last' or 'token', got '" + s + "'").c_str());
+}
+Mode parse_mode(const std::string& s) {
+  if (s == "bf16") return Mode::kBF16;
+  if (s == "fp4") return Mode::kFP4;
+  if (s == "drop_in_qat") return Mode::kDropInQAT;
+  if (s == "attn_qat") return Mode::kAttnQAT;
+  throw nb::value_error(("mode: expected one of 'bf16', 'fp4', 'drop_in_qat', 'attn_qat', got '" + s + "'").c_str());
+}
+PQuant parse_p_quant(const std::string& s) {
+  if (s == "paper") return PQuant::kPaper;
+  if (s == "anchored") return PQuant::kAnchored;
+  throw nb::value_error(("p_quant: expected 'paper' or 'anchored', got '" + s + "'").c_str());
+}
+VBlocks parse_v_blocks(const std::string& s) {
+  if (s == "channel") return VBlocks::kChannel;
+  if (s == "token") return VBlocks::kToken;
+  throw nb::value_error(("v_blocks: expected 'channel' or 'token', got '" + s + "'").c_str());
+}
+Precision parse_precision(const std::string& s) {
+  if (s == "fp32") return Precision::kFloat32;
+  if (s == "fp64") return Precision::kFloat64;
+  if (s == "bf16_operands") return Precision::kBF16Operands;
+  throw nb::value_error(("precision: expected 'fp32', 'fp64' or 'bf16_operands', got '" + s + "'").c_str());
+}
+
+QuantizeOptions quant_opts(const std::string& format, const std::string& axis, bool compute) {
+  QuantizeOptions o;
+  o.format = parse_format(format);
+  o.axis = parse_axis(axis);
+  o.compute_global_scale = compute;
+  return o;
+}
+
+AttentionOptions attn_opts(const std::string& mode, const std::string& p_quant,
+                           const std::string& v_blocks, bool causal, float softmax_scale,
+                           int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p,
+                           bool bwd_high_precision_o, const std::string& precision) {
+  AttentionOptions o;
+  o.mode = parse_mode(mode);
+  o.p_quant = parse_p_quant(p_quant);
+  o.v_blocks = parse_v_blocks(v_blocks);
+  o.causal = causal;
+  o.softmax_scale = softmax_scale;
+  o.kv_tile = kv_tile;
+  o.bwd = BackwardSwitches{bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o};
+  o.precision = parse_precision(precision);
+  return o;
+}
+
+void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "attnqat C++ core (reference + CUDA kernels). Use the `attnqat` package, not this.";
+
+  m.def("build_info", [] {
+    const BuildInfo b = build_info();
+    nb::dict d;
+    d["version"] = b.version;
+    d["cuda"] = b.cuda;
+    d["cuda_archs"] = b.cuda_archs;
+    d["cuda_version"] = b.cuda_version;
+    return d;
+  });
+
+  m.def("quantize",
+        [](AnyArray x, AnyArray data, AnyArray scales, OptArray g, const std::string& format,
+           const std::string& axis, bool compute_g, uintptr_t stream) {
+          const TensorView xv = to_view(x, "x"), dv = to_view(data, "data"), sv = to_view(scales, "scales"),
+                           gv = opt_view(g, "global_scale");
+          const QuantizeOptions o = quant_opts(format, axis, compute_g);
+          Status st;
+          {
+            nb::gil_scoped_release release;
+            st = quantize(xv, dv, sv, gv, o, stream_ptr(stream));
+          }
+          check(st);
+        },
+        nb::arg("x"), nb::arg("data"), nb::arg("scales"), nb::arg("global_scale").none(),
+        nb::arg("format"), nb::arg("axis"), nb::arg("compute_global_scale"), nb::arg("stream") = 0);
+
+  m.def("dequantize",
+        [](AnyArray data, AnyArray scales, OptArray g, AnyArray out, const std::string& format,
+           const std::string& axis, uintptr_t stream) {
+          const TensorView dv = to_view(data, "data"), sv = to_view(scales, "scales"),
+                           gv = opt_view(g, "global_scale"), ov = to_view(out, "out");
+          const QuantizeOptions o = quant_opts(format, axis, false);
+          Status st;
+          {
+            nb::gil_scoped_release release;
+            st = dequantize(dv, sv, gv, ov, o, stream_ptr(stream));
+          }
+          check(st);
+        },
+        nb::arg("data"), nb::arg("scales"), nb::arg("global_scale").none(), nb::arg("out"),
+        nb::arg("format"), nb::arg("axis"), nb::arg("stream") = 0);
+
+  m.def("fake_quantize",
+        [](AnyArray x, AnyArray out, OptArray g, const std::string& format, const std::string& axis,
+           bool compute_g, uintptr_t stream) {
+          const TensorView xv = to_view(x, "x"), ov = to_view(out, "out"), gv = opt_view(g, "global_scale");
+          const QuantizeOptions o = quant_opts(format, axis, compute_g);
+          Status st;
+          {
+            nb::gil_scoped_release release;
+            st = fake_quantize(xv, ov, gv, o, stream_ptr(stream));
+          }
+          check(st);
+        },
+        nb::arg("x"), nb::arg("out"), nb::arg("global_scale").none(), nb::arg("format"),
+        nb::arg("axis"), nb::arg("compute_global_scale"), nb::arg("stream") = 0);
+
+  m.def("attention_forward",
+        [](AnyArray q, AnyArray k, AnyArray v, AnyArray o, OptArray o_hp, AnyArray lse, OptArray m_ref,
+           OptArray l, const std::string& mode, const std::string& p_quant, const std::string& v_blocks,
+           bool causal, float softmax_scale, int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p,
+           bool bwd_high_precision_o, const std::string& precision, uintptr_t stream) {
+          const AttentionOptions opts = attn_opts(mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
+                                                  bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision);
+          const TensorView qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
+          ForwardOutputs out;
+          out.o = to_view(o, "o");
+          out.o_hp = opt_view(o_hp, "o_hp");
+          out.lse = to_view(lse, "lse");
+          out.m_ref = opt_view(m_ref, "m_ref");
+          out.l = opt_view(l, "l");
+          Status st;
+          {
+            nb::gil_scoped_release release;
+            st = attention_forward(qv, kv, vv, opts, out, stream_ptr(stream));
+          }
+          check(st);
+        },
+        nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("o_hp").none(), nb::arg("lse"),
+        nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("mode"), nb::arg("p_quant"),
+        nb::arg("v_blocks"), nb::arg("causal"), nb::arg("softmax_scale"), nb::arg("kv_tile"),
+        nb::arg("bwd_quantized_qkv"), nb::arg("bwd_quant_p"), nb::arg("bwd_high_precision_o"),
+        nb::arg("precision") = "fp32", nb::arg("stream") = 0);
+
+  m.def("attention_backward",
+        [](AnyArray dout, AnyArray q, AnyArray k, AnyArray v, OptArray o, OptArray o_hp, AnyArray lse,
+           OptArray m_ref, OptArray l, AnyArray dq, AnyArray dk, AnyArray dv, const std::string& mode,
+           const std::string& p_quant, const std::string& v_blocks, bool causal, float softmax_scale,
+           int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p, bool bwd_high_precision_o,
+           const std::string& precision, uintptr_t stream) {
+          const AttentionOptions opts = attn_opts(mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
+                                                  bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision);
+          const TensorView dov = to_view(dout, "dout"), qv = to_view(q, "q"), kv = to_view(k, "k"),
+                           vv = to_view(v, "v");
+          ForwardState s;
+          s.o = opt_view(o, "o");
+          s.o_hp = opt_view(o_hp, "o_hp");
+          s.lse = to_view(lse, "lse");
+          s.m_ref = opt_view(m_ref, "m_ref");
+          s.l = opt_view(l, "l");
+          BackwardOutputs g;
+          g.dq = to_view(dq, "dq");
+          g.dk = to_view(dk, "dk");
+          g.dv = to_view(dv, "dv");
+          Status st;
+          {
+            nb::gil_scoped_release release;
+            st = attention_backward(dov, qv, kv, vv, s, opts, g, stream_ptr(stream));
+          }
+          check(st);
+        },
+        nb::arg("dout"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o").none(), nb::arg("o_hp").none(),
+        nb::arg("lse"), nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("dq"), nb::arg("dk"),
+        nb::arg("dv"), nb::arg("mode"), nb::arg("p_quant"), nb::arg("v_blocks"), nb::arg("causal"),
+        nb::arg("softmax_scale"), nb::arg("kv_tile"), nb::arg("bwd_quantized_qkv"), nb::arg("bwd_quant_p"),
+        nb::arg("bwd_high_precision_o"), nb::arg("precision") = "fp32", nb::arg("stream") = 0);
+}

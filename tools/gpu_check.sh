@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU machine's one command: build the CUDA preset, run the GPU tests (ctest label cuda,
+# compute-sanitizer memcheck, pytest marker gpu), run the named benchmarks, and leave logs and
+# JSON in OUTDIR. Prints a short table last.
+#
+#   tools/gpu_check.sh OUTDIR [BENCH ...]      e.g. tools/gpu_check.sh $OUT quantize
+#
+# BENCH names bench/bench_<name>.py; each writes its JSON and merges bench/results/headline.json
+# (a copy in OUTDIR). Environment: SKIP_TESTS=1 (benchmarks only), SANITIZE_FILTER (gtest filter
+# for the compute-sanitizer run), JOBS (default 16).
+set -uo pipefail
+OUT=${1:?usage: tools/gpu_check.sh OUTDIR [BENCH ...]}
+shift
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+JOBS=${JOBS:-16}
+SUMMARY=()
+record() { SUMMARY+=("$(printf '%-40s %s' "$1" "$2")"); }
+run_step() {  # run_step NAME LOG COMMAND...
+  local name=$1 log=$2 t0=$SECONDS
+  shift 2
+  echo "::: $name" | tee -a "$log"
+  if "$@" >>"$log" 2>&1; then record "$name" "ok ($((SECONDS - t0))s)"; return 0; fi
+  record "$name" "FAILED ($((SECONDS - t0))s, see $(basename "$log"))"
+  tail -30 "$log"
+  return 1
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv | tee "$OUT/tests.log"
+export CMAKE_ARGS="-DATTNQAT_CUDA_ARCHS=90a"  # the runnable target only; CI compiles the rest
+run_step "cmake configure (cuda, sm_90a)" "$OUT/build.log" cmake --preset cuda -DATTNQAT_CUDA_ARCHS=90a
+run_step "cmake build" "$OUT/build.log" cmake --build --preset cuda -j "$JOBS" || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+grep -E "registers|spill|bytes stack" "$OUT/build.log" | sort -u | head -40 >>"$OUT/build.log"
+
+# The Python package with the CUDA kernels, installed beside the system packages.
+SITE=/tmp/attnqat_site
+run_step "pip install (CUDA build)" "$OUT/build.log" env PIP_BREAK_SYSTEM_PACKAGES=1 \
+  python3 -m pip install -q --no-build-isolation --no-deps --target "$SITE" --upgrade .
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  run_step "ctest -L cuda" "$OUT/tests.log" ctest --test-dir build/cuda -L cuda --output-on-failure -j 4
+  run_step "ctest -L cpu (reference on this host)" "$OUT/tests.log" ctest --test-dir build/cuda -L cpu -j "$JOBS"
+  for bin in build/cuda/tests/cpp/cuda/attnqat_cuda_tests; do
+    [ -x "$bin" ] && run_step "compute-sanitizer memcheck $(basename "$bin")" "$OUT/tests.log" \
+      compute-sanitizer --tool memcheck --error-exitcode 1 "$bin" --gtest_filter="${SANITIZE_FILTER:-*}"
+  done
+  run_step "pytest -m gpu" "$OUT/tests.log" python3 -m pytest tests/python -m gpu -q -p no:cacheprovider
+fi
+
+cp bench/results/headline.json "$OUT/headline.json" 2>/dev/null || true
+for b in "$@"; do
+  run_step "bench $b" "$OUT/bench_$b.log" python3 "bench/bench_$b.py" --out "$OUT"
+  tail -12 "$OUT/bench_$b.log"
+done
+
+echo
+echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
+printf '  %s\n' "${SUMMARY[@]}"

@@ -21,5 +21,6 @@ if [ "$(cat "$VENV/.attnqat-pins" 2>/dev/null)" != "$PINS" ]; then
   "$VENV/bin/python" -m pip install -q $PINS
   echo "$PINS" > "$VENV/.attnqat-pins"
 fi
+export PATH="$(cd "$VENV" && pwd)/bin:$PATH"  # its cmake and ninja build the package
 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps .
 "$VENV/bin/python" -c "import attnqat, json; print('attnqat installed:', json.dumps(attnqat.build_info()))"

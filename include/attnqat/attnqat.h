@@ -85,6 +85,10 @@ struct AttentionOptions {
   int kv_tile = 128;             // keys per tile of the online softmax (matters for "paper")
   BackwardSwitches bwd{};        // used by the backward (and to decide whether O' is needed)
   Precision precision = Precision::kFloat32;  // CPU reference only
+  // q, k, v are already fake-quantized as numerics section 3 says (e.g. by fake_quantize(), with
+  // v_blocks' axis): the call skips their quantization. The PyTorch front end quantizes once,
+  // keeps Q^, K^, V^ for the backward, and sets this. Ignored in bf16 mode.
+  bool inputs_quantized = false;
 };
 
 // Forward outputs. q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D].

@@ -41,7 +41,7 @@ def _quantize_op(x: Tensor, format: str, axis: str, global_scale: float, compute
     data = torch.empty(dshape, dtype=torch.uint8, device=x.device)
     scales = torch.empty(sshape, dtype=torch.uint8, device=x.device)
     g = torch.full((1,), global_scale, dtype=torch.float32, device=x.device)
-    _C.quantize(x, data, scales, g if format == "nvfp4" else None, format, axis, compute_global_scale, _stream(x))
+    _C.quantize(x, data, scales, g if format == "nvfp4" else None, format, axis, compute_global_scale, stream=_stream(x))
     return data, scales, g
 
 
@@ -55,7 +55,7 @@ def _(x, format, axis, global_scale, compute_global_scale):
 @torch.library.custom_op(f"{_LIB}::dequantize", mutates_args=())
 def _dequantize_op(data: Tensor, scales: Tensor, global_scale: Tensor, format: str, axis: str, shape: List[int], dtype: torch.dtype) -> Tensor:
     out = torch.empty(shape, dtype=dtype, device=data.device)
-    _C.dequantize(data, scales, global_scale if format == "nvfp4" else None, out, format, axis, _stream(data))
+    _C.dequantize(data, scales, global_scale if format == "nvfp4" else None, out, format, axis, stream=_stream(data))
     return out
 
 
@@ -68,7 +68,7 @@ def _(data, scales, global_scale, format, axis, shape, dtype):
 def _fake_quantize_op(x: Tensor, format: str, axis: str, global_scale: float, compute_global_scale: bool) -> Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     g = torch.full((1,), global_scale, dtype=torch.float32, device=x.device) if format == "nvfp4" else None
-    _C.fake_quantize(x, out, g, format, axis, compute_global_scale, _stream(x))
+    _C.fake_quantize(x, out, g, format, axis, compute_global_scale, stream=_stream(x))
     return out
 
 
@@ -111,7 +111,7 @@ def _attention_fwd(
     lse, m_ref, l = (torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(3))
     _C.attention_forward(q, k, v, o, o_hp if need_o_hp else None, lse, m_ref, l, mode, p_quant, v_blocks,
                          causal, softmax_scale, kv_tile, bwd_quantized_qkv, bwd_quant_p,
-                         bwd_high_precision_o, precision, _stream(q))
+                         bwd_high_precision_o, precision, stream=_stream(q))
     return o, o_hp, lse, m_ref, l
 
 
@@ -135,7 +135,7 @@ def _attention_bwd(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _C.attention_backward(_last_dim_contiguous(dout), q, k, v, o, o_hp if o_hp.numel() else None, lse,
                           m_ref, l, dq, dk, dv, mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
-                          bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision, _stream(q))
+                          bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision, stream=_stream(q))
     return dq, dk, dv
 
 

@@ -127,7 +127,8 @@ QuantizeOptions quant_opts(const std::string& format, const std::string& axis, b
 AttentionOptions attn_opts(const std::string& mode, const std::string& p_quant,
                            const std::string& v_blocks, bool causal, float softmax_scale,
                            int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p,
-                           bool bwd_high_precision_o, const std::string& precision) {
+                           bool bwd_high_precision_o, const std::string& precision,
+                           bool inputs_quantized) {
   AttentionOptions o;
   o.mode = parse_mode(mode);
   o.p_quant = parse_p_quant(p_quant);
@@ -137,6 +138,7 @@ AttentionOptions attn_opts(const std::string& mode, const std::string& p_quant,
   o.kv_tile = kv_tile;
   o.bwd = BackwardSwitches{bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o};
   o.precision = parse_precision(precision);
+  o.inputs_quantized = inputs_quantized;
   return o;
 }
 
@@ -208,9 +210,11 @@ NB_MODULE(_C, m) {
         [](AnyArray q, AnyArray k, AnyArray v, AnyArray o, OptArray o_hp, AnyArray lse, OptArray m_ref,
            OptArray l, const std::string& mode, const std::string& p_quant, const std::string& v_blocks,
            bool causal, float softmax_scale, int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p,
-           bool bwd_high_precision_o, const std::string& precision, uintptr_t stream) {
+           bool bwd_high_precision_o, const std::string& precision, bool inputs_quantized,
+           uintptr_t stream) {
           const AttentionOptions opts = attn_opts(mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
-                                                  bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision);
+                                                  bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision,
+                                                  inputs_quantized);
           const TensorView qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
           ForwardOutputs out;
           out.o = to_view(o, "o");
@@ -229,16 +233,17 @@ NB_MODULE(_C, m) {
         nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("mode"), nb::arg("p_quant"),
         nb::arg("v_blocks"), nb::arg("causal"), nb::arg("softmax_scale"), nb::arg("kv_tile"),
         nb::arg("bwd_quantized_qkv"), nb::arg("bwd_quant_p"), nb::arg("bwd_high_precision_o"),
-        nb::arg("precision") = "fp32", nb::arg("stream") = 0);
+        nb::arg("precision") = "fp32", nb::arg("inputs_quantized") = false, nb::arg("stream") = 0);
 
   m.def("attention_backward",
         [](AnyArray dout, AnyArray q, AnyArray k, AnyArray v, OptArray o, OptArray o_hp, AnyArray lse,
            OptArray m_ref, OptArray l, AnyArray dq, AnyArray dk, AnyArray dv, const std::string& mode,
            const std::string& p_quant, const std::string& v_blocks, bool causal, float softmax_scale,
            int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p, bool bwd_high_precision_o,
-           const std::string& precision, uintptr_t stream) {
+           const std::string& precision, bool inputs_quantized, uintptr_t stream) {
           const AttentionOptions opts = attn_opts(mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
-                                                  bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision);
+                                                  bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision,
+                                                  inputs_quantized);
           const TensorView dov = to_view(dout, "dout"), qv = to_view(q, "q"), kv = to_view(k, "k"),
                            vv = to_view(v, "v");
           ForwardState s;
@@ -262,5 +267,6 @@ NB_MODULE(_C, m) {
         nb::arg("lse"), nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("dq"), nb::arg("dk"),
         nb::arg("dv"), nb::arg("mode"), nb::arg("p_quant"), nb::arg("v_blocks"), nb::arg("causal"),
         nb::arg("softmax_scale"), nb::arg("kv_tile"), nb::arg("bwd_quantized_qkv"), nb::arg("bwd_quant_p"),
-        nb::arg("bwd_high_precision_o"), nb::arg("precision") = "fp32", nb::arg("stream") = 0);
+        nb::arg("bwd_high_precision_o"), nb::arg("precision") = "fp32", nb::arg("inputs_quantized") = false,
+        nb::arg("stream") = 0);
 }

@@ -212,7 +212,7 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
   const bool anchored = opts.p_quant == PQuant::kAnchored;
   const bool bf16_ops = opts.precision == Precision::kBF16Operands;
   const float g_p = anchored ? kAnchoredPScale : 1.0f;
-  const Operands<Acc> op = make_operands<Acc>(qv, kv, vv, quant, opts.v_blocks);
+  const Operands<Acc> op = make_operands<Acc>(qv, kv, vv, quant && !opts.inputs_quantized, opts.v_blocks);
   const int64_t B = op.B, Hq = op.Hq, Nq = op.Nq, Nk = op.Nk, D = op.D;
   const Acc c2 = c2_of<Acc>(resolve_softmax_scale(opts, D));
   const int64_t tile = opts.kv_tile;
@@ -365,7 +365,8 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
   const BackwardSwitches sw = effective_switches(opts);
   const bool anchored = opts.p_quant == PQuant::kAnchored;
   const bool bf16_ops = opts.precision == Precision::kBF16Operands;
-  const Operands<Acc> op = make_operands<Acc>(qv, kv, vv, sw.quantized_qkv, opts.v_blocks);
+  const Operands<Acc> op =
+      make_operands<Acc>(qv, kv, vv, sw.quantized_qkv && !opts.inputs_quantized, opts.v_blocks);
   const int64_t B = op.B, Hq = op.Hq, Hkv = op.Hkv, Nq = op.Nq, Nk = op.Nk, D = op.D;
   const float c = resolve_softmax_scale(opts, D);
   const Acc c2 = c2_of<Acc>(c);

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "attention_util.h"
+#include "attnqat/attnqat.h"
 #include "attnqat/formats.h"
 
 namespace attnqat {
@@ -531,6 +532,45 @@ TEST(AttentionPrecision, Fp32AndBf16OperandVariantsAgreeWithFp64) {
     EXPECT_LT(e32, 1e-4);  // rare E2M1 boundary flips between fp32 and fp64 p~ dominate
     EXPECT_LT(ebf, 2e-2);
     EXPECT_GT(ebf, e32);  // the emulation really rounds
+  }
+}
+
+}  // namespace
+}  // namespace attnqat
+
+namespace attnqat {
+namespace {
+
+TEST(AttentionPrequantized, SkippingTheInputQuantizationGivesTheSameBits) {
+  // Fake-quantizing Q, K, V first (as the PyTorch front end does) and passing
+  // inputs_quantized = true gives exactly the forward and backward of the plain call.
+  for (VBlocks vb : {VBlocks::kChannel, VBlocks::kToken}) {
+    Problem<float> p = random_problem<float>(1, 4, 2, 40, 56, 32, 21);
+    auto opts = options(Mode::kAttnQAT, PQuant::kAnchored, false);
+    opts.v_blocks = vb;
+    Problem<float> pq = p;
+    float g = 1.0f;
+    QuantizeOptions qo, vo;
+    vo.axis = vb == VBlocks::kToken ? BlockAxis::kToken : BlockAxis::kLast;
+    auto fq = [&](std::vector<float>& x, int64_t h, int64_t n, const QuantizeOptions& o) {
+      ASSERT_TRUE(fake_quantize(make_view(x.data(), DType::kFloat32, {1, h, n, 32}, "x"),
+                                make_view(x.data(), DType::kFloat32, {1, h, n, 32}, "out"),
+                                make_view(&g, DType::kFloat32, {1}, "g"), o).ok());
+    };
+    fq(pq.q, 4, 40, qo);
+    fq(pq.k, 2, 56, qo);
+    fq(pq.v, 2, 56, vo);
+    auto pre = opts;
+    pre.inputs_quantized = true;
+    auto f1 = forward(p, opts), f2 = forward(pq, pre);
+    EXPECT_EQ(f1.o, f2.o);
+    EXPECT_EQ(f1.o_hp, f2.o_hp);
+    EXPECT_EQ(f1.lse, f2.lse);
+    std::vector<float> dout(p.q.size(), 0.25f);
+    auto g1 = backward(p, f1, dout, opts), g2 = backward(pq, f2, dout, pre);
+    EXPECT_EQ(g1.dq, g2.dq);
+    EXPECT_EQ(g1.dk, g2.dk);
+    EXPECT_EQ(g1.dv, g2.dv);
   }
 }
 

@@ -7,6 +7,7 @@
 #include "reference/reference.h"
 #ifdef ATTNQAT_WITH_CUDA
 #include "cuda/api.h"
+#include "cuda/attention/api.h"
 #endif
 
 #ifndef ATTNQAT_VERSION
@@ -81,11 +82,10 @@ Status fake_quantize(const TensorView& x, const TensorView& out, const TensorVie
 
 Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionOptions& opts, const ForwardOutputs& out, void* stream) {
-  (void)stream;
   ATTNQAT_RETURN_IF_ERROR(validate_attention_forward(q, k, v, opts, out));
   if (q.device == Device::kCPU) return reference::attention_forward(q, k, v, opts, out);
 #ifdef ATTNQAT_WITH_CUDA
-  return not_yet("attention_forward");
+  return cuda::attention_forward(q, k, v, opts, out, stream);
 #else
   return no_cuda("attention_forward");
 #endif

@@ -6,8 +6,8 @@
 #   tools/gpu_check.sh OUTDIR [BENCH ...]      e.g. tools/gpu_check.sh $OUT quantize
 #
 # BENCH names bench/bench_<name>.py; each writes its JSON and merges bench/results/headline.json
-# (a copy in OUTDIR). Environment: SKIP_TESTS=1 (benchmarks only), SANITIZE_FILTER (gtest filter
-# for the compute-sanitizer run), JOBS (default 16).
+# (a copy in OUTDIR). Environment: SKIP_TESTS=1 (benchmarks only), SANITIZE_QUANT_FILTER and
+# SANITIZE_ATTN_FILTER (gtest filters of the compute-sanitizer runs), JOBS (default 16).
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR [BENCH ...]}
 shift
@@ -41,9 +41,16 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   run_step "ctest -L cuda" "$OUT/tests.log" ctest --test-dir build/cuda -L cuda --output-on-failure -j 4
   run_step "ctest -L cpu (reference on this host)" "$OUT/tests.log" ctest --test-dir build/cuda -L cpu -j "$JOBS"
-  for bin in build/cuda/tests/cpp/cuda/attnqat_cuda_tests; do
-    [ -x "$bin" ] && run_step "compute-sanitizer memcheck $(basename "$bin")" "$OUT/tests.log" \
-      compute-sanitizer --tool memcheck --error-exitcode 1 "$bin" --gtest_filter="${SANITIZE_FILTER:-*}"
+  # compute-sanitizer on short filters (the tools slow kernels down 10-100x).
+  QF=${SANITIZE_QUANT_FILTER:-'-QuantizeCuda.Nvfp4LastAxisLarge4096x13312:CodecCuda.E2M1EveryFiniteFp32MatchesSpecTable:CodecCuda.FastQuotientEveryFp32InZeroOne'}
+  AF=${SANITIZE_ATTN_FILTER:-'*GemmLayout*bf16_d128*:*PQuant*bf16_paper_random*:*AttentionFwd.*fp4_paper_bf16_d128_causal_nk17*:*attnqat_paper_bf16_d64_bshd*:*Analytic*paper*:*seq1*:*AttentionFwdRawInputs*'}
+  QB=build/cuda/tests/cpp/cuda/attnqat_cuda_tests
+  AB=build/cuda/tests/cpp/cuda_attention/attnqat_attention_gpu_tests
+  run_step "compute-sanitizer memcheck (quantize)" "$OUT/tests.log" \
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$QB" --gtest_filter="$QF"
+  for tool in memcheck racecheck synccheck; do
+    run_step "compute-sanitizer $tool (attention)" "$OUT/tests.log" \
+      compute-sanitizer --tool "$tool" --error-exitcode 1 "$AB" --gtest_filter="$AF"
   done
   run_step "pytest -m gpu" "$OUT/tests.log" python3 -m pytest tests/python -m gpu -q -p no:cacheprovider
 fi

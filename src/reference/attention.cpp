@@ -64,11 +64,11 @@ struct Operands {
   std::vector<Acc> kt;  // [B, Hkv, D, Nk]
   std::vector<Acc> vt;  // [B, Hkv, D, Nk]
 
-  const Acc* q_row(int64_t b, int64_t h, int64_t i) const { return &q[((b * Hq + h) * Nq + i) * D]; }
-  const Acc* k_row(int64_t b, int64_t hk, int64_t j) const { return &k[((b * Hkv + hk) * Nk + j) * D]; }
-  const Acc* v_row(int64_t b, int64_t hk, int64_t j) const { return &v[((b * Hkv + hk) * Nk + j) * D]; }
-  const Acc* kt_head(int64_t b, int64_t hk) const { return &kt[(b * Hkv + hk) * D * Nk]; }
-  const Acc* vt_head(int64_t b, int64_t hk) const { return &vt[(b * Hkv + hk) * D * Nk]; }
+  const Acc* q_row(int64_t b, int64_t h, int64_t i) const { return q.data() + (((b * Hq + h) * Nq + i) * D); }
+  const Acc* k_row(int64_t b, int64_t hk, int64_t j) const { return k.data() + (((b * Hkv + hk) * Nk + j) * D); }
+  const Acc* v_row(int64_t b, int64_t hk, int64_t j) const { return v.data() + (((b * Hkv + hk) * Nk + j) * D); }
+  const Acc* kt_head(int64_t b, int64_t hk) const { return kt.data() + ((b * Hkv + hk) * D * Nk); }
+  const Acc* vt_head(int64_t b, int64_t hk) const { return vt.data() + ((b * Hkv + hk) * D * Nk); }
 };
 
 // Copies a [B, H, N, D] view into a contiguous Acc buffer.
@@ -80,7 +80,7 @@ std::vector<Acc> load4(const TensorView& t) {
     const int64_t b = bh / H, h = bh % H;
     for (int64_t n = 0; n < N; ++n) {
       const int64_t base = b * t.stride[0] + h * t.stride[1] + n * t.stride[2];
-      Acc* dst = &out[((bh * N) + n) * D];
+      Acc* dst = out.data() + (((bh * N) + n) * D);
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<Acc>(load_as_double(t, base + d * t.stride[3]));
     }
   });
@@ -94,7 +94,7 @@ void fake_quantize_rows(std::vector<Acc>& x, int64_t D) {
   parallel_for(rows, [&](int64_t r) {
     float blk[kNvBlock];
     for (int64_t c = 0; c < D; c += kNvBlock) {
-      Acc* p = &x[r * D + c];
+      Acc* p = x.data() + (r * D + c);
       for (int i = 0; i < kNvBlock; ++i) blk[i] = static_cast<float>(p[i]);
       fake_quantize_block_nv(blk, 1.0f);
       for (int i = 0; i < kNvBlock; ++i) p[i] = blk[i];
@@ -108,7 +108,7 @@ template <typename Acc>
 void fake_quantize_tokens(std::vector<Acc>& x, int64_t heads, int64_t N, int64_t D) {
   parallel_for(heads, [&](int64_t h) {
     float blk[kNvBlock];
-    Acc* base = &x[h * N * D];
+    Acc* base = x.data() + (h * N * D);
     for (int64_t c = 0; c < D; ++c) {
       for (int64_t t0 = 0; t0 < N; t0 += kNvBlock) {
         for (int i = 0; i < kNvBlock; ++i)
@@ -242,7 +242,7 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
         const int64_t end = std::min(j1, key_end(i0 + r, Nq, Nk, opts.causal));
         if (end <= j0) continue;  // no visible key in this tile: nothing changes for this row
         const int64_t n = end - j0;
-        Acc* sr = &s[r * tile];
+        Acc* sr = s.data() + (r * tile);
         Acc tile_max = -std::numeric_limits<Acc>::infinity();
         for (int64_t j = 0; j < n; ++j) {
           sr[j] = c2 * sr[j];  // S2, log2 units
@@ -259,8 +259,8 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
         if (quant) quantize_p_row(p.data(), n, g_p, p_hat.data());
         else for (int64_t j = 0; j < n; ++j) p_hat[j] = p[j];
         l[r] = l[r] * f + sum;
-        Acc* o = &o_acc[r * D];
-        Acc* o_hp = &o_hp_acc[r * D];
+        Acc* o = o_acc.data() + (r * D);
+        Acc* o_hp = o_hp_acc.data() + (r * D);
         for (int64_t d = 0; d < D; ++d) o[d] *= f;
         if (want_hp) for (int64_t d = 0; d < D; ++d) o_hp[d] *= f;
         for (int64_t j = 0; j < n; ++j) {
@@ -411,15 +411,15 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
     const Acc* do_rows[kRowBlock];
     for (int r = 0; r < nrows; ++r) {
       q_rows[r] = op.q_row(b, h, i0 + r);
-      do_rows[r] = &dout[((bh * Nq) + i0 + r) * D];
+      do_rows[r] = dout.data() + (((bh * Nq) + i0 + r) * D);
     }
     std::vector<Acc> s(static_cast<size_t>(kRowBlock * end_max)), dp(s.size()), p(end_max);
     scores(q_rows, nrows, op.kt_head(b, hk), Nk, D, 0, end_max, s.data(), end_max);
     scores(do_rows, nrows, op.vt_head(b, hk), Nk, D, 0, end_max, dp.data(), end_max);
     for (int r = 0; r < nrows; ++r) {
       const int64_t row = bh * Nq + i0 + r, end = key_end(i0 + r, Nq, Nk, opts.causal);
-      probs(row, &s[r * end_max], end, p.data());
-      Acc* dqr = &dq[row * D];
+      probs(row, s.data() + (r * end_max), end, p.data());
+      Acc* dqr = dq.data() + (row * D);
       for (int64_t j = 0; j < end; ++j) {
         const Acc ds = operand(p[j] * (dp[r * end_max + j] - delta[row]), bf16_ops);
         const Acc* kj = op.k_row(b, hk, j);
@@ -438,8 +438,8 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
     const int64_t b = bhk / Hkv, hk = bhk % Hkv;
     const int64_t j0 = kc * kKeyChunk, j1 = std::min(j0 + kKeyChunk, Nk), n = j1 - j0;
     Acc s[kKeyChunk], dp[kKeyChunk], p[kKeyChunk], pf[kKeyChunk], pt[kKeyChunk];
-    Acc* dk_c = &dk[(bhk * Nk + j0) * D];
-    Acc* dv_c = &dv[(bhk * Nk + j0) * D];
+    Acc* dk_c = dk.data() + ((bhk * Nk + j0) * D);
+    Acc* dv_c = dv.data() + ((bhk * Nk + j0) * D);
     for (int64_t h = hk * op.group; h < (hk + 1) * op.group; ++h) {
       for (int64_t i = 0; i < Nq; ++i) {
         const int64_t end = std::min(j1, key_end(i, Nq, Nk, opts.causal));
@@ -447,7 +447,7 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
         const int64_t nv = end - j0;  // visible keys of this chunk
         const int64_t row = (b * Hq + h) * Nq + i;
         const Acc* qr = op.q_row(b, h, i);
-        const Acc* dor = &dout[row * D];
+        const Acc* dor = dout.data() + (row * D);
         scores(&qr, 1, op.kt_head(b, hk), Nk, D, j0, end, s, kKeyChunk);
         scores(&dor, 1, op.vt_head(b, hk), Nk, D, j0, end, dp, kKeyChunk);
         probs(row, s, nv, p);

@@ -1,12 +1,246 @@
-// Placeholder until the sm90 forward kernel lands: CUDA attention is not implemented yet.
+// src/cuda/attention/api.cu — host entry point of the CUDA attention forward
+// (attnqat::cuda::attention_forward, declared in api.h), called by src/api.cpp after
+// validate_attention_forward(). Here: what only the kernels need checked (device arch, dtype,
+// head dim, the 128-key tile of "paper" mode, TMA alignment), the quantization of q, k, v into
+// stream-ordered temporaries when the caller passes raw inputs, and the dispatch — the one place
+// where runtime values become template arguments (with_dtype, with_head_dim, with_o_hp,
+// with_mask).
+//
+// Contract: nothing synchronizes; every launch and allocation is on `stream` (cudaMallocAsync /
+// cudaFreeAsync for the temporaries), so a call can be captured in a CUDA graph. Errors are
+// returned as Status, never thrown or printed. If the tensors live on another device than the
+// current one, it is made current for the call (and restored).
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "attnqat/attnqat.h"
+#include "common/validate.h"
 #include "cuda/attention/api.h"
+#include "cuda/attention/sm90/fwd_launch.h"
 
 namespace attnqat::cuda {
+namespace {
 
-Status attention_forward(const TensorView&, const TensorView&, const TensorView&,
-                         const AttentionOptions&, const ForwardOutputs&, void*) {
-  return Status::NotImplemented("attention_forward: the CUDA kernel is not implemented yet; run on CPU "
-                                "tensors (the reference) for now");
+constexpr float kLog2e = 1.44269504088896340736f;  // RN(log2 e)
+constexpr int kKernelKeyTile = 128;                // sm90::FwdConfig::kBlockN
+constexpr size_t kTempAlign = 256;                 // byte alignment of each temporary
+
+class DeviceGuard {
+ public:
+  DeviceGuard() = default;
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  cudaError_t set(int device) {
+    cudaError_t err = cudaGetDevice(&previous_);
+    if (err != cudaSuccess || previous_ == device) return err;
+    err = cudaSetDevice(device);
+    switched_ = err == cudaSuccess;
+    return err;
+  }
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+Status cuda_error(const char* what, cudaError_t err) {
+  return Status::Cuda(std::string("attention_forward: ") + what +
+                      " failed: " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+}
+
+// The sm90 kernel runs on compute capability 9.0 only (wgmma, setmaxnreg: sm_90a).
+Status check_device(int device) {
+  int major = 0, minor = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return cuda_error("querying the device", err);
+  if (major != 9 || minor != 0)
+    return Status::NotImplemented(
+        "attention_forward: the CUDA attention kernel is built for sm_90a (Hopper: H100, H200); "
+        "this device is sm_" +
+        std::to_string(major) + std::to_string(minor) +
+        "; run on CPU tensors (the reference) instead");
+  return Status::Ok();
+}
+
+// ---- Dispatch: runtime values -> template arguments --------------------------------------------
+
+template <class F>
+Status with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return f(std::false_type{});
+    case DType::kFloat16:
+      return f(std::true_type{});
+    default:
+      return Status::NotImplemented(std::string("q: the CUDA attention kernel takes bfloat16 or "
+                                                "float16 inputs, got ") +
+                                    dtype_name(dtype));
+  }
+}
+
+template <class F>
+Status with_head_dim(int64_t head_dim, F&& f) {
+  switch (head_dim) {
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    default:
+      return Status::NotImplemented(
+          "q: the CUDA attention kernel supports head_dim 64 and 128, got " +
+          std::to_string(head_dim) +
+          (head_dim == 256 ? " (256 with O' needs a split-V kernel, not implemented yet)" : "") +
+          "; run on CPU tensors (the reference) for other head dims");
+  }
+}
+
+template <class F>
+Status with_o_hp(bool with, F&& f) {
+  return with ? f(std::true_type{}) : f(std::false_type{});
+}
+
+template <class F>
+Status with_mask(bool causal, F&& f) {
+  return causal ? f(sm90::CausalMask{}) : f(sm90::NoMask{});
+}
+
+Status dispatch(const sm90::FwdArgs& args, bool causal) {
+  return with_dtype(args.q.dtype, [&](auto f16) {
+    return with_head_dim(args.q.shape[3], [&](auto head_dim) {
+      return with_o_hp(args.out.o_hp.data != nullptr, [&](auto o_hp) {
+        return with_mask(causal, [&](auto mask) {
+          using Cfg = sm90::FwdConfig<decltype(f16)::value, decltype(head_dim)::value,
+                                      decltype(o_hp)::value>;
+          return sm90::launch_fwd<Cfg, decltype(mask)>(args);
+        });
+      });
+    });
+  });
+}
+
+// ---- Temporaries for the fake-quantized inputs ------------------------------------------------
+
+__global__ void fill_one_kernel(float* g) { *g = 1.0f; }
+
+size_t round_up(size_t bytes) { return (bytes + kTempAlign - 1) / kTempAlign * kTempAlign; }
+
+TensorView contiguous_like(void* data, const TensorView& t, const char* name) {
+  TensorView v = make_view(data, t.dtype, {t.shape[0], t.shape[1], t.shape[2], t.shape[3]}, name,
+                           Device::kCUDA);
+  v.device_id = t.device_id;
+  return v;
+}
+
+// q^, k^, v^ = fake_quantize(q, k, v) (numerics section 3: NVFP4 with g = 1 along the head dim;
+// v along the tokens when v_blocks = token) into one stream-ordered allocation, through the
+// public API (the quantization kernels of src/cuda/quantize).
+class QuantizedInputs {
+ public:
+  QuantizedInputs() = default;
+  QuantizedInputs(const QuantizedInputs&) = delete;
+  QuantizedInputs& operator=(const QuantizedInputs&) = delete;
+  ~QuantizedInputs() {
+    if (buffer_ != nullptr) cudaFreeAsync(buffer_, stream_);  // stream-ordered after the kernel
+  }
+
+  Status make(const TensorView& q, const TensorView& k, const TensorView& v, VBlocks v_blocks,
+              cudaStream_t stream) {
+    stream_ = stream;
+    const size_t esize = static_cast<size_t>(dtype_size(q.dtype));
+    const size_t q_bytes = round_up(q.numel() * esize), k_bytes = round_up(k.numel() * esize);
+    const size_t v_bytes = round_up(v.numel() * esize);
+    cudaError_t err = cudaMallocAsync(&buffer_, q_bytes + k_bytes + v_bytes + kTempAlign, stream);
+    if (err != cudaSuccess) {
+      buffer_ = nullptr;
+      return cuda_error("cudaMallocAsync of the quantized q, k, v", err);
+    }
+    uint8_t* base = static_cast<uint8_t*>(buffer_);
+    q_ = contiguous_like(base, q, "q (fake-quantized copy)");
+    k_ = contiguous_like(base + q_bytes, k, "k (fake-quantized copy)");
+    v_ = contiguous_like(base + q_bytes + k_bytes, v, "v (fake-quantized copy)");
+    float* g = reinterpret_cast<float*>(base + q_bytes + k_bytes + v_bytes);
+    fill_one_kernel<<<1, 1, 0, stream>>>(g);
+    if ((err = cudaGetLastError()) != cudaSuccess) return cuda_error("writing g = 1", err);
+    TensorView g_view = make_view(g, DType::kFloat32, {1}, "g", Device::kCUDA);
+    g_view.device_id = q.device_id;
+
+    QuantizeOptions qo;  // NVFP4, blocks along the head dim, g read from g_view (= 1)
+    ATTNQAT_RETURN_IF_ERROR(::attnqat::fake_quantize(q, q_, g_view, qo, stream));
+    ATTNQAT_RETURN_IF_ERROR(::attnqat::fake_quantize(k, k_, g_view, qo, stream));
+    qo.axis = v_blocks == VBlocks::kToken ? BlockAxis::kToken : BlockAxis::kLast;
+    return ::attnqat::fake_quantize(v, v_, g_view, qo, stream);
+  }
+
+  const TensorView& q() const { return q_; }
+  const TensorView& k() const { return k_; }
+  const TensorView& v() const { return v_; }
+
+ private:
+  void* buffer_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  TensorView q_, k_, v_;
+};
+
+Status check_output_alignment(const TensorView& t, const char* name) {
+  // O and O' are written as pairs of 16-bit elements (4-byte stores).
+  if (t.data != nullptr && reinterpret_cast<uintptr_t>(t.data) % 4 != 0)
+    return Status::Invalid(std::string(name) +
+                           ": the CUDA attention kernel writes it in 4-byte "
+                           "pairs and needs a 4-byte aligned data pointer");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const AttentionOptions& opts, const ForwardOutputs& out, void* stream) {
+  const bool quantized_mode = opts.mode != Mode::kBF16;
+  if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
+    return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
+  if (q.shape[3] != 64 && q.shape[3] != 128)
+    return with_head_dim(q.shape[3], [](auto) { return Status::Ok(); });  // the head-dim error
+  if (quantized_mode && opts.p_quant == PQuant::kPaper && opts.kv_tile != kKernelKeyTile)
+    return Status::Invalid(
+        "kv_tile: the CUDA kernels use 128-key tiles (p_quant='paper' depends "
+        "on the tile), got " +
+        std::to_string(opts.kv_tile));
+  ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o, "o"));
+  ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o_hp, "o_hp"));
+  if (q.numel() == 0) return Status::Ok();  // no query row: nothing to write
+
+  DeviceGuard guard;
+  if (const cudaError_t err = guard.set(q.device_id); err != cudaSuccess)
+    return cuda_error("selecting the tensors' device", err);
+  ATTNQAT_RETURN_IF_ERROR(check_device(q.device_id));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+
+  sm90::FwdArgs args;
+  args.q = q;
+  args.k = k;
+  args.v = v;
+  args.out = out;
+  args.c2 = resolve_softmax_scale(opts, q.shape[3]) * kLog2e;
+  args.quantize_p = quantized_mode;
+  args.anchored = opts.p_quant == PQuant::kAnchored;
+  args.stream = s;
+
+  QuantizedInputs temps;  // freed (stream-ordered) when this returns
+  if (quantized_mode && !opts.inputs_quantized) {
+    ATTNQAT_RETURN_IF_ERROR(temps.make(q, k, v, opts.v_blocks, s));
+    args.q = temps.q();
+    args.k = temps.k();
+    args.v = temps.v();
+  }
+  return dispatch(args, opts.causal);
 }
 
 }  // namespace attnqat::cuda

@@ -1,0 +1,71 @@
+// src/cuda/attention/sm90/fwd_epilogue.cuh — store_o: the last step of a consumer warpgroup.
+// Reduces the row sums over the quad, normalizes O (and O') by 1/l, and writes O, O' (input
+// dtype) and the row statistics LSE, m_ref, l (fp32) of numerics 4 and 9.3:
+//   O = O_acc / l (as O_acc * RN(1/l), numerics 9.1), LSE = RN(RN(ln 2) * RN(m_ref + log2 l));
+//   a row that saw no key (l = 0): O = O' = 0, LSE = m_ref = -inf, l = 0.
+// Direct 4-byte stores from the accumulator fragment (row 16w + g (+8), columns 8k + 2t, +1):
+// the outputs are contiguous (validate()), rows >= Nq are padding and are not written.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/attention/sm90/fwd_params.h"
+#include "cuda/attention/sm90/fwd_softmax.cuh"
+#include "cuda/attention/sm90/p_quant.cuh"
+
+namespace attnqat::sm90 {
+
+constexpr float kLn2 = 0.693147180559945309417f;  // RN(ln 2)
+
+template <bool kF16, int kD>
+__device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, bool valid0, bool valid1,
+                                           const float (&acc)[kD / 2], const float (&inv_l)[2]) {
+  uint32_t* base = static_cast<uint32_t*>(out);  // pairs of 16-bit elements
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int k = 0; k < kD / 8; ++k) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (!(h ? valid1 : valid0)) continue;
+      const float lo = acc[4 * k + 2 * h] * inv_l[h], hi = acc[4 * k + 2 * h + 1] * inv_l[h];
+      const uint32_t pair = kF16 ? pack_rn_f16x2(lo, hi) : pack_rn_bf16x2(lo, hi);
+      const int64_t elem = row_offset0 + static_cast<int64_t>(8 * h) * kD + 8 * k + 2 * t;
+      base[elem / 2] = pair;
+    }
+  }
+}
+
+// row0: the thread's first query row (16w + g of its warpgroup's 64); the second is row0 + 8.
+template <class Cfg>
+__device__ __forceinline__ void store_o(const FwdParams& p, const float (&o)[Cfg::kAccO],
+                                        const float (&o_hp)[Cfg::kWithOHp ? Cfg::kAccO : 1],
+                                        RowState st, int b, int h, int row0) {
+  float l[2], inv_l[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = st.l[r] + __shfl_xor_sync(0xffffffffu, st.l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv_l[r] = l[r] > 0.0f ? __frcp_rn(l[r]) : 0.0f;
+  }
+  const int64_t row_index0 = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + row0;
+  const bool valid0 = row0 < p.seqlen_q, valid1 = row0 + 8 < p.seqlen_q;
+  store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o, row_index0 * Cfg::kHeadDim, valid0, valid1, o, inv_l);
+  if constexpr (Cfg::kWithOHp)
+    store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o_hp, row_index0 * Cfg::kHeadDim, valid0, valid1, o_hp,
+                                         inv_l);
+  if (threadIdx.x % 4 != 0) return;  // one lane per quad writes the row statistics
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!(r ? valid1 : valid0)) continue;
+    const bool seen = l[r] > 0.0f;
+    const int64_t row = row_index0 + 8 * r;
+    p.lse[row] = seen ? __fmul_rn(kLn2, __fadd_rn(st.m_ref[r], log2f(l[r]))) : -INFINITY;
+    if (p.m_ref != nullptr) {
+      p.m_ref[row] = seen ? st.m_ref[r] : -INFINITY;
+      p.l[row] = l[r];
+    }
+  }
+}
+
+}  // namespace attnqat::sm90

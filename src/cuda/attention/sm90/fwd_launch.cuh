@@ -1,0 +1,63 @@
+// src/cuda/attention/sm90/fwd_launch.cuh — launch_fwd (fwd_launch.h): tensor maps, parameters,
+// grid and shared memory of fwd_kernel, beside the kernel's config. Included only by the
+// instantiation files fwd_*.cu. Never synchronizes; errors come back as Status.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "cuda/attention/sm90/fwd_kernel.cuh"
+#include "cuda/attention/sm90/fwd_launch.h"
+#include "cuda/attention/sm90/tma_host.h"
+
+namespace attnqat::sm90 {
+
+template <class Cfg, class Mask>
+Status launch_fwd(const FwdArgs& a) {
+  const int64_t batch = a.q.shape[0], heads_q = a.q.shape[1], seqlen_q = a.q.shape[2];
+  const int64_t heads_k = a.k.shape[1], seqlen_k = a.k.shape[2];
+  const int64_t m_blocks = (seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  constexpr int64_t kMaxGridYZ = 65535, kMaxSeq = (int64_t{1} << 31) - Cfg::kBlockM;
+  if (heads_q > kMaxGridYZ || batch > kMaxGridYZ || seqlen_q > kMaxSeq || seqlen_k > kMaxSeq)
+    return Status::NotImplemented(
+        "attention_forward: the sm90 kernel supports up to 65535 heads and "
+        "batches and sequences below 2^31, got q " +
+        a.q.shape_str() + ", k " + a.k.shape_str());
+  FwdParams p{};
+  ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));
+  if (seqlen_k > 0) {  // Nk = 0: no tile is loaded (every row sees no key); a map needs dims > 0
+    ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));
+    ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_v, a.v, Cfg::kBlockN));
+  }
+  p.o = a.out.o.data;
+  p.o_hp = Cfg::kWithOHp ? a.out.o_hp.data : nullptr;
+  p.lse = static_cast<float*>(a.out.lse.data);
+  p.m_ref = static_cast<float*>(a.out.m_ref.data);
+  p.l = static_cast<float*>(a.out.l.data);
+  p.heads_q = static_cast<int>(heads_q);
+  p.group = static_cast<int>(heads_q / heads_k);
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_k = static_cast<int>(seqlen_k);
+  p.c2 = a.c2;
+  p.quantize_p = a.quantize_p;
+  p.anchored = a.anchored;
+  p.pq = p_quant_consts(a.anchored);
+
+  auto* kernel = fwd_kernel<Cfg, Mask>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemAlloc);
+  if (err == cudaSuccess) {
+    const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(heads_q),
+                    static_cast<unsigned>(batch));
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemAlloc, a.stream>>>(p);
+    err = cudaGetLastError();
+  }
+  if (err != cudaSuccess)
+    return Status::Cuda(std::string("attention_forward: launching the sm90 kernel (d = ") +
+                        std::to_string(Cfg::kHeadDim) + ", mask " + Mask::kName + ") failed: " +
+                        cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  return Status::Ok();
+}
+
+}  // namespace attnqat::sm90

@@ -1,0 +1,43 @@
+// src/cuda/attention/sm90/fwd_launch.h — the launcher of the sm90 forward kernel, declared for
+// the dispatch (src/cuda/attention/api.cu) and explicitly instantiated once per .cu file in this
+// directory (fwd_<dtype>_d<head dim>_<mask>[_ohp].cu): 2 dtypes x 2 head dims x 2 masks x O' on/off
+// = 16 instantiations. Everything else (paper/anchored, quantized or bf16 mode) is a runtime flag.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "attnqat/attnqat.h"
+#include "cuda/attention/sm90/fwd_config.h"
+#include "cuda/attention/sm90/mask.cuh"
+
+namespace attnqat::sm90 {
+
+struct FwdArgs {
+  TensorView q, k, v;  // CUDA, bf16 or fp16, already fake-quantized (or mode bf16)
+  ForwardOutputs out;  // validated: contiguous, o_hp used iff the config has kWithOHp
+  float c2;            // RN(c * RN(log2 e))
+  bool quantize_p;     // mode != bf16
+  bool anchored;       // p_quant == anchored
+  cudaStream_t stream;
+};
+
+// Builds the tensor maps and parameters and launches fwd_kernel<Cfg, Mask> on a.stream.
+template <class Cfg, class Mask>
+Status launch_fwd(const FwdArgs& a);
+
+#define ATTNQAT_SM90_FWD_INSTANCES(X)                                                           \
+  X(false, 64, false, NoMask)                                                                   \
+  X(false, 64, false, CausalMask) X(false, 64, true, NoMask) X(false, 64, true, CausalMask)     \
+      X(false, 128, false, NoMask) X(false, 128, false, CausalMask) X(false, 128, true, NoMask) \
+          X(false, 128, true, CausalMask) X(true, 64, false, NoMask)                            \
+              X(true, 64, false, CausalMask) X(true, 64, true, NoMask)                          \
+                  X(true, 64, true, CausalMask) X(true, 128, false, NoMask)                     \
+                      X(true, 128, false, CausalMask) X(true, 128, true, NoMask)                \
+                          X(true, 128, true, CausalMask)
+
+#define ATTNQAT_SM90_FWD_EXTERN(F16, D, OHP, MASK) \
+  extern template Status launch_fwd<FwdConfig<F16, D, OHP>, MASK>(const FwdArgs&);
+ATTNQAT_SM90_FWD_INSTANCES(ATTNQAT_SM90_FWD_EXTERN)
+#undef ATTNQAT_SM90_FWD_EXTERN
+
+}  // namespace attnqat::sm90

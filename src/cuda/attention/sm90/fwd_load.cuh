@@ -1,0 +1,59 @@
+// src/cuda/attention/sm90/fwd_load.cuh — the producer's steps: load_q and load_kv_tile (TMA into
+// the 128B-swizzled tiles of fwd_config.h) and producer_mainloop (the K/V rings).
+//
+// Pipelines (one elected thread of the producer warpgroup issues everything):
+//   Q: q_full gets one arrive.expect_tx(kQBytes); the TMA copies complete the transaction.
+//   K[n], V[n] (n = 0, 1, ... ascending: the reference's order) go to stage n % kStages. Before
+//   reusing a stage the producer waits for its `empty` barrier, which each of the 256 consumer
+//   threads arrives at once it no longer reads the tile (after the wgmma that read it
+//   completed). Pass r = n / kStages over the ring waits for phase parity (r & 1) ^ 1: on the
+//   first pass that returns at once (mbar_wait), afterwards it waits for the consumers' r-th
+//   release. Consumers wait `full` with parity r & 1.
+// Out-of-bounds rows (past Nq or Nk) arrive as zeros and still count their bytes.
+#pragma once
+
+#include "cuda/attention/sm90/fwd_params.h"
+#include "cuda/attention/sm90/fwd_smem.cuh"
+#include "cuda/attention/sm90/ptx.cuh"
+
+namespace attnqat::sm90 {
+
+// Q rows [m_block * kBlockM, +kBlockM) of head h, batch b: one TMA box per 64-column chunk.
+template <class Cfg>
+__device__ __forceinline__ void load_q(const CUtensorMap* tmap, uint32_t smem_q, uint32_t bar,
+                                       int m_block, int h, int b) {
+  mbar_arrive_expect_tx(bar, Cfg::kQBytes);
+#pragma unroll
+  for (int c = 0; c < Cfg::kChunks; ++c)
+    tma_load_4d(smem_q + c * Cfg::kQChunkBytes, tmap, bar, c * Cfg::kChunkCols,
+                m_block * Cfg::kBlockM, h, b);
+}
+
+// K or V rows [n * kBlockN, +kBlockN) of key/value head h_kv.
+template <class Cfg>
+__device__ __forceinline__ void load_kv_tile(const CUtensorMap* tmap, uint32_t smem_tile,
+                                             uint32_t bar, int n, int h_kv, int b) {
+  mbar_arrive_expect_tx(bar, Cfg::kKVBytes);
+#pragma unroll
+  for (int c = 0; c < Cfg::kChunks; ++c)
+    tma_load_4d(smem_tile + c * Cfg::kKVChunkBytes, tmap, bar, c * Cfg::kChunkCols,
+                n * Cfg::kBlockN, h_kv, b);
+}
+
+// Run by one thread. K before V of the same tile: the consumers need K[n+1] before V[n+1].
+template <class Cfg>
+__device__ __forceinline__ void producer_mainloop(const FwdParams& p, const SmemMap<Cfg>& sm,
+                                                  int m_block, int h, int b, int n_tiles) {
+  const int h_kv = h / p.group;
+  load_q<Cfg>(&p.tma_q, sm.q(), sm.q_full(), m_block, h, b);
+  for (int n = 0; n < n_tiles; ++n) {
+    const int stage = n % Cfg::kStages;
+    const uint32_t parity = ((n / Cfg::kStages) & 1) ^ 1;
+    mbar_wait(sm.k_empty(stage), parity);  // consumers released K[n - kStages]
+    load_kv_tile<Cfg>(&p.tma_k, sm.k(stage), sm.k_full(stage), n, h_kv, b);
+    mbar_wait(sm.v_empty(stage), parity);  // consumers released V[n - kStages]
+    load_kv_tile<Cfg>(&p.tma_v, sm.v(stage), sm.v_full(stage), n, h_kv, b);
+  }
+}
+
+}  // namespace attnqat::sm90

@@ -1,0 +1,89 @@
+// src/cuda/attention/sm90/fwd_softmax.cuh — device steps of the forward between the two GEMMs:
+// apply_mask, online_softmax (row max, reference max, exp2, row sum), rescale_o. They work on
+// one consumer thread's accumulator fragment of a [64, kN] tile (wgmma.cuh for the layout):
+// s[i] is row 16w + g + 8*((i>>1)&1) and column 8*(i>>2) + 2t + (i&1) of the warpgroup's tile,
+// so each thread holds two rows ("half" 0 and 1) and the four lanes of a quad share them.
+//
+// Must match reference::forward_impl (src/reference/attention.cpp) per key tile, numerics
+// section 4 and 9.1/9.3:
+//   S2 = RN(c2 * s); m_new = max(m, max S2); m_ref_new = m_new ("paper") or ceil(m_new)
+//   ("anchored"); f = exp2(m_ref - m_ref_new); p~ = exp2(S2 - m_ref_new); l = l f + sum p~.
+// Differences, all allowed by numerics 9.1: p~ = ex2.approx(fma(s, c2, -m_ref_new)) (one
+// rounding instead of two, approximate exp2), and l is summed per thread and quad-reduced once
+// at the end (another order). Because c2 > 0, max RN(c2 s) = RN(c2 max s), so only the raw
+// maximum is reduced. A row whose reference max is still -inf uses 0 as its reference, so
+// exp2(-inf - 0) = 0 and no -inf - (-inf) appears; tiles with no visible key of a row leave its
+// state exactly unchanged (f = 1, sum 0).
+#pragma once
+
+#include <cmath>
+
+#include "cuda/attention/sm90/ptx.cuh"
+
+namespace attnqat::sm90 {
+
+// The running statistics of a thread's two rows. l is this thread's partial sum (its 32 keys
+// per tile); the quad's four partials add up to the row sum in store_o.
+struct RowState {
+  float m_ref[2];  // reference max, log2 units (-inf before the first visible key)
+  float l[2];      // partial sum of the unquantized p~, relative to m_ref
+};
+
+__device__ __forceinline__ RowState row_state_init() {
+  return RowState{{-INFINITY, -INFINITY}, {0.0f, 0.0f}};
+}
+
+// Keys at or past key_end of a row become -inf. key0 is the tile's first key index; end0 / end1
+// the key_end of the thread's rows (mask.cuh). Only tiles that cross a row's end need this.
+template <int kN>
+__device__ __forceinline__ void apply_mask(float (&s)[kN / 2], int key0, int end0, int end1) {
+  const int col = key0 + 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int i = 0; i < kN / 2; ++i) {
+    const int key = col + 8 * (i >> 2) + (i & 1);
+    if (key >= (((i >> 1) & 1) ? end1 : end0)) s[i] = -INFINITY;
+  }
+}
+
+// Replaces the scores s (raw q.k, fp32) by p~ = exp2(c2 s - m_ref_new), updates the row state,
+// and returns the factors f[half] = exp2(m_ref_old - m_ref_new) that O and O' must be scaled by
+// (exactly 1 when a row's reference did not change).
+template <int kN>
+__device__ __forceinline__ void online_softmax(float (&s)[kN / 2], RowState& st, float c2,
+                                               bool anchored, float (&f)[2]) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int i = 0; i < kN / 2; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+  float neg_ref[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    // The quad (lanes 4g .. 4g+3) holds the row: butterfly over lane bits 0 and 1.
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    const float tile_max = __fmul_rn(mx[h], c2);  // max S2 of the tile
+    const float cand = anchored ? ceilf(tile_max) : tile_max;
+    const float m_new = fmaxf(st.m_ref[h], cand);         // ceil commutes with max
+    const float ref = m_new == -INFINITY ? 0.0f : m_new;  // safe reference
+    f[h] = m_new == st.m_ref[h] ? 1.0f : ex2_approx(st.m_ref[h] - ref);
+    st.m_ref[h] = m_new;
+    neg_ref[h] = -ref;
+  }
+  float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int i = 0; i < kN / 2; ++i) {
+    const int h = (i >> 1) & 1;
+    s[i] = ex2_approx(__fmaf_rn(s[i], c2, neg_ref[h]));  // p~
+    sum[h] += s[i];
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) st.l[h] = __fmaf_rn(st.l[h], f[h], sum[h]);
+}
+
+// O *= f per row (O' likewise), on the accumulator fragment of a [64, kD] output.
+template <int kD>
+__device__ __forceinline__ void rescale_o(float (&o)[kD / 2], const float (&f)[2]) {
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) o[i] *= f[(i >> 1) & 1];
+}
+
+}  // namespace attnqat::sm90

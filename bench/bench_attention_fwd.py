@@ -7,6 +7,8 @@ kernel executes (attn_qat's O' adds 50% matrix work that this convention does no
 Modes timed: cuDNN and flash BF16 through torch SDPA (baselines), attnqat `bf16`, `fp4`
 (inference forward under no_grad) and `attn_qat` (the training forward with O': inputs require
 grad). The attnqat times include the quantization of Q, K, V (separate memory-bound passes).
+Times are CUDA-graph replays (no host overhead, for every implementation alike); the eager
+median is recorded too.
 
     python bench/bench_attention_fwd.py [--out DIR] [--quick] [--dims 128 64]
 """
@@ -76,7 +78,10 @@ def main():
                 for name, fn in impls.items():
                     qq, kk, vv = (t.requires_grad_(name == "attn_qat") for t in (q, k, v))
                     try:
-                        t = common.time_cuda(lambda i: fn(qq, kk, vv, causal), reps=args.reps)
+                        # Graph replay: kernel time including attnqat's Q/K/V quantization passes,
+                        # without host overhead (the same for every implementation); eager too.
+                        t = common.time_cuda_graph(lambda i: fn(qq, kk, vv, causal), calls=5, reps=args.reps)
+                        t["eager_median_ms"] = common.time_cuda(lambda i: fn(qq, kk, vv, causal), reps=10)["median_ms"]
                     except (RuntimeError, NotImplementedError) as e:
                         print(f"{name} d={d} n={n} causal={causal}: {type(e).__name__}: {str(e)[:120]}")
                         continue
@@ -90,10 +95,11 @@ def main():
                 del q, k, v
                 torch.cuda.empty_cache()
     path = common.write_results("attention_fwd", banner, rows, args.out)
-    print(f"\n{'impl':<9} {'d':>4} {'N':>6} {'causal':>6} {'ms':>8} {'TFLOPS':>7} {'x cuDNN':>8}")
+    print(f"\n{'impl':<9} {'d':>4} {'N':>6} {'causal':>6} {'ms':>8} {'eager':>8} {'TFLOPS':>7} {'x cuDNN':>8}")
     for r in rows:
         vs = f"{r['vs_cudnn']:8.3f}" if r["vs_cudnn"] else "       -"
-        print(f"{r['impl']:<9} {r['d']:>4} {r['n']:>6} {str(r['causal']):>6} {r['median_ms']:8.3f} {r['tflops']:7.0f} {vs}")
+        print(f"{r['impl']:<9} {r['d']:>4} {r['n']:>6} {str(r['causal']):>6} {r['median_ms']:8.3f} "
+              f"{r['eager_median_ms']:8.3f} {r['tflops']:7.0f} {vs}")
     day = str(banner["date"])[:10]
     metrics = {}
     for impl, d, metric in (("fp4", 128, "fwd_fp4_vs_cudnn_d128"), ("attn_qat", 128, "fwd_attn_qat_vs_cudnn_d128"),

@@ -1,6 +1,7 @@
 """Quantization kernels against the device-to-device copy, in the same process on the same GPU.
 
-For each tensor (256 MiB and more of bf16/fp32) it times: a copy (torch's copy_, bytes read +
+For each tensor (256 MiB and more of bf16/fp32) it times (CUDA graphs of 10 calls, so that host
+launch overhead is not counted; bench/common.py): a copy (torch's copy_, bytes read +
 written = 2x the tensor), quantize_nvfp4 (reads x, writes packed codes + scales), fake_quantize
 (reads x, writes x's dtype) and dequantize, and reports each one's effective bandwidth
 (bytes read + written / time) as a fraction of the copy's. Targets (issue): quantize and
@@ -36,12 +37,14 @@ def bench_shape(shape, dtype, sets_hint=None):
     dst = torch.empty_like(xs[0])
     packed = attnqat.quantize_nvfp4(xs[0])
     out_bytes_q = common.nvfp4_packed_bytes(numel)
+    # Kernel time: calls captured in CUDA graphs (copy included), so the ~50 us of Python and
+    # launch overhead per call does not count against a kernel that runs ~100-300 us.
     res = {}
-    res["copy"] = common.time_cuda(lambda i: dst.copy_(xs[i]), sets)
-    res["quantize"] = common.time_cuda(lambda i: attnqat.quantize_nvfp4(xs[i]), sets)
-    res["quantize_amax"] = common.time_cuda(lambda i: attnqat.quantize_nvfp4(xs[i], global_scale="amax"), sets)
-    res["fake_quantize"] = common.time_cuda(lambda i: attnqat.fake_quantize(xs[i]), sets)
-    res["dequantize"] = common.time_cuda(lambda i: packed.dequantize(), 1)
+    res["copy"] = common.time_cuda_graph(lambda i: dst.copy_(xs[i]), sets)
+    res["quantize"] = common.time_cuda_graph(lambda i: attnqat.quantize_nvfp4(xs[i]), sets)
+    res["quantize_amax"] = common.time_cuda_graph(lambda i: attnqat.quantize_nvfp4(xs[i], global_scale="amax"), sets)
+    res["fake_quantize"] = common.time_cuda_graph(lambda i: attnqat.fake_quantize(xs[i]), sets)
+    res["dequantize"] = common.time_cuda_graph(lambda i: packed.dequantize(), 1)
     moved = {
         "copy": 2 * nbytes,
         "quantize": nbytes + out_bytes_q,

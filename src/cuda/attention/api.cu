@@ -7,7 +7,7 @@
 // with_mask).
 //
 // Contract: nothing synchronizes; every launch and allocation is on `stream` (cudaMallocAsync /
-// cudaFreeAsync for the temporaries), so a call can be captured in a CUDA graph. Errors are
+// cudaFreeAsync for the temporaries, through cuda/common/workspace.h), so a call can be captured in a CUDA graph. Errors are
 // returned as Status, never thrown or printed. If the tensors live on another device than the
 // current one, it is made current for the call (and restored).
 #include <cuda_runtime_api.h>
@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "attnqat/attnqat.h"
+#include "cuda/common/workspace.h"
 #include "common/validate.h"
 #include "cuda/attention/api.h"
 #include "cuda/attention/sm90/fwd_launch.h"
@@ -145,30 +146,19 @@ TensorView contiguous_like(void* data, const TensorView& t, const char* name) {
 // public API (the quantization kernels of src/cuda/quantize).
 class QuantizedInputs {
  public:
-  QuantizedInputs() = default;
-  QuantizedInputs(const QuantizedInputs&) = delete;
-  QuantizedInputs& operator=(const QuantizedInputs&) = delete;
-  ~QuantizedInputs() {
-    if (buffer_ != nullptr) cudaFreeAsync(buffer_, stream_);  // stream-ordered after the kernel
-  }
-
   Status make(const TensorView& q, const TensorView& k, const TensorView& v, VBlocks v_blocks,
               cudaStream_t stream) {
-    stream_ = stream;
     const size_t esize = static_cast<size_t>(dtype_size(q.dtype));
     const size_t q_bytes = round_up(q.numel() * esize), k_bytes = round_up(k.numel() * esize);
     const size_t v_bytes = round_up(v.numel() * esize);
-    cudaError_t err = cudaMallocAsync(&buffer_, q_bytes + k_bytes + v_bytes + kTempAlign, stream);
-    if (err != cudaSuccess) {
-      buffer_ = nullptr;
-      return cuda_error("cudaMallocAsync of the quantized q, k, v", err);
-    }
-    uint8_t* base = static_cast<uint8_t*>(buffer_);
+    ATTNQAT_RETURN_IF_ERROR(buffer_.allocate(q_bytes + k_bytes + v_bytes + kTempAlign, stream));
+    uint8_t* base = static_cast<uint8_t*>(buffer_.data());
     q_ = contiguous_like(base, q, "q (fake-quantized copy)");
     k_ = contiguous_like(base + q_bytes, k, "k (fake-quantized copy)");
     v_ = contiguous_like(base + q_bytes + k_bytes, v, "v (fake-quantized copy)");
     float* g = reinterpret_cast<float*>(base + q_bytes + k_bytes + v_bytes);
     fill_one_kernel<<<1, 1, 0, stream>>>(g);
+    cudaError_t err;
     if ((err = cudaGetLastError()) != cudaSuccess) return cuda_error("writing g = 1", err);
     TensorView g_view = make_view(g, DType::kFloat32, {1}, "g", Device::kCUDA);
     g_view.device_id = q.device_id;
@@ -185,8 +175,7 @@ class QuantizedInputs {
   const TensorView& v() const { return v_; }
 
  private:
-  void* buffer_ = nullptr;
-  cudaStream_t stream_ = nullptr;
+  Workspace buffer_;  // freed stream-ordered after the kernel that reads it
   TensorView q_, k_, v_;
 };
 

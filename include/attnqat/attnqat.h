@@ -89,6 +89,9 @@ struct AttentionOptions {
   // v_blocks' axis): the call skips their quantization. The PyTorch front end quantizes once,
   // keeps Q^, K^, V^ for the backward, and sets this. Ignored in bf16 mode.
   bool inputs_quantized = false;
+  // Backward: the same bits on every run (no floating-point atomics). The CPU reference always
+  // is; the CUDA backward pays for it in speed (docs/results.md).
+  bool deterministic = false;
 };
 
 // Forward outputs. q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D].

@@ -104,20 +104,20 @@ def fake_quantize(x: Tensor, format: str, axis: str, global_scale: float, comput
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, mode: str, p_quant: str,
     v_blocks: str, kv_tile: int, bwd_quantized_qkv: bool, bwd_quant_p: bool,
-    bwd_high_precision_o: bool, precision: str, inputs_quantized: bool, need_o_hp: bool,
+    bwd_high_precision_o: bool, precision: str, deterministic: bool, inputs_quantized: bool, need_o_hp: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     o_hp = torch.empty(q.shape if need_o_hp else (0,), dtype=q.dtype, device=q.device)
     lse, m_ref, l = (torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(3))
     _C.attention_forward(q, k, v, o, o_hp if need_o_hp else None, lse, m_ref, l, mode, p_quant, v_blocks,
                          causal, softmax_scale, kv_tile, bwd_quantized_qkv, bwd_quant_p,
-                         bwd_high_precision_o, precision, inputs_quantized, stream=_stream(q))
+                         bwd_high_precision_o, precision, inputs_quantized, deterministic, stream=_stream(q))
     return o, o_hp, lse, m_ref, l
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, causal, softmax_scale, mode, p_quant, v_blocks, kv_tile, bwd_quantized_qkv, bwd_quant_p,
-      bwd_high_precision_o, precision, inputs_quantized, need_o_hp):
+      bwd_high_precision_o, precision, deterministic, inputs_quantized, need_o_hp):
     row = tuple(q.shape[:3])
     return (q.new_empty(q.shape), q.new_empty(q.shape if need_o_hp else (0,)),
             q.new_empty(row, dtype=torch.float32), q.new_empty(row, dtype=torch.float32),
@@ -129,7 +129,7 @@ def _attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, o_hp: Tensor, lse: Tensor, m_ref: Tensor,
     l: Tensor, causal: bool, softmax_scale: float, mode: str, p_quant: str, v_blocks: str, kv_tile: int,
     bwd_quantized_qkv: bool, bwd_quant_p: bool, bwd_high_precision_o: bool, precision: str,
-    inputs_quantized: bool,
+    deterministic: bool, inputs_quantized: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -137,13 +137,13 @@ def _attention_bwd(
     _C.attention_backward(_last_dim_contiguous(dout), q, k, v, o, o_hp if o_hp.numel() else None, lse,
                           m_ref, l, dq, dk, dv, mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
                           bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision, inputs_quantized,
-                          stream=_stream(q))
+                          deterministic, stream=_stream(q))
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, o, o_hp, lse, m_ref, l, causal, softmax_scale, mode, p_quant, v_blocks, kv_tile,
-      bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision, inputs_quantized):
+      bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision, deterministic, inputs_quantized):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -156,7 +156,7 @@ torch.library.register_autograd(f"{_LIB}::attention_bwd", _attention_bwd_backwar
 
 def _attention_setup_context(ctx, inputs, output):
     q, k, v = inputs[:3]
-    ctx.options = inputs[3:14]  # the ten options and inputs_quantized
+    ctx.options = inputs[3:15]  # the eleven options and inputs_quantized
     o, o_hp, lse, m_ref, l = output
     ctx.save_for_backward(q, k, v, o, o_hp, lse, m_ref, l)
     ctx.mark_non_differentiable(o_hp, lse, m_ref, l)
@@ -165,7 +165,7 @@ def _attention_setup_context(ctx, inputs, output):
 def _attention_backward(ctx, do, do_hp, dlse, dm, dl):
     q, k, v, o, o_hp, lse, m_ref, l = ctx.saved_tensors
     dq, dk, dv = torch.ops.attnqat.attention_bwd(do, q, k, v, o, o_hp, lse, m_ref, l, *ctx.options)
-    return (dq, dk, dv) + (None,) * 12
+    return (dq, dk, dv) + (None,) * 13
 
 
 torch.library.register_autograd(f"{_LIB}::attention_fwd", _attention_backward, setup_context=_attention_setup_context)

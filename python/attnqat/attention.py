@@ -30,6 +30,7 @@ class AttentionConfig:
     bwd_quant_p: bool
     bwd_high_precision_o: bool
     precision: str
+    deterministic: bool = False
 
     @property
     def needs_o_hp(self) -> bool:
@@ -40,12 +41,14 @@ class AttentionConfig:
         return (
             self.causal, self.softmax_scale, self.mode, self.p_quant, self.v_blocks, self.kv_tile,
             self.bwd_quantized_qkv, self.bwd_quant_p, self.bwd_high_precision_o, self.precision,
+            self.deterministic,
         )
 
 
 def resolve_config(
     *, causal=False, softmax_scale=None, mode="attn_qat", p_quant="paper", v_blocks="channel",
     kv_tile=128, bwd_quantized_qkv=None, bwd_quant_p=None, bwd_high_precision_o=None, precision="fp32",
+    deterministic=False,
 ) -> AttentionConfig:
     """Checks the options and fills in the mode's defaults for the ablation switches."""
     if mode not in MODES:
@@ -70,7 +73,8 @@ def resolve_config(
         )
     default = mode == "attn_qat"
     resolved = [default if s is None else bool(s) for s in switches]
-    return AttentionConfig(bool(causal), softmax_scale, mode, p_quant, v_blocks, int(kv_tile), *resolved, precision)
+    return AttentionConfig(bool(causal), softmax_scale, mode, p_quant, v_blocks, int(kv_tile), *resolved, precision,
+                           bool(deterministic))
 
 
 def attention(
@@ -78,6 +82,7 @@ def attention(
     p_quant: str = "paper", v_blocks: str = "channel", kv_tile: int = 128,
     bwd_quantized_qkv: Optional[bool] = None, bwd_quant_p: Optional[bool] = None,
     bwd_high_precision_o: Optional[bool] = None, return_lse: bool = False, precision: str = "fp32",
+    deterministic: bool = False,
 ):
     """Scaled dot-product attention with FP4 (NVFP4) fake quantization, as in Attn-QAT.
 
@@ -103,6 +108,8 @@ def attention(
             rows that see no key). The LSE carries no gradient.
         precision: CPU reference arithmetic: ``"fp32"`` (the contract), ``"fp64"`` or
             ``"bf16_operands"`` (tensor-core operand rounding; used for tolerances in tests).
+        deterministic: a backward with the same bits on every run (no floating-point atomics; the
+            CPU reference always is). Slower on CUDA.
 
     Returns:
         ``O`` with the shape and dtype of ``q`` (and the LSE when ``return_lse``). For torch
@@ -112,7 +119,7 @@ def attention(
     cfg = resolve_config(
         causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,
         kv_tile=kv_tile, bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
-        bwd_high_precision_o=bwd_high_precision_o, precision=precision,
+        bwd_high_precision_o=bwd_high_precision_o, precision=precision, deterministic=deterministic,
     )
     if is_torch_tensor(q):
         o, lse = torch_ops().attention(q, k, v, cfg)
@@ -130,7 +137,8 @@ def _attention_numpy(q, k, v, cfg: AttentionConfig):
     lse = np.empty(q.shape[:3], np.float32)
     _C.attention_forward(q, k, v, o, None, lse, None, None, cfg.mode, cfg.p_quant, cfg.v_blocks,
                          cfg.causal, cfg.softmax_scale, cfg.kv_tile, cfg.bwd_quantized_qkv,
-                         cfg.bwd_quant_p, cfg.bwd_high_precision_o, cfg.precision)
+                         cfg.bwd_quant_p, cfg.bwd_high_precision_o, cfg.precision,
+                         deterministic=cfg.deterministic)
     return o, lse
 
 

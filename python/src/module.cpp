@@ -128,7 +128,7 @@ AttentionOptions attn_opts(const std::string& mode, const std::string& p_quant,
                            const std::string& v_blocks, bool causal, float softmax_scale,
                            int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p,
                            bool bwd_high_precision_o, const std::string& precision,
-                           bool inputs_quantized) {
+                           bool inputs_quantized, bool deterministic) {
   AttentionOptions o;
   o.mode = parse_mode(mode);
   o.p_quant = parse_p_quant(p_quant);
@@ -139,6 +139,7 @@ AttentionOptions attn_opts(const std::string& mode, const std::string& p_quant,
   o.bwd = BackwardSwitches{bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o};
   o.precision = parse_precision(precision);
   o.inputs_quantized = inputs_quantized;
+  o.deterministic = deterministic;
   return o;
 }
 
@@ -211,10 +212,10 @@ NB_MODULE(_C, m) {
            OptArray l, const std::string& mode, const std::string& p_quant, const std::string& v_blocks,
            bool causal, float softmax_scale, int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p,
            bool bwd_high_precision_o, const std::string& precision, bool inputs_quantized,
-           uintptr_t stream) {
+           bool deterministic, uintptr_t stream) {
           const AttentionOptions opts = attn_opts(mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
                                                   bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision,
-                                                  inputs_quantized);
+                                                  inputs_quantized, deterministic);
           const TensorView qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
           ForwardOutputs out;
           out.o = to_view(o, "o");
@@ -233,17 +234,17 @@ NB_MODULE(_C, m) {
         nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("mode"), nb::arg("p_quant"),
         nb::arg("v_blocks"), nb::arg("causal"), nb::arg("softmax_scale"), nb::arg("kv_tile"),
         nb::arg("bwd_quantized_qkv"), nb::arg("bwd_quant_p"), nb::arg("bwd_high_precision_o"),
-        nb::arg("precision") = "fp32", nb::arg("inputs_quantized") = false, nb::arg("stream") = 0);
+        nb::arg("precision") = "fp32", nb::arg("inputs_quantized") = false, nb::arg("deterministic") = false, nb::arg("stream") = 0);
 
   m.def("attention_backward",
         [](AnyArray dout, AnyArray q, AnyArray k, AnyArray v, OptArray o, OptArray o_hp, AnyArray lse,
            OptArray m_ref, OptArray l, AnyArray dq, AnyArray dk, AnyArray dv, const std::string& mode,
            const std::string& p_quant, const std::string& v_blocks, bool causal, float softmax_scale,
            int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p, bool bwd_high_precision_o,
-           const std::string& precision, bool inputs_quantized, uintptr_t stream) {
+           const std::string& precision, bool inputs_quantized, bool deterministic, uintptr_t stream) {
           const AttentionOptions opts = attn_opts(mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
                                                   bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision,
-                                                  inputs_quantized);
+                                                  inputs_quantized, deterministic);
           const TensorView dov = to_view(dout, "dout"), qv = to_view(q, "q"), kv = to_view(k, "k"),
                            vv = to_view(v, "v");
           ForwardState s;
@@ -268,5 +269,5 @@ NB_MODULE(_C, m) {
         nb::arg("dv"), nb::arg("mode"), nb::arg("p_quant"), nb::arg("v_blocks"), nb::arg("causal"),
         nb::arg("softmax_scale"), nb::arg("kv_tile"), nb::arg("bwd_quantized_qkv"), nb::arg("bwd_quant_p"),
         nb::arg("bwd_high_precision_o"), nb::arg("precision") = "fp32", nb::arg("inputs_quantized") = false,
-        nb::arg("stream") = 0);
+        nb::arg("deterministic") = false, nb::arg("stream") = 0);
 }

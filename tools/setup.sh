@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 VENV=${ATTNQAT_VENV:-.venv}
 PY=${PYTHON:-python3}
 # Pinned versions (the device image has torch 2.11 too). Bump them together.
-PINS="torch==2.11.0 numpy==2.2.6 pytest==8.4.2 hypothesis==6.140.2 nanobind==2.9.2 scikit-build-core==0.11.6 ninja==1.13.0 cmake==4.1.2"
+# transformers: the Hugging Face integration tests (tests/python/test_hf.py, examples); attnqat itself
+# does not need it (tested with 4.57 and 5.24).
+PINS="torch==2.11.0 numpy==2.2.6 pytest==8.4.2 hypothesis==6.140.2 nanobind==2.9.2 scikit-build-core==0.11.6 ninja==1.13.0 cmake==4.1.2 transformers==5.24.0"
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"

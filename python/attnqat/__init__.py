@@ -8,6 +8,13 @@ The public API (numpy arrays and torch tensors alike):
   ``drop_in_qat`` and ``attn_qat``, differentiable for torch tensors.
 - :func:`build_info` — what this build contains (CUDA kernels or CPU reference only).
 
+With torch installed, the integration layer (``docs/integration.md``):
+
+- :func:`sdpa` — a drop-in for ``torch.nn.functional.scaled_dot_product_attention``;
+  :func:`config` / :func:`set_config` / :func:`get_config` — the options it and the modules use;
+  :class:`nn.FP4Attention` — the module; :func:`merge_attention` — context-parallel merging;
+  :mod:`attnqat.hf` — the Hugging Face transformers attention implementation (``hf.register()``).
+
 CPU inputs run the reference implementation of ``docs/numerics.md``; CUDA tensors run the
 kernels when the package was built with CUDA.
 """
@@ -20,6 +27,9 @@ from .formats import QuantizedTensor, dequantize, fake_quantize, quantize_mxfp4,
 
 if _importlib_util.find_spec("torch") is not None:
     from . import _torch_ops  # noqa: F401  (registers torch.ops.attnqat.*)
+    from . import hf, nn  # noqa: F401  (hf imports transformers only in hf.register())
+    from ._config import config, get_config, reset_config, set_config
+    from .functional import merge_attention, sdpa
 
 __version__ = _build_info()["version"]
 
@@ -51,3 +61,5 @@ __all__ = [
     "quantize_mxfp4",
     "quantize_nvfp4",
 ]
+if "sdpa" in globals():
+    __all__ += ["config", "get_config", "hf", "merge_attention", "nn", "reset_config", "sdpa", "set_config"]

@@ -1,0 +1,155 @@
+"""Hugging Face transformers integration: attnqat as an attention implementation.
+
+    import attnqat
+    attnqat.hf.register()                                   # once; registers "attnqat"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnqat")
+    # or: model.set_attn_implementation("attnqat")          (transformers versions that have it)
+    with attnqat.config(mode="attn_qat"):                   # training: FP4 forward, Attn-QAT backward
+        loss = model(input_ids, labels=input_ids).loss
+    with attnqat.config(mode="fp4"):                        # serving: FP4 forward
+        model.generate(...)
+
+Masks: transformers builds the masks of "attnqat" with its SDPA mask builder (registered too:
+without one, transformers passes *no* mask to an unknown implementation and padding would be
+ignored silently), except that a mask which is exactly bottom-right causal and known to be so
+without reading tensor values (no padding mask, the plain causal mask function, queries at the end
+of the keys) is not built: the attention function receives ``None`` and runs the causal kernel
+directly, which keeps ``torch.compile(fullgraph=True)`` and CUDA graphs free of host
+synchronizations. A mask that is built is honoured when :func:`attnqat.sdpa` can express it —
+per-sequence key ranges (left or right padding, a KV cache, a static cache's unused tail) with a
+causal limit — and any other mask (packed sequences, sliding windows shorter than the keys,
+custom 4-D masks of other patterns) raises ``ValueError``. A padded batch costs one host
+synchronization per model forward to verify the mask (every layer gets the same mask tensor and
+reuses the analysis), and one or two attention calls per group of sequences with equal padding.
+transformers is imported only by :func:`register`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ._config import _check, resolve_options
+from .functional import _sdpa
+
+NAME = "attnqat"
+_HF = {}  # transformers' SDPA mask builder and causal mask function, bound by register()
+
+
+def _bool_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """transformers' float masks are 0 (visible) or a very negative value (masked): a boolean in
+    disguise. Anything else is an additive bias, which attnqat cannot apply."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise ValueError(f"attnqat (transformers): attention_mask: unsupported dtype {mask.dtype}")
+    visible = mask == 0
+    masked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((visible | masked).all()):
+        raise ValueError(
+            "attnqat (transformers): attention_mask holds an additive bias (values other than 0 and the dtype's "
+            "minimum), which attnqat cannot apply; use attn_implementation='sdpa' or 'eager' for this model"
+        )
+    return visible
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, _attnqat_options: Optional[dict] = None, **kwargs):
+    """The transformers attention function (the ``AttentionInterface`` signature).
+
+    Args:
+        module: the calling attention module (its ``is_causal`` is read, as transformers' SDPA does).
+        query: ``[B, Hq, Nq, D]``; key, value: ``[B, Hkv, Nk, D]`` (GQA runs natively).
+        attention_mask: ``None``, a boolean ``[B, 1, Nq, Nk]`` mask (True = visible) or a float
+            mask of 0 / dtype-minimum values; see the module docstring for what is supported.
+        dropout: must be 0 (set ``config.attention_dropout = 0``).
+        scaling: the softmax scale.
+        is_causal: overrides ``module.is_causal``.
+        **kwargs: ``softcap`` and ``s_aux`` (attention sinks) raise when set; ``sliding_window``
+            is honoured through the mask; other keyword arguments are ignored, as by transformers' SDPA.
+
+    Returns:
+        ``(attn_output [B, Nq, Hq, D], None)``: attention weights are never materialized.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attnqat (transformers): logit soft-capping (softcap) is not supported; use 'eager' "
+                         "or 'flex_attention' for this model")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attnqat (transformers): attention sinks (s_aux) are not supported; use 'eager' for this model")
+    mask = _bool_mask(attention_mask)
+    nq, nk = query.shape[2], key.shape[2]
+    if mask is not None and mask.shape[-1] > nk:
+        mask = mask[..., :nk]  # as transformers' eager attention does
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # No mask on a causal module: _causal_mask skipped building an exactly bottom-right causal
+    # mask (transformers < 4.53, which has no mask registry, always builds one for causal models).
+    causal = bool(causal) and mask is None
+    window = kwargs.get("sliding_window")
+    if causal and window is not None and nk > window:
+        raise ValueError(f"attnqat (transformers): sliding_window={window} is shorter than the {nk} keys and no mask "
+                         "was given; sliding-window attention is not supported")
+    opts = resolve_options(dict(_attnqat_options or {}))
+    out, _ = _sdpa(query, key, value, mask, dropout, causal, scaling, True, opts, "bottom_right")
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name: str = NAME, **options) -> str:
+    """Registers attnqat with transformers as attention implementation ``name``.
+
+    After ``attnqat.hf.register()``, ``from_pretrained``/``from_config(...,
+    attn_implementation="attnqat")`` and ``model.set_attn_implementation("attnqat")`` use attnqat.
+    Registers the attention function (``AttentionInterface``) and, where transformers has one, the
+    mask builder (``AttentionMaskInterface``: SDPA's boolean masks). Idempotent.
+
+    Args:
+        name: the implementation's name; register several names to fix options per model, e.g.
+            ``register("attnqat_fp4", mode="fp4")``.
+        **options: attnqat options fixed for this name (``mode``, ``p_quant``, ...); the others come
+            from :func:`attnqat.config` at call time.
+
+    Returns:
+        ``name``.
+    """
+    _check(dict(options))
+    from transformers import AttentionInterface
+
+    fn = functools.partial(attention_forward, _attnqat_options=dict(options)) if options else attention_forward
+    AttentionInterface.register(name, fn)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+    except ImportError:  # transformers < 4.53 builds its masks in the models (4-D float masks)
+        return name
+    _HF.update(sdpa_mask=AttentionMaskInterface._global_mapping["sdpa"], causal_mask_function=causal_mask_function)
+    AttentionMaskInterface.register(name, _causal_mask)
+    return name
+
+
+def _causal_mask(**kwargs):
+    """The mask builder of "attnqat" (transformers' ``AttentionMaskInterface``; called with keyword
+    arguments: ``batch_size``, ``q_length``/``q_offset`` (transformers 5) or ``cache_position``
+    (4.x), ``kv_length``, ``kv_offset``, ``mask_function``, ``attention_mask``, ...).
+
+    Returns ``None`` for a mask that is exactly bottom-right causal as far as static information
+    shows (no padding mask, the plain causal mask function, the queries ending at the last key:
+    with transformers 4.x, whose query offset is a tensor, only ``Nq == Nk``), and otherwise
+    transformers' SDPA boolean mask, always materialized (its own "use is_causal" skip assumes
+    torch's top-left alignment).
+    """
+    causal_fn = _HF["causal_mask_function"]
+    kwargs.setdefault("mask_function", causal_fn)
+    kv_length, kv_offset = kwargs["kv_length"], kwargs.get("kv_offset", 0)
+    if "q_length" in kwargs:
+        q_length, q_offset = kwargs["q_length"], kwargs.get("q_offset", 0)
+    else:
+        q_length, q_offset = kwargs["cache_position"].shape[0], None  # offset = cache_position[0]: a tensor
+    static_offset = q_offset is not None and not isinstance(q_offset, torch.Tensor)
+    ends_at_last_key = (q_length == kv_length) or (static_offset and q_offset + q_length == kv_length)
+    if (kwargs.get("allow_is_causal_skip", True) and kwargs.get("attention_mask") is None
+            and kwargs["mask_function"] is causal_fn and kwargs.get("local_size") is None
+            and not isinstance(kv_offset, torch.Tensor) and kv_offset == 0 and ends_at_last_key):
+        return None
+    kwargs["allow_is_causal_skip"] = False
+    return _HF["sdpa_mask"](**kwargs)

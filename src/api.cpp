@@ -23,12 +23,6 @@ namespace {
                                 "(built without a CUDA toolkit; see attnqat.build_info())");
 }
 
-[[maybe_unused]] Status not_yet(const char* op) {
-  return Status::NotImplemented(std::string(op) +
-                                ": the CUDA kernel is not implemented yet; run on CPU tensors "
-                                "(the reference) for now");
-}
-
 }  // namespace
 
 BuildInfo build_info() {
@@ -95,13 +89,13 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           const TensorView& v, const ForwardState& saved,
                           const AttentionOptions& opts, const BackwardOutputs& grads,
                           void* stream) {
-  (void)stream;
   ATTNQAT_RETURN_IF_ERROR(validate_attention_backward(dout, q, k, v, saved, opts, grads));
   if (q.device == Device::kCPU)
     return reference::attention_backward(dout, q, k, v, saved, opts, grads);
 #ifdef ATTNQAT_WITH_CUDA
-  return not_yet("attention_backward");
+  return cuda::attention_backward(dout, q, k, v, saved, opts, grads, stream);
 #else
+  (void)stream;
   return no_cuda("attention_backward");
 #endif
 }

@@ -1,7 +1,8 @@
-// src/cuda/attention/api.cu — host entry point of the CUDA attention forward
-// (attnqat::cuda::attention_forward, declared in api.h), called by src/api.cpp after
-// validate_attention_forward(). Here: what only the kernels need checked (device arch, dtype,
-// head dim, the 128-key tile of "paper" mode, TMA alignment), the quantization of q, k, v into
+// src/cuda/attention/api.cu — host entry points of the CUDA attention forward and backward
+// (attnqat::cuda::attention_forward / attention_backward, declared in api.h), called by
+// src/api.cpp after validate_attention_forward() / validate_attention_backward(). Here: what
+// only the kernels need checked (device arch, dtype, head dim, the 128-key tile of "paper"
+// mode, TMA alignment), the quantization of q, k, v into
 // stream-ordered temporaries when the caller passes raw inputs, and the dispatch — the one place
 // where runtime values become template arguments (with_dtype, with_head_dim, with_o_hp,
 // with_mask).
@@ -21,6 +22,7 @@
 #include "cuda/common/workspace.h"
 #include "common/validate.h"
 #include "cuda/attention/api.h"
+#include "cuda/attention/sm90/bwd_launch.h"
 #include "cuda/attention/sm90/fwd_launch.h"
 
 namespace attnqat::cuda {
@@ -188,6 +190,72 @@ Status check_output_alignment(const TensorView& t, const char* name) {
   return Status::Ok();
 }
 
+// ---- Backward -----------------------------------------------------------------------------------
+
+Status bwd_error(const char* what, cudaError_t err) {
+  return Status::Cuda(std::string("attention_backward: ") + what +
+                      " failed: " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+}
+
+Status dispatch_bwd(const sm90::BwdArgs& args, bool causal) {
+  return with_dtype(args.q.dtype, [&](auto f16) {
+    return with_head_dim(args.q.shape[3], [&](auto head_dim) {
+      return with_mask(causal, [&](auto mask) {
+        using Cfg = sm90::BwdConfig<decltype(f16)::value, decltype(head_dim)::value>;
+        return sm90::launch_bwd<Cfg, decltype(mask)>(args);
+      });
+    });
+  });
+}
+
+Status zero_async(const TensorView& t, cudaStream_t stream) {
+  if (t.numel() == 0) return Status::Ok();
+  const cudaError_t err =
+      cudaMemsetAsync(t.data, 0, static_cast<size_t>(t.numel()) * dtype_size(t.dtype), stream);
+  return err == cudaSuccess ? Status::Ok() : bwd_error("cudaMemsetAsync", err);
+}
+
+// The row statistics of the unquantized scores (numerics 9.4: bwd_quantized_qkv off), from the
+// forward kernel in bf16 mode (no P quantization) on the backward's operands: its LSE, m_ref and
+// l (anchored: m_ref = ceil(m)). Costs one bf16 forward pass, including an O that is dropped.
+class RecomputedStats {
+ public:
+  Status make(const TensorView& q, const TensorView& k, const TensorView& v, float c2, bool causal,
+              bool anchored, cudaStream_t stream) {
+    const int64_t rows = q.shape[0] * q.shape[1] * q.shape[2];
+    const size_t o_bytes = round_up(static_cast<size_t>(q.numel()) * dtype_size(q.dtype));
+    const size_t row_bytes = round_up(static_cast<size_t>(rows) * sizeof(float));
+    ATTNQAT_RETURN_IF_ERROR(buffer_.allocate(o_bytes + 3 * row_bytes, stream));
+    uint8_t* base = static_cast<uint8_t*>(buffer_.data());
+    const int64_t B = q.shape[0], H = q.shape[1], N = q.shape[2];
+    auto row_view = [&](size_t offset, const char* name) {
+      TensorView t = make_view(base + offset, DType::kFloat32, {B, H, N}, name, Device::kCUDA);
+      t.device_id = q.device_id;
+      return t;
+    };
+    sm90::FwdArgs args;
+    args.q = q;
+    args.k = k;
+    args.v = v;
+    args.out.o = contiguous_like(base, q, "o (statistics pass)");
+    args.out.lse = lse_ = row_view(o_bytes, "lse (recomputed)");
+    args.out.m_ref = m_ref_ = row_view(o_bytes + row_bytes, "m_ref (recomputed)");
+    args.out.l = l_ = row_view(o_bytes + 2 * row_bytes, "l (recomputed)");
+    args.c2 = c2;
+    args.quantize_p = false;
+    args.anchored = anchored;
+    args.stream = stream;
+    return dispatch(args, causal);
+  }
+  const float* lse() const { return static_cast<const float*>(lse_.data); }
+  const float* m_ref() const { return static_cast<const float*>(m_ref_.data); }
+  const float* l() const { return static_cast<const float*>(l_.data); }
+
+ private:
+  Workspace buffer_;
+  TensorView lse_, m_ref_, l_;
+};
+
 }  // namespace
 
 Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -230,6 +298,107 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
     args.v = temps.v();
   }
   return dispatch(args, opts.causal);
+}
+
+// Backward of numerics section 5 (switches: section 6 and 9.4). Steps, all on `stream`:
+//   [fake-quantize q, k, v]  when bwd_quantized_qkv is on and the inputs are raw
+//   [statistics pass]        when the backward's scores are not the forward's (9.4)
+//   preprocess               stats = {-LSE/ln 2, D, -m_ref, 1/l} per query row
+//   memset                   dQaccum (and the deterministic mode's semaphores)
+//   main kernel              dK, dV (final), dQaccum
+//   postprocess              dQ = c * dQaccum
+Status attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                          const TensorView& v, const ForwardState& saved,
+                          const AttentionOptions& opts, const BackwardOutputs& grads,
+                          void* stream) {
+  if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
+    return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
+  if (q.shape[3] != 64 && q.shape[3] != 128)
+    return with_head_dim(q.shape[3], [](auto) { return Status::Ok(); });  // the head-dim error
+  const bool quantized_mode = opts.mode != Mode::kBF16;
+  // The switches that apply (bf16 mode: none, the ordinary backward).
+  const BackwardSwitches sw = quantized_mode ? opts.bwd : BackwardSwitches{false, false, false};
+  const bool anchored = opts.p_quant == PQuant::kAnchored;
+  const bool need_m_l = sw.quant_p && anchored;
+
+  DeviceGuard guard;
+  if (const cudaError_t err = guard.set(q.device_id); err != cudaSuccess)
+    return bwd_error("selecting the tensors' device", err);
+  ATTNQAT_RETURN_IF_ERROR(check_device(q.device_id));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (q.numel() == 0 || k.numel() == 0) {  // no query row or no key: every gradient is 0
+    ATTNQAT_RETURN_IF_ERROR(zero_async(grads.dq, s));
+    ATTNQAT_RETURN_IF_ERROR(zero_async(grads.dk, s));
+    return zero_async(grads.dv, s);
+  }
+
+  const float scale = resolve_softmax_scale(opts, q.shape[3]);
+  const float c2 = scale * kLog2e;
+  QuantizedInputs temps;  // freed (stream-ordered) when this returns
+  TensorView oq = q, ok = k, ov = v;
+  if (sw.quantized_qkv && !opts.inputs_quantized) {
+    ATTNQAT_RETURN_IF_ERROR(temps.make(q, k, v, opts.v_blocks, s));
+    oq = temps.q();
+    ok = temps.k();
+    ov = temps.v();
+  }
+  const float* lse = static_cast<const float*>(saved.lse.data);
+  const float* m_ref = need_m_l ? static_cast<const float*>(saved.m_ref.data) : nullptr;
+  const float* l = need_m_l ? static_cast<const float*>(saved.l.data) : nullptr;
+  RecomputedStats recomputed;
+  if (quantized_mode && !sw.quantized_qkv) {
+    ATTNQAT_RETURN_IF_ERROR(recomputed.make(oq, ok, ov, c2, opts.causal, anchored, s));
+    lse = recomputed.lse();
+    if (need_m_l) m_ref = recomputed.m_ref(), l = recomputed.l();
+  }
+
+  // Scratch: stats [B, Hq, Nq_pad] float4, dQaccum [B, Hq, Nq_pad, d] fp32, semaphores.
+  const int64_t B = q.shape[0], Hq = q.shape[1], Nq = q.shape[2], d = q.shape[3];
+  const int64_t m_blocks = (Nq + 63) / 64;
+  const int64_t rows_pad = B * Hq * m_blocks * 64;
+  const size_t stats_bytes = round_up(static_cast<size_t>(rows_pad) * sizeof(float4));
+  const size_t accum_bytes = round_up(static_cast<size_t>(rows_pad * d) * sizeof(float));
+  const size_t sem_bytes = opts.deterministic
+                               ? round_up(static_cast<size_t>(B * Hq * m_blocks * (d / 64)) * sizeof(int))
+                               : 0;
+  Workspace scratch;
+  ATTNQAT_RETURN_IF_ERROR(scratch.allocate(stats_bytes + accum_bytes + sem_bytes, s));
+  uint8_t* base = static_cast<uint8_t*>(scratch.data());
+  float4* stats = reinterpret_cast<float4*>(base);
+  float* dq_accum = reinterpret_cast<float*>(base + stats_bytes);
+  int* dq_sem = opts.deterministic ? reinterpret_cast<int*>(base + stats_bytes + accum_bytes) : nullptr;
+  cudaError_t err = cudaMemsetAsync(dq_accum, 0, accum_bytes + sem_bytes, s);
+  if (err != cudaSuccess) return bwd_error("cudaMemsetAsync (dQaccum)", err);
+
+  sm90::BwdPreArgs pre;
+  pre.dout = dout;
+  pre.o = sw.high_precision_o ? saved.o_hp : saved.o;
+  pre.lse = lse;
+  pre.m_ref = m_ref;
+  pre.l = l;
+  pre.stats = stats;
+  pre.m_blocks = static_cast<int>(m_blocks);
+  pre.stream = s;
+  ATTNQAT_RETURN_IF_ERROR(sm90::launch_bwd_preprocess(pre));
+
+  sm90::BwdArgs args;
+  args.q = oq;
+  args.k = ok;
+  args.v = ov;
+  args.dout = dout;
+  args.dk = grads.dk;
+  args.dv = grads.dv;
+  args.stats = stats;
+  args.dq_accum = dq_accum;
+  args.dq_sem = dq_sem;
+  args.c2 = c2;
+  args.scale = scale;
+  args.quant_p = sw.quant_p;
+  args.anchored = anchored;
+  args.deterministic = opts.deterministic;
+  args.stream = s;
+  ATTNQAT_RETURN_IF_ERROR(dispatch_bwd(args, opts.causal));
+  return sm90::launch_bwd_postprocess(dq_accum, grads.dq, static_cast<int>(m_blocks), scale, s);
 }
 
 }  // namespace attnqat::cuda

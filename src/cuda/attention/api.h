@@ -11,4 +11,13 @@ namespace attnqat::cuda {
 Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionOptions& opts, const ForwardOutputs& out, void* stream);
 
+// Backward of numerics section 5 on CUDA tensors (sm90), with the switches of section 6 and the
+// row statistics of 9.4. When bwd_quantized_qkv applies and opts.inputs_quantized is false, q, k,
+// v are fake-quantized into stream-ordered temporaries; when it does not (drop_in_qat), the row
+// statistics are recomputed from the unquantized scores by a bf16 forward pass. Deterministic
+// mode: no floating-point atomics (ordered dQ accumulation).
+Status attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                          const TensorView& v, const ForwardState& saved,
+                          const AttentionOptions& opts, const BackwardOutputs& grads, void* stream);
+
 }  // namespace attnqat::cuda

@@ -60,8 +60,14 @@ __global__ void __launch_bounds__(128) p_quant_kernel(const PQuantParams p) {
   RowState st = row_state_init();
   float f[2];
   online_softmax<kN>(x, st, p.c2, p.anchored, f);
+  // The forward's P scale table, filled and published as fwd_kernel does.
+  __shared__ __align__(16) uint8_t table[kPScaleTableBytes];
+  const PQuantConsts qc = p_quant_consts(p.anchored);
+  for (uint32_t e = threadIdx.x; e < kPScaleTableEntries; e += blockDim.x)
+    fill_p_scale_entry<kF16>(smem_u32(table), e, qc.two120_g);
+  __syncthreads();
   uint32_t p_hat[kN / 16][4], p_tilde[kN / 16][4];
-  convert_p<kF16, kN, false>(x, true, p_quant_consts(p.anchored), p_hat, p_tilde);
+  convert_p<kF16, kN, false>(x, true, qc, smem_u32(table), p_hat, p_tilde);
 #pragma unroll
   for (int i = 0; i < kN / 2; ++i) {
     const int at = frag_row(i) * kN + frag_col(i);

@@ -59,7 +59,10 @@ struct FwdConfig {
   static constexpr int kBarVFull = kBarKEmpty + kStages;
   static constexpr int kBarVEmpty = kBarVFull + kStages;
   static constexpr int kNumBars = kBarVEmpty + kStages;
-  static constexpr int kSmemBytes = kOffBar + 8 * kNumBars;
+  // The P scale table (p_quant.cuh): 256 entries of 8 bytes, filled once per CTA.
+  static constexpr int kOffPScale = (kOffBar + 8 * kNumBars + 15) / 16 * 16;
+  static constexpr int kPScaleBytes = 256 * 8;
+  static constexpr int kSmemBytes = kOffPScale + kPScaleBytes;
   static constexpr int kSmemAlign = 1024;                     // 128B-swizzle atoms
   static constexpr int kSmemAlloc = kSmemBytes + kSmemAlign;  // + slack to align the base
   static constexpr int kSmemLimit = 227 * 1024;               // sm_90 opt-in maximum per CTA
@@ -81,6 +84,21 @@ struct FwdConfig {
 
   // d = 128 with O': register-bound; the P conversion then keeps its slabs apart (p_quant.cuh).
   static constexpr bool kTightRegs = kRegPeak > 200;
+
+  // Intra-warpgroup overlap of the softmax with the warpgroup's own PV GEMM (fwd_mainloop.cuh,
+  // consumer_mainloop_overlap): S + P + O live at once, which fits without O' only (note 1.6).
+  // Measured (H200, d = 128, N >= 4k): bf16 mode 4-5% faster, fp4 1.5-2.5%.
+#ifndef ATTNQAT_SM90_FWD_OVERLAP
+#define ATTNQAT_SM90_FWD_OVERLAP 1
+#endif
+  static constexpr bool kOverlap = !kWithOHp && ATTNQAT_SM90_FWD_OVERLAP;
+  // Ping-pong of the two consumer warpgroups' GEMM batches (fwd_mainloop.cuh). Experiment switch
+  // only: without it (H200, 2026-11-26) fp4 and bf16 ran within 1%, attn_qat 6-15% slower, and
+  // ptxas spilled and serialized the d = 128 causal configs with O'.
+#ifndef ATTNQAT_SM90_FWD_PINGPONG
+#define ATTNQAT_SM90_FWD_PINGPONG 1
+#endif
+  static constexpr bool kPingPong = ATTNQAT_SM90_FWD_PINGPONG;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128,
                 "head dims 64 and 128 (256 needs a split-V design)");

@@ -5,7 +5,11 @@
 // Grid (ceil(Nq / 128), Hq, B), 384 threads, one CTA per SM (launch bounds (384, 1)):
 //   warpgroup 0: producer (setmaxnreg.dec to 24); one thread issues the TMA loads of Q and of
 //                the K/V rings (fwd_load.cuh);
-//   warpgroups 1, 2: consumers (setmaxnreg.inc to 240), 64 query rows each (fwd_mainloop.cuh).
+//   warpgroups 1, 2: consumers (setmaxnreg.inc to 240), 64 query rows each (fwd_mainloop.cuh:
+//                consumer_mainloop_overlap without O' (intra-warpgroup overlap of the softmax
+//                with the warpgroup's own PV GEMM), consumer_mainloop with O').
+// Before the roles split, the first 256 threads fill the P scale table (p_quant.cuh), published
+// by the same __syncthreads as the mbarrier initialization.
 // Blocks are taken in reverse m order so that, with the causal mask, the CTAs with the most key
 // tiles start first.
 #pragma once
@@ -16,6 +20,7 @@
 #include "cuda/attention/sm90/fwd_params.h"
 #include "cuda/attention/sm90/fwd_smem.cuh"
 #include "cuda/attention/sm90/mask.cuh"
+#include "cuda/attention/sm90/p_quant.cuh"
 #include "cuda/attention/sm90/ptx.cuh"
 
 namespace attnqat::sm90 {
@@ -30,6 +35,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int n_tiles =
       num_key_tiles<Mask>(m_block, Cfg::kBlockM, Cfg::kBlockN, p.seqlen_q, p.seqlen_k);
 
+  // The P scale table: one entry per thread of the first 256 (filled also in mode bf16, where it
+  // goes unread: 2 KB and one division-free pass, not worth a branch).
+  static_assert(Cfg::kThreads >= kPScaleTableEntries, "one table entry per thread");
+  static_assert(Cfg::kPScaleBytes == kPScaleTableBytes, "shared-memory map vs p_quant.cuh");
+  if (threadIdx.x < kPScaleTableEntries)
+    fill_p_scale_entry<Cfg::kF16>(sm.p_scale_table(), threadIdx.x, p.pq.two120_g);
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
     for (int s = 0; s < Cfg::kStages; ++s) {
@@ -40,7 +51,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     fence_barrier_init();
   }
-  __syncthreads();  // barriers initialized before anyone waits on or arrives at them
+  __syncthreads();  // barriers initialized and the table written before anyone uses them
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
@@ -53,7 +64,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
   } else {
     setmaxnreg_inc<Cfg::kConsumerRegs>();
-    consumer_mainloop<Cfg, Mask>(p, sm, warpgroup - 1, m_block, h, b, n_tiles);
+    if constexpr (Cfg::kOverlap)
+      consumer_mainloop_overlap<Cfg, Mask>(p, sm, warpgroup - 1, m_block, h, b, n_tiles);
+    else
+      consumer_mainloop<Cfg, Mask>(p, sm, warpgroup - 1, m_block, h, b, n_tiles);
   }
 }
 

@@ -1,5 +1,6 @@
-// src/cuda/attention/sm90/fwd_mainloop.cuh — consumer_mainloop: what one consumer warpgroup
-// (64 query rows) does over the key tiles, in the order of the reference (ascending keys).
+// src/cuda/attention/sm90/fwd_mainloop.cuh — what one consumer warpgroup (64 query rows) does
+// over the key tiles, in the order of the reference (ascending keys): consumer_mainloop (configs
+// with O', below) and consumer_mainloop_overlap (configs without O', at the end of the file).
 //
 // Per tile n (design note 2.4: Br = Bc = 128, ping-pong, no intra-warpgroup overlap):
 //   wait S_n (issued in the previous critical section); release K[n]
@@ -39,6 +40,17 @@
 
 namespace attnqat::sm90 {
 
+// The ping-pong token (named barriers kBarSched + w; see below). Compiled out when
+// Cfg::kPingPong is false (an experiment switch: the two warpgroups then issue independently).
+template <class Cfg>
+__device__ __forceinline__ void sched_sync(uint32_t id) {
+  if constexpr (Cfg::kPingPong) named_bar_sync(id, Cfg::kSchedThreads);
+}
+template <class Cfg>
+__device__ __forceinline__ void sched_arrive(uint32_t id) {
+  if constexpr (Cfg::kPingPong) named_bar_arrive(id, Cfg::kSchedThreads);
+}
+
 // The per-thread state of a consumer warpgroup (fragments of its [64, .] tiles).
 template <class Cfg>
 struct ConsumerState {
@@ -67,8 +79,8 @@ __device__ __forceinline__ void consumer_tile(const FwdParams& p, const SmemMap<
   if (wg_end < key0 + Cfg::kBlockN) apply_mask<Cfg::kBlockN>(cs.s, key0, end0, end1);
   float f[2];
   online_softmax<Cfg::kBlockN>(cs.s, cs.rows, p.c2, p.anchored, f);
-  convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq, cs.p_hat,
-                                                      cs.p_tilde);
+  convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq,
+                                                      sm.p_scale_table(), cs.p_hat, cs.p_tilde);
   // Skip the rescale when no row of the warp changed its reference (f == 1 exactly: bit-identical).
   if (__any_sync(0xffffffffu, f[0] != 1.0f || f[1] != 1.0f)) {
     rescale_o<Cfg::kHeadDim>(cs.o, f);
@@ -77,7 +89,7 @@ __device__ __forceinline__ void consumer_tile(const FwdParams& p, const SmemMap<
 
   mbar_wait(sm.v_full(stage), (n / Cfg::kStages) & 1);
   if (!last) mbar_wait(sm.k_full(next), ((n + 1) / Cfg::kStages) & 1);
-  named_bar_sync(my_token, Cfg::kSchedThreads);  // ---- critical section ----
+  sched_sync<Cfg>(my_token);  // ---- critical section ----
   reg_fence(cs.o);
   reg_fence(cs.o_hp);
   reg_fence(cs.p_hat);
@@ -96,7 +108,7 @@ __device__ __forceinline__ void consumer_tile(const FwdParams& p, const SmemMap<
   wgmma_fence();
   qk_gemm<Cfg>(cs.s, q_rows, sm.k(next));  // S_{n+1}, waited for at the next tile (or dropped)
   wgmma_commit();
-  if (!last || wg == 0) named_bar_arrive(other_token, Cfg::kSchedThreads);  // ---- end ----
+  if (!last || wg == 0) sched_arrive<Cfg>(other_token);  // ---- end ----
 }
 
 // wg: 0 or 1, this consumer warpgroup; its rows are m_block * kBlockM + 64 wg + [0, 64).
@@ -120,23 +132,159 @@ __device__ __forceinline__ void consumer_mainloop(const FwdParams& p, const Smem
   const int end1 = Mask::key_end(row0 + 8, p.seqlen_q, p.seqlen_k);
   // The smallest key_end of the warpgroup (its first row): tiles reaching past it need the mask.
   const int wg_end = Mask::key_end(wg_row0, p.seqlen_q, p.seqlen_k);
-  const uint32_t q_rows = sm.q() + wg * Cfg::kWgQRowsBytes;
+  // redux.sync puts the (warp-uniform) warpgroup index into a uniform register, so that the
+  // compiler keeps the Q descriptors there too (otherwise: an R2UR pair per wgmma).
+  const uint32_t q_rows =
+      sm.q() + static_cast<uint32_t>(__reduce_max_sync(0xffffffffu, static_cast<unsigned>(wg))) *
+                   Cfg::kWgQRowsBytes;
 
   // Prologue: the first critical section issues S_0 = Q K[0]^T.
-  if (wg == 1) named_bar_arrive(Cfg::kBarSched + 0, Cfg::kSchedThreads);  // wg 0 goes first
+  if (wg == 1) sched_arrive<Cfg>(Cfg::kBarSched + 0);  // wg 0 goes first
   mbar_wait(sm.q_full(), 0);
   mbar_wait(sm.k_full(0), 0);
-  named_bar_sync(Cfg::kBarSched + wg, Cfg::kSchedThreads);
+  sched_sync<Cfg>(Cfg::kBarSched + wg);
   reg_fence(cs.s);
   wgmma_fence();
   qk_gemm<Cfg>(cs.s, q_rows, sm.k(0));
   wgmma_commit();
-  named_bar_arrive(Cfg::kBarSched + (wg ^ 1), Cfg::kSchedThreads);
+  sched_arrive<Cfg>(Cfg::kBarSched + (wg ^ 1));
 
   for (int n = 0; n < n_tiles; ++n)
     consumer_tile<Cfg, Mask>(p, sm, cs, wg, n, n + 1 == n_tiles, wg_end, end0, end1, q_rows);
   wgmma_wait<0>();  // the dropped QK^T: its registers must not be reused while it runs
   reg_fence(cs.s);
+  store_o<Cfg>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+}
+
+// ---- Intra-warpgroup overlap (configs without O': fp4, bf16) ---------------------------------
+// FlashAttention-3's fwd_step (design note 1.4) in ascending key order. Per tile n >= 1 of a
+// consumer warpgroup:
+//   wait K[n] and V[n-1] full
+//   -- critical section (ping-pong token) --
+//   S_n = Q K[n]^T (commit group 1); O += P_{n-1} V[n-1] (commit group 2)
+//   -- pass the token --
+//   wait_group 1: S_n done (PV still running); release K[n]
+//   apply_mask -> online_softmax on S_n                   <- overlaps this warpgroup's own PV
+//   wait_group 0: PV done; release V[n-1]
+//   convert_p -> P_n (into P_{n-1}'s registers, free now); O *= f_n (skipped when f == 1)
+// Prologue: S_0 and its softmax/conversion; epilogue: the last PV alone. Every wgmma sits in
+// straight-line code (the loop body always issues both GEMMs), so ptxas never sees a wgmma under
+// a data-dependent branch, and no QK^T is issued for nothing. Tensor work per critical section
+// is the same as without overlap (QK + PV), but a warpgroup now waits only for its QK^T before
+// its softmax, not for QK^T and PV: its instruction stream (issue-bound for fp4, note 4.3) runs
+// alongside the other warpgroup's for longer. Registers: S (Bc/2) + P (Bc/4) + O (d/2) live
+// during the PV: 64 + 32 + 64 at d = 128 (note 1.6: fits 240; would not with O').
+// Token accounting as in consumer_mainloop: T + 1 critical sections per warpgroup (prologue,
+// T - 1 loop steps, epilogue); warpgroup 1 arrives once at the start and after every section but
+// the last, warpgroup 0 after every section.
+
+// softmax of tile n on S (mask if the tile crosses a row's end), p~ in place; f: rescale factors.
+template <class Cfg, class Mask>
+__device__ __forceinline__ void overlap_softmax(const FwdParams& p, ConsumerState<Cfg>& cs, int n,
+                                                int wg_end, int end0, int end1, float (&f)[2]) {
+  const int key0 = n * Cfg::kBlockN;
+  if (wg_end < key0 + Cfg::kBlockN) apply_mask<Cfg::kBlockN>(cs.s, key0, end0, end1);
+  online_softmax<Cfg::kBlockN>(cs.s, cs.rows, p.c2, p.anchored, f);
+}
+
+template <class Cfg, class Mask>
+__device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
+                                                          const SmemMap<Cfg>& sm, int wg,
+                                                          int m_block, int h, int b, int n_tiles) {
+  static_assert(!Cfg::kWithOHp, "the overlapped mainloop has no O' (registers, note 1.6)");
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int wg_row0 = m_block * Cfg::kBlockM + 64 * wg;
+  const int row0 = wg_row0 + 16 * warp + lane / 4;  // this thread's rows: row0, row0 + 8
+  ConsumerState<Cfg> cs;
+#pragma unroll
+  for (int i = 0; i < Cfg::kAccO; ++i) cs.o[i] = 0.0f;
+  cs.o_hp[0] = 0.0f;
+  cs.rows = row_state_init();
+  if (n_tiles == 0) {  // no row of the CTA sees a key: O = 0, LSE = -inf (no barrier is used)
+    store_o<Cfg>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+    return;
+  }
+  const int end0 = Mask::key_end(row0, p.seqlen_q, p.seqlen_k);
+  const int end1 = Mask::key_end(row0 + 8, p.seqlen_q, p.seqlen_k);
+  const int wg_end = Mask::key_end(wg_row0, p.seqlen_q, p.seqlen_k);
+  const uint32_t q_rows =
+      sm.q() + static_cast<uint32_t>(__reduce_max_sync(0xffffffffu, static_cast<unsigned>(wg))) *
+                   Cfg::kWgQRowsBytes;
+  const uint32_t my_token = Cfg::kBarSched + wg, other_token = Cfg::kBarSched + (wg ^ 1);
+  const uint32_t table = sm.p_scale_table();
+  float f[2];
+
+  // Prologue: S_0, its softmax and P_0 (O is still zero: no rescale).
+  if (wg == 1) sched_arrive<Cfg>(Cfg::kBarSched + 0);  // wg 0 goes first
+  mbar_wait(sm.q_full(), 0);
+  mbar_wait(sm.k_full(0), 0);
+  sched_sync<Cfg>(my_token);
+  reg_fence(cs.s);
+  wgmma_fence();
+  qk_gemm<Cfg>(cs.s, q_rows, sm.k(0));
+  wgmma_commit();
+  sched_arrive<Cfg>(other_token);
+  wgmma_wait<0>();
+  reg_fence(cs.s);
+  mbar_arrive(sm.k_empty(0));
+  overlap_softmax<Cfg, Mask>(p, cs, 0, wg_end, end0, end1, f);
+  convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq, table, cs.p_hat,
+                                                      cs.p_tilde);
+
+  for (int n = 1; n < n_tiles; ++n) {
+    const int stage = n % Cfg::kStages, prev = (n - 1) % Cfg::kStages;
+    mbar_wait(sm.k_full(stage), (n / Cfg::kStages) & 1);
+    mbar_wait(sm.v_full(prev), ((n - 1) / Cfg::kStages) & 1);
+    sched_sync<Cfg>(my_token);  // ---- critical section ----
+    reg_fence(cs.s);
+    reg_fence(cs.o);
+    reg_fence(cs.p_hat);
+    wgmma_fence();
+    qk_gemm<Cfg>(cs.s, q_rows, sm.k(stage));  // S_n
+    wgmma_commit();
+    pv_gemm<Cfg>(cs.o, cs.p_hat, sm.v(prev));  // O += P_{n-1} V[n-1]
+    wgmma_commit();
+    sched_arrive<Cfg>(other_token);  // ---- end ----
+    wgmma_wait<1>();  // S_n
+    reg_fence(cs.s);
+    mbar_arrive(sm.k_empty(stage));  // K[n] no longer read
+    // ptxas schedules a wgmma wait as early as its basic block allows, which would put the wait
+    // below before the softmax (and nothing would overlap the PV). The softmax therefore sits in
+    // a block of its own: a branch that is always taken (tile n holds keys < Nk, or it would not
+    // be visited) and that the compiler cannot remove. (A conditional wait instead made ptxas
+    // serialize every wgmma: a DEPBAR after each one.)
+    f[0] = f[1] = 1.0f;
+    if (n * Cfg::kBlockN < p.seqlen_k)
+      overlap_softmax<Cfg, Mask>(p, cs, n, wg_end, end0, end1, f);
+    reg_fence(cs.s);
+    reg_fence(f);
+    wgmma_wait<0>();  // PV_{n-1}
+    reg_fence(cs.o);
+    reg_fence(cs.p_hat);
+    mbar_arrive(sm.v_empty(prev));  // V[n-1] no longer read
+    // P_n only after the wait: ptxas does not keep the register-A operand of an in-flight wgmma
+    // alive (building P_n into fresh registers before the wait, tried, was coalesced into
+    // P_{n-1}'s registers: writes under a running PV, with no diagnostic).
+    convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq, table,
+                                                        cs.p_hat, cs.p_tilde);
+    // Skip the rescale when no row of the warp changed its reference (f == 1: bit-identical).
+    if (__any_sync(0xffffffffu, f[0] != 1.0f || f[1] != 1.0f)) rescale_o<Cfg::kHeadDim>(cs.o, f);
+  }
+
+  // Epilogue: O += P_{T-1} V[T-1].
+  const int last = (n_tiles - 1) % Cfg::kStages;
+  mbar_wait(sm.v_full(last), ((n_tiles - 1) / Cfg::kStages) & 1);
+  sched_sync<Cfg>(my_token);
+  reg_fence(cs.o);
+  reg_fence(cs.p_hat);
+  wgmma_fence();
+  pv_gemm<Cfg>(cs.o, cs.p_hat, sm.v(last));
+  wgmma_commit();
+  if (wg == 0) sched_arrive<Cfg>(other_token);
+  wgmma_wait<0>();
+  reg_fence(cs.o);
+  reg_fence(cs.p_hat);
+  mbar_arrive(sm.v_empty(last));
   store_o<Cfg>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
 }
 

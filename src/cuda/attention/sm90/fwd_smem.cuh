@@ -21,6 +21,8 @@ struct SmemMap {
   __device__ __forceinline__ uint32_t bar(int index) const {
     return base + Cfg::kOffBar + 8 * index;
   }
+  // The P scale table (p_quant.cuh, fill_p_scale_entry).
+  __device__ __forceinline__ uint32_t p_scale_table() const { return base + Cfg::kOffPScale; }
   // Q landed (transaction barrier, 1 arrival: the producer's expect_tx).
   __device__ __forceinline__ uint32_t q_full() const { return bar(Cfg::kBarQ); }
   // K/V tile of stage s landed (1 arrival + TMA bytes) / was consumed by all 256 consumers.

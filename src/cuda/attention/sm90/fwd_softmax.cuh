@@ -51,9 +51,24 @@ __device__ __forceinline__ void apply_mask(float (&s)[kN / 2], int key0, int end
 template <int kN>
 __device__ __forceinline__ void online_softmax(float (&s)[kN / 2], RowState& st, float c2,
                                                bool anchored, float (&f)[2]) {
-  float mx[2] = {-INFINITY, -INFINITY};
+  // Row maxima as a tree (per 16-key slab, then pairwise over the slabs): the same maxima as a
+  // running max (max is exact and order-free), with a dependency chain of ~log2(kN) FMNMX
+  // instead of kN / 4 per row (that chain stalled the warp at the head of every tile).
+  float mx[2];
 #pragma unroll
-  for (int i = 0; i < kN / 2; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+  for (int h = 0; h < 2; ++h) {
+    float part[kN / 16];
+#pragma unroll
+    for (int j = 0; j < kN / 16; ++j)
+      part[j] = fmaxf(fmaxf(s[8 * j + 2 * h], s[8 * j + 2 * h + 1]),
+                      fmaxf(s[8 * j + 4 + 2 * h], s[8 * j + 5 + 2 * h]));
+#pragma unroll
+    for (int w = kN / 32; w >= 1; w /= 2) {
+#pragma unroll
+      for (int j = 0; j < w; ++j) part[j] = fmaxf(part[j], part[j + w]);
+    }
+    mx[h] = part[0];
+  }
   float neg_ref[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

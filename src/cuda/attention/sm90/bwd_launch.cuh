@@ -1,0 +1,67 @@
+// src/cuda/attention/sm90/bwd_launch.cuh — launch_bwd (bwd_launch.h): tensor maps, parameters,
+// grid and shared memory of bwd_kernel, beside the kernel's config. Included only by the
+// instantiation files bwd_*.cu. Never synchronizes; errors come back as Status.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "cuda/attention/sm90/bwd_kernel.cuh"
+#include "cuda/attention/sm90/bwd_launch.h"
+#include "cuda/attention/sm90/tma_host.h"
+
+namespace attnqat::sm90 {
+
+template <class Cfg, class Mask>
+Status launch_bwd(const BwdArgs& a) {
+  const int64_t batch = a.q.shape[0], heads_q = a.q.shape[1], seqlen_q = a.q.shape[2];
+  const int64_t heads_kv = a.k.shape[1], seqlen_k = a.k.shape[2];
+  const int64_t n_blocks = (seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN;
+  const int64_t m_blocks = (seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  constexpr int64_t kMaxGridYZ = 65535, kMaxSeq = (int64_t{1} << 30);
+  if (heads_kv > kMaxGridYZ || batch > kMaxGridYZ || seqlen_q > kMaxSeq || seqlen_k > kMaxSeq)
+    return Status::NotImplemented(
+        "attention_backward: the sm90 kernel supports up to 65535 KV heads and batches and "
+        "sequences up to 2^30, got q " +
+        a.q.shape_str() + ", k " + a.k.shape_str());
+  BwdParams p{};
+  ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));
+  ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_do, a.dout, Cfg::kBlockM));
+  ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));
+  ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_v, a.v, Cfg::kBlockN));
+  p.stats = a.stats;
+  p.dq_accum = a.dq_accum;
+  p.dq_sem = a.dq_sem;
+  p.dk = a.dk.data;
+  p.dv = a.dv.data;
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  p.group = static_cast<int>(heads_q / heads_kv);
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_k = static_cast<int>(seqlen_k);
+  p.m_blocks = static_cast<int>(m_blocks);
+  p.c2 = a.c2;
+  p.scale = a.scale;
+  p.quant_p = a.quant_p;
+  p.anchored = a.anchored;
+  p.deterministic = a.deterministic;
+  p.pq = pf_quant_consts(a.anchored);
+
+  auto* kernel = bwd_kernel<Cfg, Mask>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemAlloc);
+  if (err == cudaSuccess) {
+    const dim3 grid(static_cast<unsigned>(n_blocks), static_cast<unsigned>(heads_kv),
+                    static_cast<unsigned>(batch));
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemAlloc, a.stream>>>(p);
+    err = cudaGetLastError();
+  }
+  if (err != cudaSuccess)
+    return Status::Cuda(std::string("attention_backward: launching the sm90 kernel (d = ") +
+                        std::to_string(Cfg::kHeadDim) + ", mask " + Mask::kName + ") failed: " +
+                        cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  return Status::Ok();
+}
+
+}  // namespace attnqat::sm90

@@ -1,0 +1,62 @@
+// src/cuda/attention/sm90/bwd_launch.h — the launchers of the sm90 backward, declared for the
+// host entry point (src/cuda/attention/api.cu):
+//   launch_bwd<Cfg, Mask>  the main kernel (bwd_kernel.cuh), explicitly instantiated once per
+//                          file bwd_<dtype>_d<head dim>_<mask>.cu: 2 x 2 x 2 = 8 instantiations;
+//                          quant_p, anchored and deterministic are runtime flags
+//   launch_bwd_preprocess  the per-row statistics {-LSE/ln 2, D, -m_ref, 1/l} (bwd_aux.cu)
+//   launch_bwd_postprocess dQ = c * dQaccum, rounded to the input dtype (bwd_aux.cu)
+// None synchronizes; errors come back as Status.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <vector_types.h>
+
+#include "attnqat/attnqat.h"
+#include "cuda/attention/sm90/bwd_config.h"
+#include "cuda/attention/sm90/mask.cuh"
+
+namespace attnqat::sm90 {
+
+struct BwdArgs {
+  TensorView q, k, v;  // the operands the backward uses (fake-quantized or raw), 16-bit
+  TensorView dout;     // [B, Hq, Nq, d], last dim contiguous, TMA-compatible strides
+  TensorView dk, dv;   // contiguous outputs
+  const float4* stats;  // [B, Hq, m_blocks * 64] (bwd_params.h)
+  float* dq_accum;      // zeroed
+  int* dq_sem;          // zeroed (deterministic)
+  float c2, scale;
+  bool quant_p, anchored, deterministic;
+  cudaStream_t stream;
+};
+
+template <class Cfg, class Mask>
+Status launch_bwd(const BwdArgs& a);
+
+#define ATTNQAT_SM90_BWD_INSTANCES(X)                                                       \
+  X(false, 64, NoMask) X(false, 64, CausalMask) X(false, 128, NoMask) X(false, 128, CausalMask) \
+      X(true, 64, NoMask) X(true, 64, CausalMask) X(true, 128, NoMask) X(true, 128, CausalMask)
+
+#define ATTNQAT_SM90_BWD_EXTERN(F16, D, MASK) \
+  extern template Status launch_bwd<BwdConfig<F16, D>, MASK>(const BwdArgs&);
+ATTNQAT_SM90_BWD_INSTANCES(ATTNQAT_SM90_BWD_EXTERN)
+#undef ATTNQAT_SM90_BWD_EXTERN
+
+// Per padded query row r of [B, Hq, m_blocks * 64]: {-LSE/ln 2, D = rowsum(dout * o), -m_ref,
+// 1/l}; rows past Nq and rows without keys (LSE = -inf) get {-inf, 0, -inf, 0}. m_ref and l may
+// be null (then -inf and 0: the anchored P_F is not used).
+struct BwdPreArgs {
+  TensorView dout, o;  // [B, Hq, Nq, d], any strides with the last dim contiguous
+  const float* lse;    // [B, Hq, Nq] contiguous
+  const float* m_ref;
+  const float* l;
+  float4* stats;
+  int m_blocks;
+  cudaStream_t stream;
+};
+Status launch_bwd_preprocess(const BwdPreArgs& a);
+
+// dq [B, Hq, Nq, d] (contiguous, 16-bit) = RN(scale * dq_accum) from the fragment-ordered pieces.
+Status launch_bwd_postprocess(const float* dq_accum, const TensorView& dq, int m_blocks, float scale,
+                              cudaStream_t stream);
+
+}  // namespace attnqat::sm90

@@ -4,10 +4,12 @@
 
 #include "attnqat/attnqat.h"
 #include "common/validate.h"
+#include "reference/decode.h"
 #include "reference/reference.h"
 #ifdef ATTNQAT_WITH_CUDA
 #include "cuda/api.h"
 #include "cuda/attention/api.h"
+#include "cuda/decode/api.h"
 #endif
 
 #ifndef ATTNQAT_VERSION
@@ -97,6 +99,52 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
 #else
   (void)stream;
   return no_cuda("attention_backward");
+#endif
+}
+
+// ---- FP4 inference (issue 8) ---------------------------------------------------------------
+
+Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
+                                const AttentionOptions& opts, const ForwardOutputs& out,
+                                void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(validate_attention_forward_packed(q, k, v, opts, out));
+  if (out.o.device == Device::kCPU) return reference::attention_forward_packed(q, k, v, opts, out);
+#ifdef ATTNQAT_WITH_CUDA
+  return cuda::attention_forward_packed(q, k, v, opts, out, stream);
+#else
+  (void)stream;
+  return no_cuda("attention_forward_packed");
+#endif
+}
+
+Status kv_cache_append(const PagedKVCache& cache, const TensorView& k_new, const TensorView& v_new,
+                       const IndexView& page_table, const IndexView& start, void* stream) {
+  KVCacheDims dims;
+  ATTNQAT_RETURN_IF_ERROR(validate_kv_cache_append(cache, k_new, v_new, page_table, start, &dims));
+  if (cache.k_data.device == Device::kCPU)
+    return reference::kv_cache_append(cache, dims, k_new, v_new, page_table, start);
+#ifdef ATTNQAT_WITH_CUDA
+  return cuda::kv_cache_append(cache, dims, k_new, v_new, page_table, start, stream);
+#else
+  (void)stream;
+  return no_cuda("kv_cache_append");
+#endif
+}
+
+Status decode_attention(const TensorView& q, const PagedKVCache& cache,
+                        const IndexView& page_table, const IndexView& seq_lens,
+                        const DecodeOptions& opts, const TensorView& out, const TensorView& lse,
+                        void* stream) {
+  KVCacheDims dims;
+  ATTNQAT_RETURN_IF_ERROR(
+      validate_decode_attention(q, cache, page_table, seq_lens, opts, out, lse, &dims));
+  if (q.device == Device::kCPU)
+    return reference::decode_attention(q, cache, dims, page_table, seq_lens, opts, out, lse);
+#ifdef ATTNQAT_WITH_CUDA
+  return cuda::decode_attention(q, cache, dims, page_table, seq_lens, opts, out, lse, stream);
+#else
+  (void)stream;
+  return no_cuda("decode_attention");
 #endif
 }
 

@@ -123,3 +123,82 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           void* stream = nullptr);
 
 }  // namespace attnqat
+
+// ---- FP4 inference: packed NVFP4 attention and the paged FP4 KV cache (issue 8) ------------
+//
+// docs/decode.md describes the layouts and the numerics; every path below reproduces mode `fp4`
+// (numerics sections 3-4) on the same quantized operands.
+
+namespace attnqat {
+
+// A packed NVFP4 tensor as quantize() produces it (numerics section 7): data uint8 [..., L/2]
+// (two E2M1 codes per byte, element 2i in the low nibble), scales uint8 [..., L/16] (E4M3 bits),
+// global_scale a one-element fp32 tensor (g, a positive power of two) on the device of data.
+struct PackedTensor {
+  TensorView data, scales, global_scale;
+};
+
+// Attention in mode `fp4` from packed NVFP4 Q, K, V [B, H, N, D] (channel blocks along D; V along
+// the tokens when opts.v_blocks == kToken: data [B, Hkv, D, ceil(Nk/16)*8]). The packed tensors
+// are decoded exactly (no re-quantization) and the forward runs on them: the result is
+// attention_forward(dequantize(q), dequantize(k), dequantize(v)) with inputs_quantized = true.
+// opts.mode must be kFP4. out.o (bf16 or fp16; fp32 on the CPU too) fixes the dtype the
+// operands are decoded to; lse [B, Hq, Nq] fp32; o_hp must be undefined; m_ref/l optional.
+Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
+                                const AttentionOptions& opts, const ForwardOutputs& out,
+                                void* stream = nullptr);
+
+// A paged FP4 KV cache (one layer). Pages hold `page_size` tokens (a multiple of 16) of every KV
+// head; K and V are stored as packed NVFP4 with channel blocks (16 channels per E4M3 scale, g = 1
+// as mode `fp4` quantizes them), so appending a token never touches older ones:
+//   k_data, v_data     uint8 [num_pages, Hkv, page_size, D/2]
+//   k_scales, v_scales uint8 [num_pages, Hkv, page_size, D/16]
+// all contiguous, on one device. A sequence's tokens live in the pages its row of a page table
+// (int32 [B, max_pages_per_seq]) names, token t at page table[b][t / page_size], slot
+// t % page_size.
+struct PagedKVCache {
+  TensorView k_data, k_scales, v_data, v_scales;
+};
+
+// A non-owning view of an int32 tensor of at most 2 dimensions (page tables, lengths). TensorView
+// has no integer dtypes; the binding checks the dtype before it builds one of these.
+struct IndexView {
+  const int32_t* data = nullptr;
+  Device device = Device::kCPU;
+  int device_id = 0;
+  int ndim = 0;
+  int64_t shape[2] = {};
+  int64_t stride[2] = {};  // in elements
+  const char* name = "index";
+  int64_t numel() const { return ndim == 0 ? 1 : ndim == 1 ? shape[0] : shape[0] * shape[1]; }
+};
+
+// Quantizes new tokens k_new, v_new [B, Hkv, n_new, D] (fp32/fp16/bf16, last dim contiguous)
+// straight into their pages: token i of sequence b goes to position start[b] + i (start: int32
+// [B], the lengths before the append). Codes and scales are those of quantize() bit for bit.
+// CPU tensors: page ids and capacities are checked (a clear error); CUDA tensors: their values
+// live on the device and are not read by the host (the Python FP4KVCache checks them on its
+// host copy); the kernel never writes outside the cache (out-of-range pages are skipped).
+Status kv_cache_append(const PagedKVCache& cache, const TensorView& k_new, const TensorView& v_new,
+                       const IndexView& page_table, const IndexView& start, void* stream = nullptr);
+
+struct DecodeOptions {
+  float softmax_scale = 0.0f;          // c; <= 0 means 1/sqrt(D)
+  PQuant p_quant = PQuant::kAnchored;  // anchored: split-KV; paper: one pass in 128-key tiles
+  int num_splits = 0;                  // split-KV partitions (0: chosen from the device and shape)
+  int max_seq_len = 0;                 // host bound on seq_lens (0: the page table's capacity)
+};
+
+// Decode attention over the cache: q [B, Hq, nq, D] (bf16 or fp16 on CUDA; any float on the
+// CPU), seq_lens int32 [B] (lengths including the nq new tokens, already appended). Query i of
+// sequence b sees keys j <= seq_lens[b] - nq + i (bottom-right causal). Numerics: mode `fp4` —
+// Q quantized per 16 channels (g = 1), P per 16 keys — over the dequantized cache; p_quant
+// anchored is tile-size independent, so the CUDA kernel splits the keys; paper runs one pass in
+// 128-key tiles (the reference's kv_tile). out [B, Hq, nq, D] (dtype of q), lse [B, Hq, nq] fp32
+// (optional, natural log, -inf for a row that sees no key).
+Status decode_attention(const TensorView& q, const PagedKVCache& cache,
+                        const IndexView& page_table, const IndexView& seq_lens,
+                        const DecodeOptions& opts, const TensorView& out, const TensorView& lse,
+                        void* stream = nullptr);
+
+}  // namespace attnqat

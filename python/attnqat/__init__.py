@@ -7,6 +7,9 @@ The public API (numpy arrays and torch tensors alike):
 - :func:`attention` — FlashAttention-style attention in the Attn-QAT modes ``bf16``, ``fp4``,
   ``drop_in_qat`` and ``attn_qat``, differentiable for torch tensors.
 - :func:`build_info` — what this build contains (CUDA kernels or CPU reference only).
+- FP4 inference (:mod:`attnqat.decode`): :func:`attention_packed` (attention from packed NVFP4
+  Q, K, V), :class:`FP4KVCache` (a paged KV cache stored as packed NVFP4, with append and decode
+  attention), :func:`kv_cache_append` and :func:`decode_attention` on explicit page tables.
 
 With torch installed, the integration layer (``docs/integration.md``):
 
@@ -23,6 +26,7 @@ import importlib.util as _importlib_util
 
 from ._C import build_info as _build_info
 from .attention import attention
+from .decode import FP4KVCache, attention_packed, decode_attention, kv_cache_append
 from .formats import QuantizedTensor, dequantize, fake_quantize, quantize_mxfp4, quantize_nvfp4
 
 if _importlib_util.find_spec("torch") is not None:
@@ -53,11 +57,15 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "FP4KVCache",
     "QuantizedTensor",
     "attention",
+    "attention_packed",
     "build_info",
+    "decode_attention",
     "dequantize",
     "fake_quantize",
+    "kv_cache_append",
     "quantize_mxfp4",
     "quantize_nvfp4",
 ]

@@ -145,6 +145,40 @@ AttentionOptions attn_opts(const std::string& mode, const std::string& p_quant,
 
 void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
+// An int32 tensor (page table, lengths) as an IndexView; any other dtype is a ValueError.
+IndexView to_index(const AnyArray& a, const char* name) {
+  const nb::dlpack::dtype dt = a.dtype();
+  if (!(dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && dt.bits == 32 && dt.lanes == 1))
+    throw nb::value_error((std::string(name) + ": expected dtype int32, got a tensor of " +
+                           std::to_string(dt.bits) + "-bit type code " + std::to_string(dt.code)).c_str());
+  if (a.ndim() < 1 || a.ndim() > 2)
+    throw nb::value_error((std::string(name) + ": expected 1 or 2 dimensions, got " +
+                           std::to_string(a.ndim())).c_str());
+  IndexView v;
+  v.name = name;
+  v.data = static_cast<const int32_t*>(a.data());
+  const int dev = a.device_type();
+  if (dev == nb::device::cpu::value) v.device = Device::kCPU;
+  else if (dev == nb::device::cuda::value) v.device = Device::kCUDA;
+  else throw nb::value_error((std::string(name) + ": expected a CPU or CUDA tensor").c_str());
+  v.device_id = a.device_id();
+  v.ndim = static_cast<int>(a.ndim());
+  for (int i = 0; i < v.ndim; ++i) {
+    v.shape[i] = static_cast<int64_t>(a.shape(i));
+    v.stride[i] = static_cast<int64_t>(a.stride(i));
+  }
+  return v;
+}
+
+PagedKVCache to_cache(const AnyArray& kd, const AnyArray& ks, const AnyArray& vd, const AnyArray& vs) {
+  PagedKVCache c;
+  c.k_data = to_view(kd, "k_data");
+  c.k_scales = to_view(ks, "k_scales");
+  c.v_data = to_view(vd, "v_data");
+  c.v_scales = to_view(vs, "v_scales");
+  return c;
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -270,4 +304,80 @@ NB_MODULE(_C, m) {
         nb::arg("softmax_scale"), nb::arg("kv_tile"), nb::arg("bwd_quantized_qkv"), nb::arg("bwd_quant_p"),
         nb::arg("bwd_high_precision_o"), nb::arg("precision") = "fp32", nb::arg("inputs_quantized") = false,
         nb::arg("deterministic") = false, nb::arg("stream") = 0);
+
+  // ---- FP4 inference (issue 8) ------------------------------------------------------------------
+
+  m.def("attention_forward_packed",
+        [](AnyArray qd, AnyArray qs, AnyArray qg, AnyArray kd, AnyArray ks, AnyArray kg, AnyArray vd,
+           AnyArray vs, AnyArray vg, AnyArray o, AnyArray lse, OptArray m_ref, OptArray l,
+           const std::string& p_quant, const std::string& v_blocks, bool causal, float softmax_scale,
+           int kv_tile, uintptr_t stream) {
+          PackedTensor q{to_view(qd, "q.data"), to_view(qs, "q.scales"), to_view(qg, "q.global_scale")};
+          PackedTensor k{to_view(kd, "k.data"), to_view(ks, "k.scales"), to_view(kg, "k.global_scale")};
+          PackedTensor v{to_view(vd, "v.data"), to_view(vs, "v.scales"), to_view(vg, "v.global_scale")};
+          AttentionOptions opts;
+          opts.mode = Mode::kFP4;
+          opts.p_quant = parse_p_quant(p_quant);
+          opts.v_blocks = parse_v_blocks(v_blocks);
+          opts.causal = causal;
+          opts.softmax_scale = softmax_scale;
+          opts.kv_tile = kv_tile;
+          ForwardOutputs out;
+          out.o = to_view(o, "o");
+          out.lse = to_view(lse, "lse");
+          out.m_ref = opt_view(m_ref, "m_ref");
+          out.l = opt_view(l, "l");
+          Status st;
+          {
+            nb::gil_scoped_release release;
+            st = attention_forward_packed(q, k, v, opts, out, stream_ptr(stream));
+          }
+          check(st);
+        },
+        nb::arg("q_data"), nb::arg("q_scales"), nb::arg("q_global_scale"), nb::arg("k_data"),
+        nb::arg("k_scales"), nb::arg("k_global_scale"), nb::arg("v_data"), nb::arg("v_scales"),
+        nb::arg("v_global_scale"), nb::arg("o"), nb::arg("lse"), nb::arg("m_ref").none(),
+        nb::arg("l").none(), nb::arg("p_quant"), nb::arg("v_blocks"), nb::arg("causal"),
+        nb::arg("softmax_scale"), nb::arg("kv_tile"), nb::arg("stream") = 0);
+
+  m.def("kv_cache_append",
+        [](AnyArray kd, AnyArray ks, AnyArray vd, AnyArray vs, AnyArray k_new, AnyArray v_new,
+           AnyArray page_table, AnyArray start, uintptr_t stream) {
+          const PagedKVCache cache = to_cache(kd, ks, vd, vs);
+          const TensorView kn = to_view(k_new, "k_new"), vn = to_view(v_new, "v_new");
+          const IndexView pt = to_index(page_table, "page_table"), st0 = to_index(start, "start");
+          Status st;
+          {
+            nb::gil_scoped_release release;
+            st = kv_cache_append(cache, kn, vn, pt, st0, stream_ptr(stream));
+          }
+          check(st);
+        },
+        nb::arg("k_data"), nb::arg("k_scales"), nb::arg("v_data"), nb::arg("v_scales"),
+        nb::arg("k_new"), nb::arg("v_new"), nb::arg("page_table"), nb::arg("start"),
+        nb::arg("stream") = 0);
+
+  m.def("decode_attention",
+        [](AnyArray q, AnyArray kd, AnyArray ks, AnyArray vd, AnyArray vs, AnyArray page_table,
+           AnyArray seq_lens, AnyArray out, OptArray lse, float softmax_scale,
+           const std::string& p_quant, int num_splits, int max_seq_len, uintptr_t stream) {
+          const PagedKVCache cache = to_cache(kd, ks, vd, vs);
+          const TensorView qv = to_view(q, "q"), ov = to_view(out, "out"), lv = opt_view(lse, "lse");
+          const IndexView pt = to_index(page_table, "page_table"), sl = to_index(seq_lens, "seq_lens");
+          DecodeOptions opts;
+          opts.softmax_scale = softmax_scale;
+          opts.p_quant = parse_p_quant(p_quant);
+          opts.num_splits = num_splits;
+          opts.max_seq_len = max_seq_len;
+          Status st;
+          {
+            nb::gil_scoped_release release;
+            st = decode_attention(qv, cache, pt, sl, opts, ov, lv, stream_ptr(stream));
+          }
+          check(st);
+        },
+        nb::arg("q"), nb::arg("k_data"), nb::arg("k_scales"), nb::arg("v_data"), nb::arg("v_scales"),
+        nb::arg("page_table"), nb::arg("seq_lens"), nb::arg("out"), nb::arg("lse").none(),
+        nb::arg("softmax_scale"), nb::arg("p_quant"), nb::arg("num_splits") = 0,
+        nb::arg("max_seq_len") = 0, nb::arg("stream") = 0);
 }

@@ -325,3 +325,261 @@ Status validate_attention_backward(const TensorView& dout, const TensorView& q,
 }
 
 }  // namespace attnqat
+
+// ---- FP4 inference (issue 8): packed attention, the paged FP4 KV cache, decode ----------------
+
+namespace attnqat {
+namespace {
+
+Status check_uint8_tensor(const TensorView& t, int ndim) {
+  ATTNQAT_RETURN_IF_ERROR(check_dtype(t, DType::kUInt8));
+  if (t.ndim != ndim)
+    return Status::Invalid(std::string(t.name) + ": expected a " + std::to_string(ndim) +
+                           "-D tensor, got shape " + t.shape_str());
+  if (!t.is_contiguous())
+    return Status::Invalid(std::string(t.name) + ": expected a contiguous tensor");
+  return Status::Ok();
+}
+
+Status check_index(const IndexView& t, int ndim, const TensorView& ref) {
+  if (t.data == nullptr && t.numel() != 0)
+    return Status::Invalid(std::string(t.name) + ": expected an int32 tensor, got none");
+  if (t.ndim != ndim)
+    return Status::Invalid(std::string(t.name) + ": expected a " + std::to_string(ndim) +
+                           "-D int32 tensor, got " + std::to_string(t.ndim) + " dimensions");
+  if (t.device != ref.device || t.device_id != ref.device_id)
+    return Status::Invalid(std::string(t.name) + ": expected a tensor on " + device_str(ref) +
+                           " (the device of " + ref.name + ")");
+  if (t.shape[ndim - 1] > 1 && t.stride[ndim - 1] != 1)
+    return Status::Invalid(std::string(t.name) + ": expected the last dimension to be contiguous");
+  return Status::Ok();
+}
+
+// A logical [B, H, N, D] view of a packed tensor (data pointer kept, never dereferenced), in the
+// dtype of the output, so that check_qkv's shape rules and messages apply unchanged.
+TensorView logical_view(const PackedTensor& p, const char* name, DType dtype, int64_t n_hint,
+                        bool token_axis, Status* st) {
+  TensorView t;
+  t.name = name;
+  t.data = p.data.data;
+  t.dtype = dtype;
+  t.device = p.data.device;
+  t.device_id = p.data.device_id;
+  t.ndim = 4;
+  *st = Status::Ok();
+  const TensorView& d = p.data;
+  const TensorView& s = p.scales;
+  if (d.ndim != 4 || s.ndim != 4) {
+    *st = Status::Invalid(std::string(name) + ": expected packed data and scales of 4 dimensions " +
+                          "[B, H, N, D/2] and [B, H, N, D/16], got " + d.shape_str() + " and " +
+                          s.shape_str());
+    return t;
+  }
+  if (!token_axis) {
+    t.shape[0] = d.shape[0];
+    t.shape[1] = d.shape[1];
+    t.shape[2] = d.shape[2];
+    t.shape[3] = d.shape[3] * 2;
+    const int64_t want_s[4] = {d.shape[0], d.shape[1], d.shape[2], t.shape[3] / kNvBlock};
+    if (t.shape[3] % kNvBlock != 0 || s.shape[0] != want_s[0] || s.shape[1] != want_s[1] ||
+        s.shape[2] != want_s[2] || s.shape[3] != want_s[3]) {
+      TensorView w;
+      w.ndim = 4;
+      for (int i = 0; i < 4; ++i) w.shape[i] = want_s[i];
+      *st = Status::Invalid(std::string(name) + ": packed data " + d.shape_str() +
+                            " needs scales " + w.shape_str() + " (one E4M3 byte per 16 channels), got " +
+                            s.shape_str());
+    }
+  } else {
+    // V with token blocks: data [B, H, D, ceil(N/16)*8], scales [B, H, D, ceil(N/16)].
+    const int64_t nb = (n_hint + kNvBlock - 1) / kNvBlock;
+    t.shape[0] = d.shape[0];
+    t.shape[1] = d.shape[1];
+    t.shape[2] = n_hint;
+    t.shape[3] = d.shape[2];
+    if (d.shape[3] != nb * (kNvBlock / 2) || s.shape[0] != d.shape[0] || s.shape[1] != d.shape[1] ||
+        s.shape[2] != d.shape[2] || s.shape[3] != nb)
+      *st = Status::Invalid(std::string(name) + ": token-axis packing of " + std::to_string(n_hint) +
+                            " tokens expects data [B, H, D, " + std::to_string(nb * 8) +
+                            "] and scales [B, H, D, " + std::to_string(nb) + "], got " +
+                            d.shape_str() + " and " + s.shape_str());
+  }
+  for (int i = 3; i >= 0; --i) t.stride[i] = i == 3 ? 1 : t.stride[i + 1] * t.shape[i + 1];
+  return t;
+}
+
+Status check_packed_parts(const PackedTensor& p, const char* name) {
+  ATTNQAT_RETURN_IF_ERROR(check_uint8_tensor(p.data, 4));
+  ATTNQAT_RETURN_IF_ERROR(check_uint8_tensor(p.scales, 4));
+  ATTNQAT_RETURN_IF_ERROR(check_same_device(p.data, p.scales));
+  QuantizeOptions qo;  // NVFP4: the global scale must be a one-element fp32 power of two
+  return check_global_scale(p.global_scale, p.data, qo);
+}
+
+}  // namespace
+
+Status validate_attention_forward_packed(const PackedTensor& q, const PackedTensor& k,
+                                         const PackedTensor& v, const AttentionOptions& opts,
+                                         const ForwardOutputs& out) {
+  if (opts.mode != Mode::kFP4)
+    return Status::Invalid(std::string("mode: attention from packed NVFP4 tensors is the inference "
+                                       "forward, mode 'fp4'; got '") + mode_name(opts.mode) + "'");
+  if (out.o_hp.data != nullptr)
+    return Status::Invalid("o_hp: mode 'fp4' has no O' output; leave it undefined");
+  ATTNQAT_RETURN_IF_ERROR(check_packed_parts(q, "q"));
+  ATTNQAT_RETURN_IF_ERROR(check_packed_parts(k, "k"));
+  ATTNQAT_RETURN_IF_ERROR(check_packed_parts(v, "v"));
+  ATTNQAT_RETURN_IF_ERROR(check_same_device(q.data, k.data));
+  ATTNQAT_RETURN_IF_ERROR(check_same_device(q.data, v.data));
+  ATTNQAT_RETURN_IF_ERROR(check_float_input(out.o, out.o.device == Device::kCPU));
+  Status st;
+  const TensorView lq = logical_view(q, "q", out.o.dtype, 0, false, &st);
+  ATTNQAT_RETURN_IF_ERROR(st);
+  const TensorView lk = logical_view(k, "k", out.o.dtype, 0, false, &st);
+  ATTNQAT_RETURN_IF_ERROR(st);
+  const TensorView lv =
+      logical_view(v, "v", out.o.dtype, lk.shape[2], opts.v_blocks == VBlocks::kToken, &st);
+  ATTNQAT_RETURN_IF_ERROR(st);
+  return validate_attention_forward(lq, lk, lv, opts, out);
+}
+
+Status validate_kv_cache(const PagedKVCache& cache, KVCacheDims* dims) {
+  for (const TensorView* t : {&cache.k_data, &cache.k_scales, &cache.v_data, &cache.v_scales})
+    ATTNQAT_RETURN_IF_ERROR(check_uint8_tensor(*t, 4));
+  for (const TensorView* t : {&cache.k_scales, &cache.v_data, &cache.v_scales})
+    ATTNQAT_RETURN_IF_ERROR(check_same_device(cache.k_data, *t));
+  const TensorView& kd = cache.k_data;
+  KVCacheDims d;
+  d.num_pages = kd.shape[0];
+  d.heads = kd.shape[1];
+  d.page_size = kd.shape[2];
+  d.head_dim = kd.shape[3] * 2;
+  if (d.page_size <= 0 || d.page_size % kNvBlock != 0)
+    return Status::Invalid(std::string(kd.name) + ": expected a page size (dimension 2) that is a " +
+                           "positive multiple of 16 (P blocks of 16 keys never straddle a page), got " +
+                           std::to_string(d.page_size));
+  if (d.head_dim % kNvBlock != 0 || d.head_dim <= 0)
+    return Status::Invalid(std::string(kd.name) + ": expected D/2 bytes per token with D a positive " +
+                           "multiple of 16, got " + std::to_string(kd.shape[3]) + " bytes");
+  const int64_t sshape[4] = {d.num_pages, d.heads, d.page_size, d.head_dim / kNvBlock};
+  ATTNQAT_RETURN_IF_ERROR(check_shape(cache.k_scales, 4, sshape));
+  ATTNQAT_RETURN_IF_ERROR(check_shape(cache.v_data, 4, kd.shape));
+  ATTNQAT_RETURN_IF_ERROR(check_shape(cache.v_scales, 4, sshape));
+  if (d.heads <= 0 || d.num_pages <= 0)
+    return Status::Invalid(std::string(kd.name) + ": expected at least one page and one head, got " +
+                           kd.shape_str());
+  *dims = d;
+  return Status::Ok();
+}
+
+Status validate_page_values(const IndexView& page_table, const IndexView& lens, int64_t add,
+                            const KVCacheDims& dims) {
+  const int64_t B = page_table.shape[0], P = page_table.shape[1];
+  const int64_t capacity = P * dims.page_size;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t base = lens.data[b * lens.stride[0]];
+    const int64_t end = base + add;
+    if (base < 0)
+      return Status::Invalid(std::string(lens.name) + "[" + std::to_string(b) +
+                             "]: expected a non-negative length, got " + std::to_string(base));
+    if (end > capacity)
+      return Status::Invalid("sequence " + std::to_string(b) + ": length " + std::to_string(end) +
+                             " is beyond the capacity of its page table row (" + std::to_string(P) +
+                             " pages of " + std::to_string(dims.page_size) + " tokens = " +
+                             std::to_string(capacity) + ")");
+    const int64_t first = add > 0 ? base : 0;
+    const int64_t pages_used_from = first / dims.page_size;
+    const int64_t pages_used_to = (end + dims.page_size - 1) / dims.page_size;
+    for (int64_t p = pages_used_from; p < pages_used_to; ++p) {
+      const int64_t id = page_table.data[b * page_table.stride[0] + p * page_table.stride[1]];
+      if (id < 0 || id >= dims.num_pages)
+        return Status::Invalid(std::string(page_table.name) + "[" + std::to_string(b) + ", " +
+                               std::to_string(p) + "]: page id " + std::to_string(id) +
+                               " is out of range [0, " + std::to_string(dims.num_pages) + ")");
+    }
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+Status check_page_table(const IndexView& page_table, const IndexView& lens, int64_t batch,
+                        const TensorView& ref) {
+  ATTNQAT_RETURN_IF_ERROR(check_index(page_table, 2, ref));
+  ATTNQAT_RETURN_IF_ERROR(check_index(lens, 1, ref));
+  if (page_table.shape[0] != batch)
+    return Status::Invalid(std::string(page_table.name) + ": expected one row per sequence (" +
+                           std::to_string(batch) + "), got " + std::to_string(page_table.shape[0]));
+  if (lens.shape[0] != batch)
+    return Status::Invalid(std::string(lens.name) + ": expected one length per sequence (" +
+                           std::to_string(batch) + "), got " + std::to_string(lens.shape[0]));
+  if (page_table.shape[1] <= 0 && batch > 0)
+    return Status::Invalid(std::string(page_table.name) + ": expected at least one page per row");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status validate_kv_cache_append(const PagedKVCache& cache, const TensorView& k_new,
+                                const TensorView& v_new, const IndexView& page_table,
+                                const IndexView& start, KVCacheDims* dims) {
+  ATTNQAT_RETURN_IF_ERROR(validate_kv_cache(cache, dims));
+  for (const TensorView* t : {&k_new, &v_new}) {
+    ATTNQAT_RETURN_IF_ERROR(check_float_input(*t, false));
+    if (t->ndim != 4)
+      return Status::Invalid(std::string(t->name) + ": expected a 4-D tensor [batch, kv_heads, " +
+                             "n_new, head_dim], got shape " + t->shape_str());
+    ATTNQAT_RETURN_IF_ERROR(check_last_dim_contiguous(*t));
+    ATTNQAT_RETURN_IF_ERROR(check_same_device(cache.k_data, *t));
+  }
+  if (v_new.dtype != k_new.dtype)
+    return Status::Invalid(std::string(v_new.name) + ": expected the dtype of " + k_new.name + " (" +
+                           dtype_name(k_new.dtype) + "), got " + dtype_name(v_new.dtype));
+  ATTNQAT_RETURN_IF_ERROR(check_shape(v_new, 4, k_new.shape));
+  if (k_new.shape[1] != dims->heads || k_new.shape[3] != dims->head_dim)
+    return Status::Invalid(std::string(k_new.name) + ": expected [batch, " + std::to_string(dims->heads) +
+                           ", n_new, " + std::to_string(dims->head_dim) +
+                           "] (the cache's kv heads and head dim), got " + k_new.shape_str());
+  ATTNQAT_RETURN_IF_ERROR(check_page_table(page_table, start, k_new.shape[0], cache.k_data));
+  if (cache.k_data.device == Device::kCPU)
+    return validate_page_values(page_table, start, k_new.shape[2], *dims);
+  return Status::Ok();
+}
+
+Status validate_decode_attention(const TensorView& q, const PagedKVCache& cache,
+                                 const IndexView& page_table, const IndexView& seq_lens,
+                                 const DecodeOptions& opts, const TensorView& out,
+                                 const TensorView& lse, KVCacheDims* dims) {
+  ATTNQAT_RETURN_IF_ERROR(validate_kv_cache(cache, dims));
+  ATTNQAT_RETURN_IF_ERROR(check_float_input(q, q.device == Device::kCPU));
+  if (q.ndim != 4)
+    return Status::Invalid(std::string(q.name) + ": expected a 4-D tensor [batch, heads, n_query, " +
+                           "head_dim], got shape " + q.shape_str());
+  ATTNQAT_RETURN_IF_ERROR(check_last_dim_contiguous(q));
+  ATTNQAT_RETURN_IF_ERROR(check_same_device(cache.k_data, q));
+  if (q.shape[3] != dims->head_dim)
+    return Status::Invalid(std::string(q.name) + ": expected head_dim " + std::to_string(dims->head_dim) +
+                           " (the cache's), got " + std::to_string(q.shape[3]));
+  if (q.shape[1] % dims->heads != 0 || q.shape[1] == 0)
+    return Status::Invalid(std::string(q.name) + ": expected the number of query heads (" +
+                           std::to_string(q.shape[1]) + ") to be a positive multiple of the cache's " +
+                           "kv heads (" + std::to_string(dims->heads) + ")");
+  if (q.shape[2] <= 0)
+    return Status::Invalid(std::string(q.name) + ": expected at least one query token, got shape " +
+                           q.shape_str());
+  ATTNQAT_RETURN_IF_ERROR(check_page_table(page_table, seq_lens, q.shape[0], q));
+  ATTNQAT_RETURN_IF_ERROR(check_output(out, q, q.dtype, 4, q.shape));
+  if (lse.data != nullptr) {
+    const int64_t shape[3] = {q.shape[0], q.shape[1], q.shape[2]};
+    ATTNQAT_RETURN_IF_ERROR(check_output(lse, q, DType::kFloat32, 3, shape));
+  }
+  if (!(opts.softmax_scale >= 0.0f) || !std::isfinite(opts.softmax_scale))
+    return Status::Invalid("softmax_scale: expected a positive finite number (or 0 for "
+                           "1/sqrt(head_dim)), got " + std::to_string(opts.softmax_scale));
+  if (opts.num_splits < 0 || opts.max_seq_len < 0)
+    return Status::Invalid("num_splits, max_seq_len: expected non-negative values (0: automatic)");
+  if (q.device == Device::kCPU) return validate_page_values(page_table, seq_lens, 0, *dims);
+  return Status::Ok();
+}
+
+}  // namespace attnqat

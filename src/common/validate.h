@@ -30,6 +30,34 @@ Status validate_attention_backward(const TensorView& dout, const TensorView& q,
                                    const ForwardState& saved, const AttentionOptions& opts,
                                    const BackwardOutputs& grads);
 
+// ---- FP4 inference (issue 8) ---------------------------------------------------------------
+
+// The logical shape of a packed NVFP4 tensor (what dequantize() would produce), or an error.
+// `axis` is the block axis of the packing (kToken only for V with token blocks).
+Status packed_logical_shape(const PackedTensor& p, const char* name, BlockAxis axis,
+                            int64_t logical[4], int64_t head_dim_hint);
+Status validate_attention_forward_packed(const PackedTensor& q, const PackedTensor& k,
+                                         const PackedTensor& v, const AttentionOptions& opts,
+                                         const ForwardOutputs& out);
+
+// Dimensions of a paged FP4 KV cache, read off its tensors by validate_kv_cache().
+struct KVCacheDims {
+  int64_t num_pages = 0, heads = 0, page_size = 0, head_dim = 0;
+};
+Status validate_kv_cache(const PagedKVCache& cache, KVCacheDims* dims);
+Status validate_kv_cache_append(const PagedKVCache& cache, const TensorView& k_new,
+                                const TensorView& v_new, const IndexView& page_table,
+                                const IndexView& start, KVCacheDims* dims);
+// CPU index tensors only (the host can read them): every page id that a token in [0, end[b])
+// needs lies in [0, num_pages), and end[b] <= the page table's capacity. end = start + n_new for
+// an append, seq_lens for the decode.
+Status validate_page_values(const IndexView& page_table, const IndexView& lens, int64_t add,
+                            const KVCacheDims& dims);
+Status validate_decode_attention(const TensorView& q, const PagedKVCache& cache,
+                                 const IndexView& page_table, const IndexView& seq_lens,
+                                 const DecodeOptions& opts, const TensorView& out,
+                                 const TensorView& lse, KVCacheDims* dims);
+
 // True when the forward must produce O' for the backward that the options describe.
 bool needs_o_hp(const AttentionOptions& opts);
 // The softmax scale c actually used (1/sqrt(D) when opts.softmax_scale <= 0).

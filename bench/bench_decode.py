@@ -1,0 +1,224 @@
+"""FP4 inference benchmarks (issue 8), same process, same GPU:
+
+1. Decode over the paged FP4 KV cache against BF16 decode through
+   torch.nn.functional.scaled_dot_product_attention (cuDNN and flash backends; the faster counts),
+   batch 1, 8, 32; 32 query heads, 8 KV heads, head dim 128; one query token; contexts 8k..128k.
+   Effective bandwidth = (packed codes + scales read) / time, against the device-to-device copy
+   bandwidth (bytes read + written) measured in the same run.
+2. Attention from packed NVFP4 Q, K, V (attention_packed: exact decode + the fp4 forward) against
+   the fp4 forward on fake-quantized bf16 inputs (the same kernel with inputs_quantized).
+
+Times are CUDA-graph replays (no host overhead, baselines alike), inputs rotated beyond L2.
+Headline metrics (bench/results/headline.json): decode_fp4_speedup_vs_bf16 and decode_bw_fraction
+are the minimum over the decode grid (context >= 8k); packed_fwd_vs_fp4_fwd the minimum
+throughput ratio over the forward shapes.
+
+    python bench/bench_decode.py [--out DIR] [--quick] [--contexts 8192 32768 131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import attnqat  # noqa: E402
+from attnqat import _C  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+PAGE = 256
+TARGET_SPEEDUP, TARGET_BW, TARGET_PACKED = 3.0, 0.8, 0.9
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    t = common.time_cuda(lambda i: b.copy_(a), warmup=3, reps=20)["median_ms"] * 1e-3
+    del a, b
+    return 2 * n / t
+
+
+def fp4_bytes_per_token_head() -> int:
+    return 2 * (D // 2 + D // 16)  # K and V: codes + E4M3 scales
+
+
+def bench_decode(batch: int, ctx: int, bw_copy: float, reps: int) -> dict:
+    dev = "cuda"
+    bf16_set = 2 * batch * HKV * ctx * D * 2
+    fp4_set = batch * HKV * ctx * fp4_bytes_per_token_head()
+    sets_bf16 = common.rotation_count(bf16_set)
+    sets_fp4 = common.rotation_count(fp4_set)
+    pages_per_seq = -(-ctx // PAGE)
+    num_pages = sets_fp4 * batch * pages_per_seq
+    cache = attnqat.FP4KVCache(num_pages, PAGE, HKV, D, dev)
+    kd, ks, vd, vs = cache.layer_tensors()
+    perm = torch.randperm(num_pages, device=dev, dtype=torch.int64).to(torch.int32)
+    tables = [perm[s * batch * pages_per_seq:(s + 1) * batch * pages_per_seq].view(batch, pages_per_seq).contiguous()
+              for s in range(sets_fp4)]
+    zeros = torch.zeros(batch, dtype=torch.int32, device=dev)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    kv_sets = []
+    for s in range(max(sets_fp4, sets_bf16)):
+        k = torch.randn(batch, HKV, ctx, D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(batch, HKV, ctx, D, device=dev, dtype=torch.bfloat16)
+        if s < sets_fp4:
+            attnqat.kv_cache_append(kd, ks, vd, vs, k, v, tables[s], zeros, check=False)
+        if s < sets_bf16:
+            kv_sets.append((k, v))
+        else:
+            del k, v
+    qs = [torch.randn(batch, HQ, 1, D, device=dev, dtype=torch.bfloat16) for _ in range(max(sets_fp4, sets_bf16))]
+    out = torch.empty(batch, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+
+    def fp4(i):
+        _C.decode_attention(qs[i], kd, ks, vd, vs, tables[i], lens, out, None, 0.0, "anchored", 0, ctx,
+                            stream=stream())
+
+    row = {"batch": batch, "context": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": PAGE,
+           "fp4_bytes": fp4_set, "bf16_bytes": bf16_set}
+    row["fp4_ms"] = common.time_cuda_graph(fp4, sets=sets_fp4, reps=reps)["median_ms"]
+    # Sanity: the FP4 decode against SDPA on the dequantized cache of sequence 0 (FP4 P error only).
+    fp4(0)
+    k_hat, v_hat = (x.to(torch.bfloat16)[None] for x in _dequant_seq(cache, tables[0][0], ctx))
+    ref = F.scaled_dot_product_attention(attnqat.fake_quantize(qs[0][:1]), k_hat, v_hat, enable_gqa=True)
+    row["rel_err_vs_sdpa_on_decoded"] = float((out[:1].float() - ref.float()).norm() / ref.float().norm())
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        def bf16(i, backend=backend):
+            k, v = kv_sets[i % len(kv_sets)]
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qs[i], k, v, enable_gqa=True)
+        try:
+            row[f"{name}_ms"] = common.time_cuda_graph(bf16, sets=sets_bf16, reps=reps)["median_ms"]
+        except Exception as e:  # a backend that does not take this shape
+            row[f"{name}_ms"] = None
+            row[f"{name}_error"] = str(e).splitlines()[0][:200]
+    base = [row[f"{n}_ms"] for n in ("cudnn", "flash") if row.get(f"{n}_ms")]
+    row["bf16_best_ms"] = min(base) if base else None
+    row["speedup_vs_bf16"] = row["bf16_best_ms"] / row["fp4_ms"] if base else None
+    row["fp4_bw_gbs"] = fp4_set / (row["fp4_ms"] * 1e-3) / 1e9
+    row["bf16_bw_gbs"] = bf16_set / (row["bf16_best_ms"] * 1e-3) / 1e9 if base else None
+    row["bw_fraction_of_copy"] = row["fp4_bw_gbs"] * 1e9 / bw_copy
+    del cache, kv_sets, qs
+    torch.cuda.empty_cache()
+    return row
+
+
+def _dequant_seq(cache, table_row, ctx):
+    """K^, V^ [Hkv, ctx, D] of the sequence whose pages are table_row (exact)."""
+    pages = table_row.long()
+    res = []
+    for data, scales in ((cache.k_data[0], cache.k_scales[0]), (cache.v_data[0], cache.v_scales[0])):
+        dd = data.index_select(0, pages).permute(1, 0, 2, 3).reshape(HKV, -1, D // 2)[:, :ctx].contiguous()
+        ss = scales.index_select(0, pages).permute(1, 0, 2, 3).reshape(HKV, -1, D // 16)[:, :ctx].contiguous()
+        qt = attnqat.QuantizedTensor(dd, ss, torch.ones(1, device="cuda"), "nvfp4", "last", (HKV, ctx, D),
+                                     torch.bfloat16)
+        res.append(qt.dequantize())
+    return res
+
+
+def bench_packed(b: int, h: int, n: int, causal: bool, reps: int) -> dict:
+    q, k, v = (torch.randn(b, h, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    pq, pk, pv = (attnqat.quantize_nvfp4(t) for t in (q, k, v))
+    qh, kh, vh = (t.dequantize() for t in (pq, pk, pv))
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h, n, device="cuda", dtype=torch.float32)
+    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+
+    def fp4_fwd(i):  # the fp4 forward on fake-quantized bf16 inputs (no re-quantization)
+        _C.attention_forward(qh, kh, vh, o, None, lse, None, None, "fp4", "anchored", "channel", causal, 0.0,
+                             128, False, False, False, "fp32", True, False, stream=stream())
+
+    def packed(i):
+        _C.attention_forward_packed(pq.data, pq.scales, pq.global_scale, pk.data, pk.scales, pk.global_scale,
+                                    pv.data, pv.scales, pv.global_scale, o, lse, None, None, "anchored",
+                                    "channel", causal, 0.0, 128, stream=stream())
+
+    flops = common.attention_flops(b, h, n, n, D, causal)
+    row = {"batch": b, "heads": h, "seq": n, "d": D, "causal": causal}
+    row["fp4_fwd_ms"] = common.time_cuda_graph(fp4_fwd, reps=reps)["median_ms"]
+    row["packed_ms"] = common.time_cuda_graph(packed, reps=reps)["median_ms"]
+    row["fp4_fwd_tflops"] = flops / row["fp4_fwd_ms"] / 1e9
+    row["packed_tflops"] = flops / row["packed_ms"] / 1e9
+    row["packed_vs_fp4_fwd"] = row["fp4_fwd_ms"] / row["packed_ms"]
+    packed(0)
+    o_packed = o.clone()
+    fp4_fwd(0)
+    row["bit_identical"] = bool(torch.equal(o_packed, o))
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--reps", type=int, default=15)
+    args = p.parse_args()
+    banner = common.device_banner()
+    common.print_banner(banner)
+    bw_copy = copy_bandwidth()
+    print(f"# device-to-device copy: {bw_copy / 1e9:.0f} GB/s (read + write)")
+    contexts = [8192] if args.quick else args.contexts
+    rows = []
+    for b in args.batches:
+        for ctx in contexts:
+            r = bench_decode(b, ctx, bw_copy, args.reps)
+            rows.append({"kind": "decode", **r})
+            print(f"decode B={b:3d} ctx={ctx:6d}: fp4 {r['fp4_ms']*1e3:8.1f} us  cudnn {_us(r.get('cudnn_ms'))}  "
+                  f"flash {_us(r.get('flash_ms'))}  speedup {r['speedup_vs_bf16'] or 0:5.2f}x  "
+                  f"bw {r['fp4_bw_gbs']:6.0f} GB/s ({100 * r['bw_fraction_of_copy']:4.1f}% of copy)  "
+                  f"err {r['rel_err_vs_sdpa_on_decoded']:.3f}", flush=True)
+    fwd_shapes = [(8, 16, 4096), (2, 16, 16384)] if not args.quick else [(8, 16, 4096)]
+    for b, h, n in fwd_shapes:
+        for causal in (False, True):
+            r = bench_packed(b, h, n, causal, args.reps)
+            rows.append({"kind": "packed_fwd", **r})
+            print(f"packed fwd B={b} H={h} N={n} causal={causal}: fp4 fwd {r['fp4_fwd_tflops']:6.1f} TFLOPS, "
+                  f"packed {r['packed_tflops']:6.1f} TFLOPS, ratio {r['packed_vs_fp4_fwd']:.3f}, "
+                  f"bit-identical {r['bit_identical']}", flush=True)
+    path = common.write_results("decode", {**banner, "copy_bw_gbs": bw_copy / 1e9}, rows, args.out)
+    dec = [r for r in rows if r["kind"] == "decode" and r["context"] >= 8192 and r["speedup_vs_bf16"]]
+    fwd = [r for r in rows if r["kind"] == "packed_fwd"]
+    day = str(banner["date"])
+    metrics = {}
+    if dec:
+        metrics["decode_fp4_speedup_vs_bf16"] = {"value": round(min(r["speedup_vs_bf16"] for r in dec), 3),
+                                                 "target": TARGET_SPEEDUP, "gpu": banner["gpu"], "date": day,
+                                                 "source": path.name}
+        metrics["decode_bw_fraction"] = {"value": round(min(r["bw_fraction_of_copy"] for r in dec), 3),
+                                         "target": TARGET_BW, "gpu": banner["gpu"], "date": day, "source": path.name}
+    if fwd:
+        metrics["packed_fwd_vs_fp4_fwd"] = {"value": round(min(r["packed_vs_fp4_fwd"] for r in fwd), 3),
+                                            "target": TARGET_PACKED, "gpu": banner["gpu"], "date": day,
+                                            "source": path.name}
+    common.update_headline(metrics, args.out)
+    print(f"# cache bytes per token (per layer, {HKV} KV heads, D={D}): fp4 {HKV * fp4_bytes_per_token_head()} "
+          f"vs bf16 {HKV * 2 * D * 2} ({HKV * 2 * D * 2 / (HKV * fp4_bytes_per_token_head()):.2f}x)")
+    print(f"# results: {path}")
+    print("\n| B | ctx | fp4 us | bf16 best us | speedup | fp4 GB/s | % copy |")
+    print("|---|---|---|---|---|---|---|")
+    for r in dec:
+        print(f"| {r['batch']} | {r['context']} | {r['fp4_ms']*1e3:.1f} | {r['bf16_best_ms']*1e3:.1f} | "
+              f"{r['speedup_vs_bf16']:.2f} | {r['fp4_bw_gbs']:.0f} | {100*r['bw_fraction_of_copy']:.1f} |")
+    for k, m in metrics.items():
+        print(f"{k}: {m['value']} (target {m['target']})")
+
+
+def _us(ms):
+    return f"{ms * 1e3:8.1f} us" if ms else "     n/a"
+
+
+if __name__ == "__main__":
+    main()

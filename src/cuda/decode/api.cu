@@ -1,0 +1,307 @@
+// src/cuda/decode/api.cu — host entry points of the CUDA FP4 inference paths (api.h): the
+// kernel-specific checks (dtypes, head dim, alignment, device), the split-KV choice, the
+// stream-ordered workspace, and the launches. Nothing synchronizes; errors come back as Status.
+//
+// Values that live in device memory (page ids, lengths) are not read here: the kernels clamp
+// lengths to the page table's capacity and never dereference an out-of-range page id (the Python
+// FP4KVCache checks them on its host copy and raises a clear error first).
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "attnqat/attnqat.h"
+#include "common/validate.h"
+#include "cuda/common/workspace.h"
+#include "cuda/decode/api.h"
+#include "cuda/decode/launch.h"
+
+namespace attnqat::cuda {
+namespace {
+
+constexpr float kLog2e = 1.44269504088896340736f;  // RN(log2 e)
+constexpr int kDecodeHeadDim = 128;
+constexpr int kRows = 8;              // decode::kRows
+constexpr int kCtaStepKeys = 128;     // decode::kCtaStepKeys: keys per CTA iteration
+constexpr int kMaxSplits = 1024;     // decode::kMaxSplits: the combine kernel's shared memory
+constexpr int kMinSplitKeys = 128;    // one CTA step: small batches need every SM's warps busy
+constexpr int kWavesTarget = 2;       // CTAs per resident slot the split heuristic aims for
+constexpr size_t kAlign = 256;
+
+Status cuda_error(const char* op, const char* what, cudaError_t err) {
+  return Status::Cuda(std::string(op) + ": " + what + " failed: " + cudaGetErrorName(err) + " (" +
+                      cudaGetErrorString(err) + ")");
+}
+
+class DeviceGuard {
+ public:
+  DeviceGuard() = default;
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  cudaError_t set(int device) {
+    cudaError_t err = cudaGetDevice(&previous_);
+    if (err != cudaSuccess || previous_ == device) return err;
+    err = cudaSetDevice(device);
+    switched_ = err == cudaSuccess;
+    return err;
+  }
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+Status check_aligned(const TensorView& t, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(t.data) % bytes != 0)
+    return Status::Invalid(std::string(t.name) + ": the CUDA kernels read it in " +
+                           std::to_string(bytes) + "-byte units and need a " + std::to_string(bytes) +
+                           "-byte aligned data pointer");
+  return Status::Ok();
+}
+
+// The decode kernel needs sm_89+ (E4M3 converts) and one of the built targets.
+Status check_device(const char* op, int device) {
+  int major = 0, minor = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return cuda_error(op, "querying the device", err);
+  if (major * 10 + minor < 89)
+    return Status::NotImplemented(std::string(op) + ": the FP4 decode kernels need sm_89 or newer; this "
+                                  "device is sm_" + std::to_string(major) + std::to_string(minor) +
+                                  "; run on CPU tensors (the reference) instead");
+  return Status::Ok();
+}
+
+Status launch_status(const char* op, cudaError_t err, int device) {
+  if (err == cudaSuccess) return Status::Ok();
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    return Status::NotImplemented(std::string(op) + ": this build has no kernel for sm_" +
+                                  std::to_string(major) + std::to_string(minor) +
+                                  " (built for " ATTNQAT_CUDA_ARCHS_BUILT "); rebuild with "
+                                  "ATTNQAT_CUDA_ARCHS including it, or run on CPU tensors");
+  }
+  return cuda_error(op, "the kernel launch", err);
+}
+
+size_t round_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// SMs and resident decode CTAs per SM, per device and dtype (queried once).
+struct DeviceShape {
+  int sms = 0, blocks_per_sm = 0;
+};
+Status device_shape(int device, bool f16, DeviceShape* out) {
+  static std::mutex mu;
+  static DeviceShape cache[64][2];
+  std::lock_guard<std::mutex> lock(mu);
+  DeviceShape& e = cache[device & 63][f16 ? 1 : 0];
+  if (e.sms == 0) {
+    cudaError_t err = cudaDeviceGetAttribute(&e.sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = decode::decode_occupancy(f16, &e.blocks_per_sm);
+    if (err != cudaSuccess) {
+      e.sms = 0;
+      return launch_status("decode_attention", err, device);
+    }
+    e.blocks_per_sm = std::max(1, e.blocks_per_sm);
+  }
+  *out = e;
+  return Status::Ok();
+}
+
+}  // namespace
+
+// ---- Attention from packed NVFP4 tensors --------------------------------------------------------
+
+Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
+                                const AttentionOptions& opts, const ForwardOutputs& out,
+                                void* stream) {
+  const DType dt = out.o.dtype;
+  if (dt != DType::kBFloat16 && dt != DType::kFloat16)
+    return Status::NotImplemented(std::string("o: the CUDA packed attention decodes Q, K, V into the "
+                                              "dtype of o, bfloat16 or float16; got ") + dtype_name(dt));
+  const int64_t B = out.o.shape[0], Hq = out.o.shape[1], Nq = out.o.shape[2], D = out.o.shape[3];
+  const int64_t Hkv = k.data.shape[1], Nk = k.data.shape[2];
+  if (out.o.numel() == 0) return Status::Ok();
+  DeviceGuard guard;
+  if (const cudaError_t err = guard.set(out.o.device_id); err != cudaSuccess)
+    return cuda_error("attention_forward_packed", "selecting the device", err);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const size_t es = static_cast<size_t>(dtype_size(dt));
+  const size_t qb = round_up(B * Hq * Nq * D * es), kb = round_up(B * Hkv * Nk * D * es);
+  // Dequantize (exact) into one stream-ordered temporary, then the forward on the decoded
+  // operands (inputs_quantized: no re-quantization, the same operands bit for bit).
+  Workspace ws;
+  ATTNQAT_RETURN_IF_ERROR(ws.allocate(qb + 2 * kb, s));
+  uint8_t* base = static_cast<uint8_t*>(ws.data());
+  auto view = [&](uint8_t* p, int64_t h, int64_t n, const char* name) {
+    TensorView t = make_view(p, dt, {B, h, n, D}, name, Device::kCUDA);
+    t.device_id = out.o.device_id;
+    return t;
+  };
+  const TensorView qh = view(base, Hq, Nq, "q (decoded)");
+  const TensorView kh = view(base + qb, Hkv, Nk, "k (decoded)");
+  const TensorView vh = view(base + qb + kb, Hkv, Nk, "v (decoded)");
+  QuantizeOptions qo;
+  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(q.data, q.scales, q.global_scale, qh, qo, stream));
+  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(k.data, k.scales, k.global_scale, kh, qo, stream));
+  qo.axis = opts.v_blocks == VBlocks::kToken ? BlockAxis::kToken : BlockAxis::kLast;
+  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(v.data, v.scales, v.global_scale, vh, qo, stream));
+  AttentionOptions o2 = opts;
+  o2.inputs_quantized = true;
+  return ::attnqat::attention_forward(qh, kh, vh, o2, out, stream);
+}
+
+// ---- Paged FP4 KV cache: append -------------------------------------------------------------------
+
+Status kv_cache_append(const PagedKVCache& cache, const KVCacheDims& dims, const TensorView& k_new,
+                       const TensorView& v_new, const IndexView& page_table,
+                       const IndexView& start, void* stream) {
+  constexpr const char* kOp = "kv_cache_append";
+  if (k_new.numel() == 0) return Status::Ok();
+  for (const TensorView* t : {&cache.k_data, &cache.v_data}) ATTNQAT_RETURN_IF_ERROR(check_aligned(*t, 8));
+  DeviceGuard guard;
+  if (const cudaError_t err = guard.set(cache.k_data.device_id); err != cudaSuccess)
+    return cuda_error(kOp, "selecting the device", err);
+  ATTNQAT_RETURN_IF_ERROR(check_device(kOp, cache.k_data.device_id));
+  decode::AppendParams p{};
+  p.k_new = k_new.data;
+  p.v_new = v_new.data;
+  p.stride_b = k_new.stride[0];
+  p.stride_h = k_new.stride[1];
+  p.stride_i = k_new.stride[2];
+  p.v_stride_b = v_new.stride[0];
+  p.v_stride_h = v_new.stride[1];
+  p.v_stride_i = v_new.stride[2];
+  p.k_data = static_cast<uint8_t*>(cache.k_data.data);
+  p.k_scales = static_cast<uint8_t*>(cache.k_scales.data);
+  p.v_data = static_cast<uint8_t*>(cache.v_data.data);
+  p.v_scales = static_cast<uint8_t*>(cache.v_scales.data);
+  p.page_table = page_table.data;
+  p.pt_stride_b = page_table.stride[0];
+  p.pt_stride_p = page_table.stride[1];
+  p.start = start.data;
+  p.start_stride = start.stride[0];
+  p.pages_per_seq = static_cast<int>(page_table.shape[1]);
+  p.num_pages = static_cast<int>(dims.num_pages);
+  p.batch = static_cast<int>(k_new.shape[0]);
+  p.heads = static_cast<int>(dims.heads);
+  p.n_new = static_cast<int>(k_new.shape[2]);
+  p.head_dim = static_cast<int>(dims.head_dim);
+  p.page_size = static_cast<int>(dims.page_size);
+  const int dtype = k_new.dtype == DType::kFloat32 ? 0 : k_new.dtype == DType::kFloat16 ? 1 : 2;
+  return launch_status(kOp, decode::launch_append(p, dtype, static_cast<cudaStream_t>(stream)),
+                       cache.k_data.device_id);
+}
+
+// ---- Decode attention -----------------------------------------------------------------------------
+
+Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KVCacheDims& dims,
+                        const IndexView& page_table, const IndexView& seq_lens,
+                        const DecodeOptions& opts, const TensorView& out, const TensorView& lse,
+                        void* stream) {
+  constexpr const char* kOp = "decode_attention";
+  if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
+    return Status::NotImplemented(std::string("q: the CUDA decode kernel takes bfloat16 or float16 "
+                                              "queries, got ") + dtype_name(q.dtype));
+  if (dims.head_dim != kDecodeHeadDim)
+    return Status::NotImplemented("q: the CUDA decode kernel supports head_dim 128, got " +
+                                  std::to_string(dims.head_dim) + "; run on CPU tensors (the reference)");
+  if (dims.num_pages > INT32_MAX || page_table.shape[1] * dims.page_size > INT32_MAX)
+    return Status::Invalid("page_table: the CUDA decode kernel indexes keys with 32-bit integers; "
+                           "the cache or the page table is too large");
+  for (const TensorView* t : {&cache.k_data, &cache.v_data, &cache.k_scales, &cache.v_scales})
+    ATTNQAT_RETURN_IF_ERROR(check_aligned(*t, 16));
+  if (q.numel() == 0) return Status::Ok();
+  DeviceGuard guard;
+  const int device = q.device_id;
+  if (const cudaError_t err = guard.set(device); err != cudaSuccess)
+    return cuda_error(kOp, "selecting the device", err);
+  ATTNQAT_RETURN_IF_ERROR(check_device(kOp, device));
+  const bool f16 = q.dtype == DType::kFloat16;
+  DeviceShape shape;
+  ATTNQAT_RETURN_IF_ERROR(device_shape(device, f16, &shape));
+
+  const int64_t B = q.shape[0], Hq = q.shape[1], nq = q.shape[2];
+  const int64_t group = Hq / dims.heads, rows = group * nq;
+  const int64_t row_groups = (rows + kRows - 1) / kRows;
+  const int64_t capacity = page_table.shape[1] * dims.page_size;
+  const int64_t bound = opts.max_seq_len > 0 ? std::min<int64_t>(opts.max_seq_len, capacity) : capacity;
+  const int64_t units = B * dims.heads * row_groups;
+  const bool paper = opts.p_quant == PQuant::kPaper;
+  // Split-KV: enough CTAs to fill the device kWavesTarget times, but no split shorter than
+  // kMinSplitKeys (its merge would cost more than it saves). paper: one split (its P depends on
+  // the running max of 128-key tiles from key 0, as the reference's).
+  int64_t splits = 1;
+  const int64_t max_splits =
+      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, (bound + kCtaStepKeys - 1) / kCtaStepKeys));
+  if (!paper) {
+    if (opts.num_splits > 0) {
+      splits = std::min<int64_t>(opts.num_splits, max_splits);
+    } else {
+      const int64_t target = static_cast<int64_t>(shape.sms) * shape.blocks_per_sm * kWavesTarget;
+      splits = std::clamp<int64_t>((target + units - 1) / units, 1,
+                                   std::min<int64_t>(max_splits, std::max<int64_t>(1, bound / kMinSplitKeys)));
+    }
+  }
+  int64_t split_keys = std::max<int64_t>(1, (bound + splits - 1) / splits);
+  split_keys = (split_keys + kCtaStepKeys - 1) / kCtaStepKeys * kCtaStepKeys;
+  splits = std::max<int64_t>(1, (bound + split_keys - 1) / split_keys);  // <= the request, so <= kMaxSplits
+  if (splits > 65535 || dims.heads * row_groups > 65535 || B > 65535)
+    return Status::Invalid("decode_attention: the launch grid is too large (batch " + std::to_string(B) +
+                           ", kv heads x row groups " + std::to_string(dims.heads * row_groups) + ")");
+
+  decode::DecodeParams p{};
+  p.q = q.data;
+  p.q_stride_b = q.stride[0];
+  p.q_stride_h = q.stride[1];
+  p.q_stride_i = q.stride[2];
+  p.k_data = static_cast<const uint8_t*>(cache.k_data.data);
+  p.k_scales = static_cast<const uint8_t*>(cache.k_scales.data);
+  p.v_data = static_cast<const uint8_t*>(cache.v_data.data);
+  p.v_scales = static_cast<const uint8_t*>(cache.v_scales.data);
+  p.page_table = page_table.data;
+  p.pt_stride_b = page_table.stride[0];
+  p.pt_stride_p = page_table.stride[1];
+  p.seq_lens = seq_lens.data;
+  p.lens_stride = seq_lens.stride[0];
+  p.pages_per_seq = static_cast<int>(page_table.shape[1]);
+  p.num_pages = static_cast<int>(dims.num_pages);
+  p.heads_kv = static_cast<int>(dims.heads);
+  p.page_size = static_cast<int>(dims.page_size);
+  p.page_shift = -1;
+  for (int sh = 0; sh < 31; ++sh)
+    if ((int64_t{1} << sh) == dims.page_size) p.page_shift = sh;
+  p.group = static_cast<int>(group);
+  p.nq = static_cast<int>(nq);
+  p.rows = static_cast<int>(rows);
+  p.row_groups = static_cast<int>(row_groups);
+  p.num_splits = static_cast<int>(splits);
+  p.split_keys = static_cast<int>(split_keys);
+  AttentionOptions scale_opts;
+  scale_opts.softmax_scale = opts.softmax_scale;
+  p.c2 = resolve_softmax_scale(scale_opts, dims.head_dim) * kLog2e;  // c2 = RN(c * RN(log2 e))
+  p.paper = paper;
+  p.o = out.data;
+  p.lse = static_cast<float*>(lse.data);
+  p.heads_q = static_cast<int>(Hq);
+
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  Workspace ws;  // split partials, freed stream-ordered after the combine kernel
+  if (splits > 1) {
+    const size_t prow = static_cast<size_t>(units) * splits * kRows;
+    const size_t o_bytes = round_up(prow * kDecodeHeadDim * sizeof(float));
+    ATTNQAT_RETURN_IF_ERROR(ws.allocate(o_bytes + round_up(prow * 2 * sizeof(float)), s));
+    p.part_o = static_cast<float*>(ws.data());
+    p.part_ml = reinterpret_cast<float*>(static_cast<uint8_t*>(ws.data()) + o_bytes);
+  }
+  return launch_status(kOp, decode::launch_decode(p, static_cast<int>(B), f16, s), device);
+}
+
+}  // namespace attnqat::cuda

@@ -1,0 +1,719 @@
+// src/cuda/decode/decode_kernel.cuh — split-KV decode attention over a packed FP4 paged KV cache.
+//
+// Computes, for every sequence b and KV head, the `fp4`-mode forward of its group of query heads
+// (GQA: the group's query rows share one read of K and V) and its nq new query tokens (causal
+// among themselves, bottom-right) over the keys [0, seq_lens[b]) of the cache. Must match
+// attnqat::reference::decode_attention (src/reference/decode.cpp), i.e. the reference forward of
+// mode fp4 over the dequantized cache, up to fp32 summation order and ex2.approx (tolerances in
+// tests/cpp/cuda_decode).
+//
+// Arch: portable sm_89+ (mma.sync m16n8k16 f16, movmatrix, cp.async, the E4M3 converts); built
+// for 90a;100a;120a, tested on sm_90. D = 128.
+//
+// Work decomposition. CTA = 4 warps = one (split, KV head, row group, sequence). A row group is up
+// to kRows = 8 query rows (the n8 of the MMAs): row R = head_in_group * nq + query index. A split
+// is `split_keys` keys (a multiple of 128); warp w takes the 32-key steps w, w + 4, ... of it.
+//
+// Orientation (transposed, so that the few query rows are the MMA's n = 8 and no M is wasted on
+// padding rows):  S^T [16 keys x 8 rows] = K [16 x 128] . Q^T [128 x 8]   (8 k16 MMAs per tile)
+//                 O^T [128 x 8]        += V^T [128 x 16] . P^T [16 x 8] (8 m16 MMAs per tile)
+// Operands are fp16: Q^, K^, V^ = E2M1 value * E4M3 scale (g = 1) have at most 6 significant
+// bits and lie in [2^-10, 2688], so they are exact in fp16; P^ = E2M1 value * s * g_p is exact
+// in fp16 too (the sm90 forward's argument, p_quant.cuh), subnormal fp16 included. Accumulation
+// fp32.
+//
+// Channel permutations. A dot product does not depend on the order of its terms, so the QK MMA
+// uses a channel order in which each thread's 16 bytes of a key (channels [32t, 32t+32)) become
+// its A fragments with no data movement (k-step s, fragment half r, element h: channel
+// 32t + 8(s>>1) + 2(s&1) + r + 4h); Q^T's B fragments are built with the same order. For PV, the
+// output channel order is permuted likewise (thread g reads channels [16g, 16g+16), one NVFP4
+// block, of four keys): m-tile c, half hf holds channel 16g + 8(c>>2) + (c&3) + 4hf; the
+// epilogue writes each channel where it belongs.
+//
+// FP4 decode to fp16 (per 8 codes, no tables in memory): PRMT looks the 3-bit magnitudes up in
+// an 8-byte table of fp16 high bytes (0, .5, 1, 1.5, 2, 3, 4, 6 are 0x00,38,3C,3E,40,42,44,46 with
+// zero low bytes), a second PRMT spreads the bytes into fp16x2 words, LOP3 ors in the sign, and
+// one HMUL2 applies the block scale (E4M3 -> fp16 exactly with cvt.rn.f16x2.e4m3x2). All exact.
+//
+// P^ per the spec: p~ = exp2(S2 - m_ref) (fused: ex2(fma(S, c2, -m_ref))); one NVFP4 block = 16
+// keys of one row = one S^T tile column, held by the 8 lanes with the same t (keys g and g+8):
+// amax by three xor-shuffles; the block scale steps are codec.cuh's fast exact primitives (the
+// sm90 forward's P quantizer, in this layout). P^T reaches the PV MMA's B fragment through
+// movmatrix (transpose of the 8x8 fp16 tiles).
+//
+// Online softmax per 32-key step. anchored: m_ref = ceil(m), rescales are exact powers of two,
+// and the quantized P does not depend on where splits and steps start (numerics section 4), so
+// every warp keeps its own state and the splits are merged at the end (exact power-of-two
+// weights). paper: m_ref = m of 128-key tiles starting at key 0, exactly the reference's
+// kv_tile = 128: the 4 warps handle the 4 steps of a tile and exchange their step maxima through
+// shared memory (one barrier per tile); the host launches one split.
+//
+// Loads: each warp streams its steps through a private 3-step cp.async ring in shared memory
+// (16-byte copies, coalesced; K and V rows swizzled so that the fragment reads are free of bank
+// conflicts, see smem_row / smem_chunk_xor). Keys past the sequence end are masked (scores -inf,
+// V scales 0 so that stale shared memory can never inject NaN).
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/common/codec.cuh"
+#include "cuda/decode/params.h"
+
+namespace attnqat::decode {
+
+// ---- Configuration -------------------------------------------------------------------------------
+
+constexpr int kHeadDim = 128;
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRows = 8;                            // query rows per CTA: the n8 of the MMAs
+constexpr int kTileKeys = 16;                       // one m16 MMA tile = one P block per row
+constexpr int kStepKeys = 32;                       // keys per warp step (2 tiles)
+constexpr int kCtaStepKeys = kWarps * kStepKeys;    // 128: the paper-mode tile
+constexpr int kStages = 2;                          // steps in a warp's cp.async ring
+constexpr int kKeyBytes = kHeadDim / 2;             // 64 bytes of codes per key
+constexpr int kKeyScaleBytes = kHeadDim / 16;       // 8 E4M3 scales per key
+constexpr int kTileDataBytes = kTileKeys * kKeyBytes;        // 1024
+constexpr int kTileScaleBytes = kTileKeys * kKeyScaleBytes;  // 128
+// One tile in shared memory: K codes, V codes, K scales, V scales.
+constexpr int kOffKData = 0;
+constexpr int kOffVData = kTileDataBytes;
+constexpr int kOffKScales = 2 * kTileDataBytes;
+constexpr int kOffVScales = kOffKScales + kTileScaleBytes;
+constexpr int kTileBytes = kOffVScales + kTileScaleBytes;  // 2304
+constexpr int kStepBytes = 2 * kTileBytes;
+constexpr int kWarpRingBytes = kStages * kStepBytes;        // 13,824
+constexpr int kOffRing = 0;
+constexpr int kOffQ = kOffRing + kWarps * kWarpRingBytes;   // Q^ [kRows, D] fp16
+constexpr int kOffRed = kOffQ + kRows * kHeadDim * 2;       // paper: [2][kWarps][kRows] floats
+constexpr int kSmemBytes = kOffRed + 2 * kWarps * kRows * 4;
+// The end-of-CTA merge reuses the ring: per warp [kRows][kOPitch] floats, then m_ref and l.
+constexpr int kOPitch = kHeadDim + 4;
+constexpr int kMergeBytes = kWarps * kRows * kOPitch * 4 + 2 * kWarps * kRows * 4;
+static_assert(kMergeBytes <= kWarps * kWarpRingBytes, "the merge buffers must fit in the ring");
+static_assert(kTileBytes % 16 == 0 && kWarpRingBytes % 16 == 0, "16-byte cp.async alignment");
+// 4 CTAs (16 warps) per SM: registers <= 128 per thread, shared memory 4 x 40 KB.
+constexpr int kMinBlocksPerSm = 4;
+static_assert(kCtaStepKeys == 128, "paper mode needs the reference's 128-key tiles");
+
+constexpr float kLn2 = 0.693147180559945309417f;
+constexpr uint32_t kNegInfBits = 0xff800000u;
+
+// ---- Small PTX wrappers --------------------------------------------------------------------------
+
+__device__ __forceinline__ float neg_inf() { return __uint_as_float(kNegInfBits); }
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+// (lo, hi) -> f16x2, round to nearest (exact for the values used here).
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+  uint32_t d;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+// Two E4M3 bytes (bits 0-7 -> low half, 8-15 -> high half) -> f16x2, exact (NaN stays NaN).
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two_bytes) {
+  uint32_t d;
+  const uint16_t s = static_cast<uint16_t>(two_bytes);
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(s));
+  return d;
+}
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t a) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
+  return d;
+}
+// D += A . B, m16n8k16, fp16 inputs, fp32 accumulators (row.col).
+__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// ---- FP4 -> fp16 -------------------------------------------------------------------------------
+
+// fp16 high bytes of the E2M1 magnitudes 0, 0.5, 1, 1.5 (kLut0) and 2, 3, 4, 6 (kLut1); the low
+// bytes are all zero. All have bit 7 clear, which the spread selectors below rely on.
+constexpr uint32_t kLut0 = 0x3E3C3800u;
+constexpr uint32_t kLut1 = 0x46444240u;
+constexpr uint32_t kMagMask = 0x77777777u;
+constexpr uint32_t kSignBits = 0x80008000u;
+
+// Spread selector j: result bytes {0x00, a.byte j, 0x00, b.byte j}. Selector nibble 0x8 copies
+// the sign bit of byte 0 of `a` into a whole byte: 0x00, since every table byte is positive.
+__device__ __forceinline__ constexpr uint32_t spread_sel(int j) {
+  return 0x8u | (static_cast<uint32_t>(j) << 4) | (0x8u << 8) | (static_cast<uint32_t>(4 + j) << 12);
+}
+
+// 8 codes of `lo_src` nibbles (j) and `hi_src` nibbles -> 8 fp16x2 words, already scaled:
+// out[j] = (value(lo nibble j), value(hi nibble j)) * (scale.lo, scale.hi).
+// `signs_lo` / `signs_hi` hold the 16-bit nibble groups 0-3 / 4-7 of both sources: lo source in
+// bits 0-15, hi source in bits 16-31, so nibble j's two signs sit at bits 4j+3 and 4j+19.
+// `lut0` is kLut0 in a register (pinned_lut0()): PRMT takes one table as an immediate, the other
+// must be a register, and a plain constant would be re-materialized before every PRMT.
+__device__ __forceinline__ uint32_t pinned_lut0(uint32_t zero) {
+  uint32_t r;
+  asm volatile("xor.b32 %0, %1, %2;" : "=r"(r) : "r"(zero), "n"(kLut0));
+  return r;
+}
+
+__device__ __forceinline__ void fp4_to_f16x2(uint32_t mags_a, uint32_t mags_b, uint32_t signs_lo,
+                                             uint32_t signs_hi, uint32_t scale, uint32_t lut0,
+                                             uint32_t (&out)[8]) {
+  // Table lookups: bytes of the magnitudes of nibbles 0-3 (low 16 bits select) and 4-7.
+  const uint32_t a_lo = prmt(lut0, kLut1, mags_a);
+  const uint32_t a_hi = prmt(lut0, kLut1, mags_a >> 16);
+  const uint32_t b_lo = prmt(lut0, kLut1, mags_b);
+  const uint32_t b_hi = prmt(lut0, kLut1, mags_b >> 16);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t w_lo = prmt(a_lo, b_lo, spread_sel(j)) | ((signs_lo << (12 - 4 * j)) & kSignBits);
+    const uint32_t w_hi = prmt(a_hi, b_hi, spread_sel(j)) | ((signs_hi << (12 - 4 * j)) & kSignBits);
+    out[j] = hmul2(w_lo, scale);
+    out[j + 4] = hmul2(w_hi, scale);
+  }
+}
+
+// One key's word of 8 codes (channels base + j, j = 0..7) -> 4 fp16x2 words: out[k] holds the
+// channels (base + k, base + k + 4), times `scale` (the block's scale in both halves).
+__device__ __forceinline__ void fp4_word_to_f16x2(uint32_t w, uint32_t scale, uint32_t lut0,
+                                                  uint32_t (&out)[4]) {
+  const uint32_t mags = w & kMagMask;
+  const uint32_t lo = prmt(lut0, kLut1, mags);        // nibbles 0-3
+  const uint32_t hi = prmt(lut0, kLut1, mags >> 16);  // nibbles 4-7
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    // nibble k's sign at bit 4k+3 -> 15, nibble k+4's at bit 4k+19 -> 31.
+    const uint32_t word = prmt(lo, hi, spread_sel(k)) | ((w << (12 - 4 * k)) & kSignBits);
+    out[k] = hmul2(word, scale);
+  }
+}
+
+// A pair of keys' words (same channels base + j): out[j] = (V[key a][base + j], V[key b][..]).
+__device__ __forceinline__ void fp4_pair_to_f16x2(uint32_t wa, uint32_t wb, uint32_t scale,
+                                                  uint32_t lut0, uint32_t (&out)[8]) {
+  fp4_to_f16x2(wa & kMagMask, wb & kMagMask, prmt(wa, wb, 0x5410u), prmt(wa, wb, 0x7632u), scale,
+               lut0, out);
+}
+
+// ---- P quantizer (numerics sections 2, 4), this kernel's layout --------------------------------
+
+struct PConsts {
+  float six_g, rcp_six_g, two120_g;
+};
+
+__device__ __forceinline__ PConsts p_consts(bool paper) {
+  constexpr float kTwo120 = 1.32922799578491587290e+36f;
+  const float g = paper ? 1.0f : kAnchoredPScale;
+  return PConsts{6.0f * g, (1.0f / 6.0f) / g, kTwo120 * g};
+}
+
+// The block amax over the 8 lanes that share t (lane bits 2-4), NaN-propagating.
+__device__ __forceinline__ float amax_over_keys(float a) {
+  a = cuda::max_nan(a, __shfl_xor_sync(0xffffffffu, a, 4));
+  a = cuda::max_nan(a, __shfl_xor_sync(0xffffffffu, a, 8));
+  return cuda::max_nan(a, __shfl_xor_sync(0xffffffffu, a, 16));
+}
+
+struct PScale {
+  float d, inv;
+};
+
+// d = RN(s g) and inv = RN(1/d) from the block amax and its E4M3 byte (p_quant.cuh's
+// p_block_scale): poisoned (amax NaN/Inf) -> d = NaN; s = 0 -> d = inv = 0.
+__device__ __forceinline__ PScale p_scale(float amax, uint32_t byte, float two120_g) {
+  const float d = cuda::is_nonfinite_amax(amax)
+                      ? __uint_as_float(cuda::kCanonicalNaN)
+                      : cuda::mul_rn(cuda::float_of((byte & 0x7Fu) << 20), two120_g);
+  return PScale{d, d == 0.0f ? 0.0f : cuda::rcp_rn_fast(d)};
+}
+
+// P^ of one 16-key tile, as the two fp16x2 B-operand words of the PV MMA (after the transpose):
+// input p[0..3] = p~ at (key g, row 2t), (key g, row 2t+1), (key g+8, row 2t), (key g+8, row 2t+1).
+__device__ __forceinline__ void quantize_p_tile(const float (&p)[4], const PConsts& pc,
+                                                uint32_t& b0, uint32_t& b1) {
+  const float a0 = amax_over_keys(cuda::max_nan(p[0], p[2]));  // block (row 2t)
+  const float a1 = amax_over_keys(cuda::max_nan(p[1], p[3]));  // block (row 2t+1)
+  const float t0 = fminf(cuda::nv_scale_quotient_fast(a0, pc.six_g, pc.rcp_six_g), kE4M3Max);
+  const float t1 = fminf(cuda::nv_scale_quotient_fast(a1, pc.six_g, pc.rcp_six_g), kE4M3Max);
+  uint16_t bytes;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(bytes) : "f"(t1), "f"(t0));
+  const PScale s0 = p_scale(a0, bytes, pc.two120_g);
+  const PScale s1 = p_scale(a1, static_cast<uint32_t>(bytes) >> 8, pc.two120_g);
+  const uint32_t dd = pack_f16x2(s0.d, s1.d);
+  const float v0 = cuda::e2m1_round_abs(cuda::mul_rn(p[0], s0.inv));
+  const float v1 = cuda::e2m1_round_abs(cuda::mul_rn(p[1], s1.inv));
+  const float v2 = cuda::e2m1_round_abs(cuda::mul_rn(p[2], s0.inv));
+  const float v3 = cuda::e2m1_round_abs(cuda::mul_rn(p[3], s1.inv));
+  // (key g; rows 2t, 2t+1) and (key g+8; ...) -> transposed: (keys 2t, 2t+1; row g), (+8).
+  b0 = movmatrix_trans(hmul2(pack_f16x2(v0, v1), dd));
+  b1 = movmatrix_trans(hmul2(pack_f16x2(v2, v3), dd));
+}
+
+// ---- Shared-memory layout of a tile's K/V codes ------------------------------------------------
+//
+// Key k's 64 bytes go to row smem_row(k), its 16-byte chunk c to chunk c ^ smem_chunk_xor(k).
+// Reads: K — lane (g, t) reads chunk t of keys g and g+8 (quarter-warp phases hit 2 rows of
+// different parity: conflict-free); V — lane (g, t) reads 8 bytes (chunk g/2, half g%2) of keys
+// 2t, 2t+1, 2t+8, 2t+9: keys {0,2,4,6} land on rows {0,2,5,7} (two of each parity) with the
+// chunk XOR separating rows 0 and 2: the 16 lanes of a phase hit 32 distinct banks.
+__device__ __forceinline__ int smem_row(int k) { return k ^ ((k >> 2) & 1); }
+__device__ __forceinline__ int smem_chunk_xor(int k) { return 2 * ((k >> 1) & 1); }
+
+// ---- The kernel --------------------------------------------------------------------------------
+
+template <bool kF16In>
+__device__ __forceinline__ float load_half(const void* base, int64_t idx) {
+  const uint16_t bits = static_cast<const uint16_t*>(base)[idx];
+  if constexpr (kF16In) return __half2float(__ushort_as_half(bits));
+  else return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+}
+
+template <bool kF16Out>
+__device__ __forceinline__ uint16_t to_half_bits(float x) {
+  if constexpr (kF16Out) return __half_as_ushort(__float2half_rn(x));
+  else {
+    const uint32_t u = __float_as_uint(x);
+    if (x != x) return static_cast<uint16_t>((u >> 16) | 0x40u);
+    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+// A power of two 2^e for an integer-valued e <= 0 (exact; 0 below 2^-126), for anchored rescales.
+__device__ __forceinline__ float exact_pow2(float e) {
+  const int ei = static_cast<int>(e);
+  return ei < -126 ? 0.0f : __int_as_float((127 + ei) << 23);
+}
+
+template <bool kF16In>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const DecodeParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int split = blockIdx.x;
+  const int rg = blockIdx.y % p.row_groups, kvh = blockIdx.y / p.row_groups, b = blockIdx.z;
+  const int capacity = p.pages_per_seq * p.page_size;
+  const int L = max(0, min(p.seq_lens[b * p.lens_stride], capacity));
+  const int k_begin = split * p.split_keys;
+  const int k_end = min(k_begin + p.split_keys, L);
+  const int32_t* table = p.page_table + b * p.pt_stride_b;
+
+  // ---- Q^ = phi_nv(q; 1) per 16 channels into shared memory (fp16, exact) -----------------------
+  __half* s_q = reinterpret_cast<__half*>(smem + kOffQ);  // [kRows, D]
+  if (threadIdx.x < kRows * (kHeadDim / 16)) {
+    const int r = threadIdx.x / (kHeadDim / 16), blk = threadIdx.x % (kHeadDim / 16);
+    const int R = rg * kRows + r;
+    float x[16];
+    if (R < p.rows) {
+      const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
+      const int64_t base = b * p.q_stride_b + h * p.q_stride_h + qi * p.q_stride_i + blk * 16;
+#pragma unroll
+      for (int e = 0; e < 16; ++e) x[e] = load_half<kF16In>(p.q, base + e);
+      const cuda::NvBlockScale sc = cuda::nv_block_scale(cuda::block_amax<16>(x), 1.0f);
+#pragma unroll
+      for (int e = 0; e < 16; ++e) x[e] = cuda::nv_fake_element(x[e], sc, 1.0f);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 16; ++e) x[e] = 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < 16; ++e) s_q[r * kHeadDim + blk * 16 + e] = __float2half_rn(x[e]);
+  }
+  __syncthreads();
+
+  // Q^T B fragments of the 8 k-steps: step s, half r, element h = channel 32t + 8(s>>1) +
+  // 2(s&1) + r + 4h of row g.
+  uint32_t qb[8][2];
+  {
+    const uint16_t* qrow = reinterpret_cast<const uint16_t*>(s_q) + g * kHeadDim + 32 * t;
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const int c = 8 * (s >> 1) + 2 * (s & 1);
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        qb[s][r] = static_cast<uint32_t>(qrow[c + r]) | (static_cast<uint32_t>(qrow[c + r + 4]) << 16);
+    }
+  }
+
+  // Visible keys of this thread's two rows (2t, 2t+1): key j < lim. Rows past `rows` are padding
+  // (their results are dropped); they get lim = L so that they never force masking.
+  int lim[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int R = rg * kRows + 2 * t + i;
+    lim[i] = R < p.rows ? max(0, min(L, L - p.nq + (R % p.nq) + 1)) : L;
+  }
+  const int mask_from = max(0, L - p.nq + 1);  // steps reaching this key need masking
+
+  // ---- Per-warp step loop ---------------------------------------------------------------------
+  const int n_steps = k_end > k_begin ? (k_end - k_begin + kStepKeys - 1) / kStepKeys : 0;
+  // paper: every warp runs every 128-key tile (barriers); anchored: only its own steps.
+  const int n_iter = p.paper ? (n_steps + kWarps - 1) / kWarps
+                             : (n_steps > warp ? (n_steps - warp + kWarps - 1) / kWarps : 0);
+  uint8_t* ring = smem + kOffRing + warp * kWarpRingBytes;
+  const uint32_t ring_u32 = smem_u32(ring);
+
+  auto step_key0 = [&](int it) { return k_begin + kStepKeys * (warp + kWarps * it); };
+
+  // Issues the cp.async copies of step `it` into its ring slot (tiles past k_end are skipped:
+  // they are masked), then commits a group (possibly empty: the group count stays uniform).
+  // Per tile, lane l copies 16-byte chunks l and l + 32 of the K codes and of the V codes (key
+  // c >> 2, chunk c & 3: key l/4 + 8 lands 8 rows and 512 bytes after key l/4, with the same
+  // chunk XOR), and lanes 0-15 the 256 bytes of K and V scales (contiguous in the tile). All
+  // per-lane offsets are loop constants; per tile only the page's address is computed.
+  const uint32_t lane_dst = smem_row(lane >> 2) * kKeyBytes + (((lane & 3) ^ smem_chunk_xor(lane >> 2)) * 16);
+  const uint32_t lane_src = lane * 16;
+  const uint8_t* scale_base = lane < 8 ? p.k_scales : p.v_scales;
+  const uint32_t scale_src = (lane & 7) * 16;
+  auto load_step = [&](int it) {
+    if (it < n_iter) {
+      const uint32_t slot_u32 = ring_u32 + (it % kStages) * kStepBytes;
+#pragma unroll
+      for (int tt = 0; tt < 2; ++tt) {
+        const int key0 = step_key0(it) + kTileKeys * tt;
+        if (key0 >= k_end) continue;
+        const int pidx = p.page_shift >= 0 ? key0 >> p.page_shift : key0 / p.page_size;
+        const int page = table[pidx * p.pt_stride_p];
+        if (page < 0 || page >= p.num_pages) continue;  // never dereferenced (see api.cu)
+        const int64_t row0 = (static_cast<int64_t>(page) * p.heads_kv + kvh) * p.page_size +
+                             (key0 - pidx * p.page_size);
+        const uint32_t tile = slot_u32 + tt * kTileBytes;
+        const uint8_t* kp = p.k_data + row0 * kKeyBytes + lane_src;
+        const uint8_t* vp = p.v_data + row0 * kKeyBytes + lane_src;
+        cp_async16(tile + kOffKData + lane_dst, kp);
+        cp_async16(tile + kOffKData + lane_dst + 8 * kKeyBytes, kp + 32 * 16);
+        cp_async16(tile + kOffVData + lane_dst, vp);
+        cp_async16(tile + kOffVData + lane_dst + 8 * kKeyBytes, vp + 32 * 16);
+        static_assert(kOffVScales == kOffKScales + 8 * 16, "K then V scales, 8 chunks each");
+        if (lane < 16)
+          cp_async16(tile + kOffKScales + lane * 16, scale_base + row0 * kKeyScaleBytes + scale_src);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // Fragment read offsets (bytes within a tile), constant per thread.
+  const int off_k0 = smem_row(g) * kKeyBytes + ((t ^ smem_chunk_xor(g)) * 16);
+  const int off_k1 = off_k0 + 8 * kKeyBytes;  // key g + 8: same row pattern, 8 rows further
+  int off_v[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int k = 2 * t + i;
+    off_v[i] = smem_row(k) * kKeyBytes + (((g >> 1) ^ smem_chunk_xor(k)) * 16) + (g & 1) * 8;
+  }
+
+  const PConsts pc = p_consts(p.paper);
+  const float c2 = p.c2;
+  float o_acc[8][4];  // O^T m-tile c: (ch pi(c, g), rows 2t, 2t+1), (ch pi(c, g+8), rows 2t, 2t+1)
+#pragma unroll
+  for (int c = 0; c < 8; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o_acc[c][e] = 0.0f;
+  float m[2] = {neg_inf(), neg_inf()}, m_ref[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
+  float* red = reinterpret_cast<float*>(smem + kOffRed);  // paper: [2][kWarps][kRows]
+
+  const uint32_t lut0 = pinned_lut0(static_cast<uint32_t>(p.heads_kv) >> 31);  // heads_kv >= 0
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) load_step(i);
+  for (int it = 0; it < n_iter; ++it) {
+    load_step(it + kStages - 1);
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+    const uint8_t* step = ring + (it % kStages) * kStepBytes;
+    const int key0 = step_key0(it);
+    const bool masked = key0 + kStepKeys > mask_from;
+
+    // S^T = K Q^T for the step's two tiles.
+    float s[2][4];
+#pragma unroll
+    for (int tt = 0; tt < 2; ++tt) {
+      const uint8_t* tile = step + tt * kTileBytes;
+      const uint4 kw0 = *reinterpret_cast<const uint4*>(tile + kOffKData + off_k0);
+      const uint4 kw1 = *reinterpret_cast<const uint4*>(tile + kOffKData + off_k1);
+      const uint32_t ks0 = *reinterpret_cast<const uint16_t*>(tile + kOffKScales + g * kKeyScaleBytes + 2 * t);
+      const uint32_t ks1 = *reinterpret_cast<const uint16_t*>(tile + kOffKScales + (g + 8) * kKeyScaleBytes + 2 * t);
+      const uint32_t ss0 = e4m3x2_to_f16x2(ks0), ss1 = e4m3x2_to_f16x2(ks1);
+      const uint32_t w0[4] = {kw0.x, kw0.y, kw0.z, kw0.w}, w1[4] = {kw1.x, kw1.y, kw1.z, kw1.w};
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        // Words 0-1 are channels [32t, 32t+16): block 2t; words 2-3: block 2t+1.
+        const uint32_t sel = i < 2 ? 0x1010u : 0x3232u;
+        uint32_t a[4], bk[4];
+        fp4_word_to_f16x2(w0[i], prmt(ss0, ss0, sel), lut0, a);
+        fp4_word_to_f16x2(w1[i], prmt(ss1, ss1, sel), lut0, bk);
+        mma_f16(acc, a[0], bk[0], a[1], bk[1], qb[2 * i][0], qb[2 * i][1]);
+        mma_f16(acc, a[2], bk[2], a[3], bk[3], qb[2 * i + 1][0], qb[2 * i + 1][1]);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[tt][e] = acc[e];
+      if (masked) {
+        const int kg = key0 + kTileKeys * tt + g;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = kg + ((e >> 1) << 3);
+          if (key >= lim[e & 1]) s[tt][e] = neg_inf();
+        }
+      }
+    }
+
+    // Row maxima of the step (rows 2t, 2t+1), over the 8 lanes that share t.
+    float mx[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float v = fmaxf(fmaxf(s[0][i], s[0][i + 2]), fmaxf(s[1][i], s[1][i + 2]));
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+      mx[i] = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+    }
+    if (p.paper) {
+      // The 128-key tile's maximum: exchange the 4 warps' step maxima. Double-buffered by the
+      // tile's parity, so one barrier per tile orders both the writes and the next overwrite.
+      float* buf = red + (it & 1) * kWarps * kRows;
+      if (g == 0) {
+        buf[warp * kRows + 2 * t] = mx[0];
+        buf[warp * kRows + 2 * t + 1] = mx[1];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float v = buf[2 * t + i];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) v = fmaxf(v, buf[w * kRows + 2 * t + i]);
+        mx[i] = v;
+      }
+    }
+
+    // New reference maxima and the rescale of O and l (skipped when no row of the warp changed:
+    // then every factor is exactly 1).
+    float m_use[2];
+    bool changed = false;
+    float f[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float m_new = fmaxf(m[i], cuda::mul_rn(mx[i], c2));
+      const float r_new = p.paper ? m_new : ceilf(m_new);
+      f[i] = 1.0f;
+      if (r_new != m_ref[i]) {
+        changed = true;
+        if (m_ref[i] == neg_inf()) f[i] = 0.0f;
+        else f[i] = p.paper ? ex2_approx(m_ref[i] - r_new) : exact_pow2(m_ref[i] - r_new);
+      }
+      m[i] = m_new;
+      m_ref[i] = r_new;
+      m_use[i] = r_new == neg_inf() ? 0.0f : r_new;  // a row with no visible key yet: p~ = 0
+    }
+    if (__any_sync(0xffffffffu, changed)) {
+#pragma unroll
+      for (int c = 0; c < 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o_acc[c][e] *= f[e & 1];
+      l[0] *= f[0];
+      l[1] *= f[1];
+    }
+
+    // p~, P^ and O^T += V^T P^T, tile by tile.
+#pragma unroll
+    for (int tt = 0; tt < 2; ++tt) {
+      const uint8_t* tile = step + tt * kTileBytes;
+      float pt[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pt[e] = ex2_approx(fmaf(s[tt][e], c2, -m_use[e & 1]));
+      l[0] += pt[0] + pt[2];
+      l[1] += pt[1] + pt[3];
+      uint32_t pb0, pb1;
+      quantize_p_tile(pt, pc, pb0, pb1);
+
+      // V of keys 2t, 2t+1 (pair a) and 2t+8, 2t+9 (pair b), channels [16g, 16g+16) = block g.
+      const uint2 va0 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[0]);
+      const uint2 va1 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[1]);
+      const uint2 vb0 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[0] + 8 * kKeyBytes);
+      const uint2 vb1 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[1] + 8 * kKeyBytes);
+      const uint8_t* vs = tile + kOffVScales + g;
+      uint32_t sa0 = vs[(2 * t) * kKeyScaleBytes], sa1 = vs[(2 * t + 1) * kKeyScaleBytes];
+      uint32_t sb0 = vs[(2 * t + 8) * kKeyScaleBytes], sb1 = vs[(2 * t + 9) * kKeyScaleBytes];
+      if (masked) {  // keys past the sequence: scale 0, so stale codes decode to 0 (never NaN)
+        const int kt = key0 + kTileKeys * tt + 2 * t;
+        sa0 = kt < L ? sa0 : 0u;
+        sa1 = kt + 1 < L ? sa1 : 0u;
+        sb0 = kt + 8 < L ? sb0 : 0u;
+        sb1 = kt + 9 < L ? sb1 : 0u;
+      }
+      const uint32_t ssa = e4m3x2_to_f16x2(sa0 | (sa1 << 8));
+      const uint32_t ssb = e4m3x2_to_f16x2(sb0 | (sb1 << 8));
+      const uint32_t wa0[2] = {va0.x, va0.y}, wa1[2] = {va1.x, va1.y};
+      const uint32_t wb0[2] = {vb0.x, vb0.y}, wb1[2] = {vb1.x, vb1.y};
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        uint32_t va[8], vb[8];
+        fp4_pair_to_f16x2(wa0[i], wa1[i], ssa, lut0, va);
+        fp4_pair_to_f16x2(wb0[i], wb1[i], ssb, lut0, vb);
+#pragma unroll
+        for (int c4 = 0; c4 < 4; ++c4)
+          mma_f16(o_acc[4 * i + c4], va[c4], va[c4 + 4], vb[c4], vb[c4 + 4], pb0, pb1);
+      }
+    }
+    __syncwarp();  // every lane is done with this slot before the next iteration refills it
+  }
+  cp_async_wait<0>();
+
+  // Row sums over the 8 lanes that share t.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 4);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 8);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 16);
+  }
+
+  // ---- Merge the 4 warps (shared memory), then write the output or the split's partial --------
+  __syncthreads();  // every warp is done with its ring: reuse it
+  float* s_o = reinterpret_cast<float*>(smem + kOffRing);  // [kWarps][kRows][kOPitch]
+  float* s_m = s_o + kWarps * kRows * kOPitch;              // [kWarps][kRows]
+  float* s_l = s_m + kWarps * kRows;
+#pragma unroll
+  for (int c = 0; c < 8; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int ch = 16 * g + 8 * (c >> 2) + (c & 3) + 4 * (e >> 1);
+      const int row = 2 * t + (e & 1);
+      s_o[(warp * kRows + row) * kOPitch + ch] = o_acc[c][e];
+    }
+  if (g == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      s_m[warp * kRows + 2 * t + i] = m_ref[i];
+      s_l[warp * kRows + 2 * t + i] = l[i];
+    }
+  }
+  __syncthreads();
+
+  const int d = threadIdx.x;  // one output channel per thread
+  const int unit = (b * p.heads_kv + kvh) * p.row_groups + rg;
+  for (int r = 0; r < kRows; ++r) {
+    const int R = rg * kRows + r;
+    if (R >= p.rows) break;
+    float M = neg_inf();
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w * kRows + r]);
+    float acc = 0.0f, lsum = 0.0f;
+    if (M != neg_inf()) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float mw = s_m[w * kRows + r];
+        if (mw == neg_inf()) continue;
+        // anchored: an exact power of two; paper: the warps share m, so the weight is 1.
+        const float wgt = mw == M ? 1.0f : exact_pow2(mw - M);
+        acc = fmaf(wgt, s_o[(w * kRows + r) * kOPitch + d], acc);
+        lsum = fmaf(wgt, s_l[w * kRows + r], lsum);
+      }
+    }
+    const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
+    const int64_t row_out = (static_cast<int64_t>(b) * p.heads_q + h) * p.nq + qi;
+    if (p.num_splits == 1) {
+      const bool empty = !(lsum > 0.0f);
+      const float out = empty ? 0.0f : acc * (1.0f / lsum);
+      static_cast<uint16_t*>(p.o)[row_out * kHeadDim + d] = to_half_bits<kF16In>(out);
+      if (p.lse != nullptr && d == 0)
+        p.lse[row_out] = empty ? neg_inf() : kLn2 * (M + __log2f(lsum));
+    } else {
+      const int64_t prow = (static_cast<int64_t>(unit) * p.num_splits + split) * kRows + r;
+      p.part_o[prow * kHeadDim + d] = acc;
+      if (d == 0) {
+        p.part_ml[2 * prow] = M;
+        p.part_ml[2 * prow + 1] = lsum;
+      }
+    }
+  }
+}
+
+// Merges the splits of one (unit, row): O = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s with
+// M = max m_s (anchored: every weight an exact power of two). Grid (units, kRows), kHeadDim
+// threads. The split statistics are read once, in parallel, into shared memory (a serial loop of
+// dependent-latency loads per thread was the bottleneck of small batches); then every thread
+// sums its channel over the splits with independent, coalesced loads.
+constexpr int kMaxSplits = 1024;  // api.cu caps num_splits at this
+
+__device__ __forceinline__ float block_reduce(float v, float* s_red, bool is_max) {
+#pragma unroll
+  for (int o = 16; o >= 1; o /= 2) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? fmaxf(v, w) : v + w;
+  }
+  __syncthreads();  // s_red is free (an earlier reduction's readers are done)
+  if (threadIdx.x % 32 == 0) s_red[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = s_red[0];
+#pragma unroll
+  for (int w = 1; w < kHeadDim / 32; ++w) v = is_max ? fmaxf(v, s_red[w]) : v + s_red[w];
+  return v;
+}
+
+template <bool kF16Out>
+__global__ void __launch_bounds__(kHeadDim) combine_kernel(const DecodeParams p) {
+  __shared__ float s_w[kMaxSplits];
+  __shared__ float s_red[kHeadDim / 32];
+  const int unit = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
+  const int rg = unit % p.row_groups, kvh = (unit / p.row_groups) % p.heads_kv;
+  const int b = unit / (p.row_groups * p.heads_kv);
+  const int R = rg * kRows + r;
+  if (R >= p.rows) return;  // uniform per block
+  const int64_t prow0 = static_cast<int64_t>(unit) * p.num_splits * kRows + r;
+  float m_loc = neg_inf();
+  for (int s = d; s < p.num_splits; s += kHeadDim) {
+    const float ms = p.part_ml[2 * (prow0 + s * kRows)];
+    s_w[s] = ms;
+    m_loc = fmaxf(m_loc, ms);
+  }
+  const float M = block_reduce(m_loc, s_red, true);
+  float l_loc = 0.0f;
+  for (int s = d; s < p.num_splits; s += kHeadDim) {
+    const float ms = s_w[s];
+    // anchored: an exact power of two (integer exponents); empty splits weigh 0.
+    const float wgt = (M == neg_inf() || ms == neg_inf()) ? 0.0f : (ms == M ? 1.0f : exact_pow2(ms - M));
+    s_w[s] = wgt;
+    l_loc = fmaf(wgt, p.part_ml[2 * (prow0 + s * kRows) + 1], l_loc);
+  }
+  const float lsum = block_reduce(l_loc, s_red, false);  // its barriers also publish s_w
+  float acc = 0.0f;
+#pragma unroll 8
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float wgt = s_w[s];
+    const float x = p.part_o[(prow0 + s * kRows) * kHeadDim + d];
+    acc = wgt == 0.0f ? acc : fmaf(wgt, x, acc);
+  }
+  const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
+  const int64_t row_out = (static_cast<int64_t>(b) * p.heads_q + h) * p.nq + qi;
+  const bool empty = !(lsum > 0.0f);
+  static_cast<uint16_t*>(p.o)[row_out * kHeadDim + d] = to_half_bits<kF16Out>(empty ? 0.0f : acc * (1.0f / lsum));
+  if (p.lse != nullptr && d == 0) p.lse[row_out] = empty ? neg_inf() : kLn2 * (M + __log2f(lsum));
+}
+
+}  // namespace attnqat::decode

@@ -1,0 +1,337 @@
+// tests/cpp/cuda_decode/test_decode_cuda.cpp — the CUDA FP4 inference paths against the CPU
+// reference (label cuda):
+//  - kv_cache_append on the GPU writes the same bytes as the CPU append (codes and scales bit
+//    for bit; slots nobody wrote keep their poison pattern), from strided bf16/fp16/fp32 inputs;
+//  - decode_attention on the GPU against reference::decode_attention (the mode-fp4 forward over
+//    the dequantized cache) on the same cache bytes and the same 16-bit queries;
+//  - attention_forward_packed on the GPU is bit-identical to attention_forward on the GPU with the
+//    decoded tensors (it is that forward, after an exact decode).
+//
+// Decode tolerances (numerics section 8), per output:
+//  - O: relative L2 error against the fp64 reference (Precision::kFloat64; fp32 output) at most
+//    2x the error of the fp32 reference rounded to the output dtype (the contract's arithmetic,
+//    the same output rounding as the kernel) plus a floor of 2e-3. Why a floor: ex2.approx and
+//    the fused exponent FMA move the P elements that sit within ~1e-7 of an E2M1 or E4M3
+//    boundary to the other side, each flip worth a whole E2M1 step of that element (the sm90
+//    forward tests use 1e-3; decode rows are single query rows, so a flip weighs more).
+//  - LSE: |GPU - fp64| <= 2e-5 max(1, |LSE|) (ex2.approx / lg2.approx, ~2^-22 each).
+//  - Rows that see no key: O = 0 exactly, LSE = -inf. Outputs are poisoned (NaN) before the run.
+// On failure: the error norms, the worst element (sequence, head, query, channel).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_util.h"
+#include "attnqat/attnqat.h"
+#include "common/validate.h"
+#include "decode_util.h"
+#include "gpu_util.h"
+#include "reference/decode.h"
+
+namespace attnqat::gpu_test {
+namespace {
+
+using test::HostCache;
+using test::index_view;
+
+constexpr int64_t kD = 128;
+
+struct Case {
+  const char* name;
+  int64_t hkv, group, nq, page_size;
+  std::vector<int64_t> lens;
+  PQuant pq = PQuant::kAnchored;
+  DType dt = DType::kBFloat16;
+  int num_splits = 0;     // 0: automatic
+  int64_t chunk = 61;     // tokens per append call
+  DType append_dt = DType::kBFloat16;
+};
+
+// The device copy of a HostCache: same shapes, same poison pattern.
+struct DeviceCache {
+  DeviceBuffer k_data, k_scales, v_data, v_scales, table, lens;
+  PagedKVCache view;
+  explicit DeviceCache(HostCache& h) {
+    auto up = [](DeviceBuffer& d, const std::vector<uint8_t>& v) {
+      d = DeviceBuffer(v.size());
+      d.upload(v.data(), v.size());
+    };
+    up(k_data, h.k_data);
+    up(k_scales, h.k_scales);
+    up(v_data, h.v_data);
+    up(v_scales, h.v_scales);
+    table = DeviceBuffer(h.page_table.size() * 4);
+    table.upload(h.page_table.data(), h.page_table.size() * 4);
+    lens = DeviceBuffer(h.B * 4);
+    view = h.view(Device::kCUDA);
+    view.k_data.data = k_data.get();
+    view.k_scales.data = k_scales.get();
+    view.v_data.data = v_data.get();
+    view.v_scales.data = v_scales.get();
+  }
+  std::vector<uint8_t> download(const DeviceBuffer& d) const {
+    std::vector<uint8_t> v(d.size());
+    d.download(v.data(), v.size());
+    return v;
+  }
+};
+
+// Stores x (fp32) as `dt` in device memory.
+DeviceBuffer upload_as(const std::vector<float>& x, DType dt) {
+  DeviceBuffer buf(std::max<size_t>(x.size() * dtype_size(dt), 16));
+  if (dt == DType::kFloat32) {
+    buf.upload(x.data(), x.size() * 4);
+  } else {
+    const std::vector<uint16_t> h = to_half(x, dt);
+    buf.upload(h.data(), h.size() * 2);
+  }
+  return buf;
+}
+
+// Rounds x to `dt` (what the GPU sees), in place.
+void round_to(std::vector<float>& x, DType dt) {
+  if (dt == DType::kFloat32) return;
+  x = from_half(to_half(x, dt), dt);
+}
+
+// Appends every sequence on the GPU with B = 1 calls of `chunk` tokens, from one device copy
+// of the whole sequence viewed with strides [H*L*D, L*D, D, 1].
+void append_on_gpu(DeviceCache& dc, HostCache& h, const test::SeqKV& seqs, const std::vector<int64_t>& lens,
+                   int64_t chunk, DType dt) {
+  const int64_t H = h.heads;
+  std::vector<int32_t> cur(h.B, 0);
+  for (int64_t b = 0; b < h.B; ++b) {
+    if (lens[b] == 0) continue;
+    const DeviceBuffer kb = upload_as(seqs.k[b], dt), vb = upload_as(seqs.v[b], dt);
+    for (int64_t t0 = 0; t0 < lens[b]; t0 += chunk) {
+      const int64_t n = std::min(chunk, lens[b] - t0);
+      auto strided = [&](const DeviceBuffer& buf, const char* name) {
+        TensorView t = cuda_view(static_cast<uint8_t*>(buf.get()) + t0 * kD * dtype_size(dt), dt, {1, H, n, kD}, name);
+        t.stride[0] = H * lens[b] * kD;
+        t.stride[1] = lens[b] * kD;
+        return t;
+      };
+      cuda_check(cudaMemcpy(static_cast<int32_t*>(dc.lens.get()) + b, &cur[b], 4, cudaMemcpyHostToDevice), "lens");
+      const IndexView table = index_view(h.page_table, 1, h.pages_per_seq, "page_table", Device::kCUDA,
+                                         static_cast<const int32_t*>(dc.table.get()) + b * h.pages_per_seq);
+      const IndexView start = index_view(cur, 1, -1, "start", Device::kCUDA,
+                                         static_cast<const int32_t*>(dc.lens.get()) + b);
+      const Status st = kv_cache_append(dc.view, strided(kb, "k_new"), strided(vb, "v_new"), table, start);
+      ASSERT_TRUE(st.ok()) << st.message();
+      cur[b] += static_cast<int32_t>(n);
+    }
+  }
+  cuda_check(cudaMemcpy(dc.lens.get(), cur.data(), h.B * 4, cudaMemcpyHostToDevice), "lens");
+  cuda_check(cudaDeviceSynchronize(), "append");
+}
+
+double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i]) || std::isnan(b[i])) return std::numeric_limits<double>::infinity();
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+class DecodeCuda : public Sm90Test, public ::testing::WithParamInterface<Case> {};
+
+TEST_P(DecodeCuda, MatchesReference) {
+  const Case c = GetParam();
+  const int64_t B = static_cast<int64_t>(c.lens.size()), H = c.hkv, Hq = H * c.group, nq = c.nq;
+  int64_t max_len = 1;
+  for (int64_t l : c.lens) max_len = std::max(max_len, l);
+  HostCache host(B, max_len, H, kD, c.page_size, 101);
+  DeviceCache dev(host);
+  test::SeqKV seqs = test::random_seqs(c.lens, H, kD, 202);
+  for (auto& k : seqs.k) round_to(k, c.append_dt);  // the values the GPU append reads
+  for (auto& v : seqs.v) round_to(v, c.append_dt);
+  test::fill_cache(host, seqs, c.lens, c.chunk);
+  append_on_gpu(dev, host, seqs, c.lens, c.chunk, c.append_dt);
+  if (::testing::Test::HasFatalFailure()) return;
+
+  // 1. The cache bytes, bit for bit (written slots and the untouched poison alike).
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<uint8_t>& want = i == 0 ? host.k_data : i == 1 ? host.k_scales : i == 2 ? host.v_data : host.v_scales;
+    const std::vector<uint8_t> got = dev.download(i == 0 ? dev.k_data : i == 1 ? dev.k_scales : i == 2 ? dev.v_data : dev.v_scales);
+    int64_t bad = 0, first = -1;
+    for (size_t j = 0; j < want.size(); ++j)
+      if (want[j] != got[j]) bad++, first = first < 0 ? static_cast<int64_t>(j) : first;
+    ASSERT_EQ(bad, 0) << c.name << ": cache tensor " << i << " differs from the CPU append in " << bad
+                      << " bytes, first at " << first;
+  }
+
+  // 2. Decode.
+  auto qp = test::random_problem<float>(B, Hq, H, nq, 1, kD, 303);
+  round_to(qp.q, c.dt);
+  const DeviceBuffer qd = upload_as(qp.q, c.dt);
+  DeviceBuffer od(B * Hq * nq * kD * 2), ld(B * Hq * nq * 4);
+  od.poison();
+  ld.poison();
+  DecodeOptions opts;
+  opts.p_quant = c.pq;
+  opts.num_splits = c.num_splits;
+  const IndexView table = index_view(host.page_table, B, host.pages_per_seq, "page_table", Device::kCUDA,
+                                     static_cast<const int32_t*>(dev.table.get()));
+  const IndexView lens = index_view(host.lens, B, -1, "seq_lens", Device::kCUDA, static_cast<const int32_t*>(dev.lens.get()));
+  Status st = decode_attention(cuda_view(qd.get(), c.dt, {B, Hq, nq, kD}, "q"), dev.view, table, lens, opts,
+                               cuda_view(od.get(), c.dt, {B, Hq, nq, kD}, "out"),
+                               cuda_view(ld.get(), DType::kFloat32, {B, Hq, nq}, "lse"));
+  ASSERT_TRUE(st.ok()) << st.message();
+  cuda_check(cudaDeviceSynchronize(), "decode");
+  std::vector<uint16_t> o16(B * Hq * nq * kD);
+  std::vector<float> lse(B * Hq * nq);
+  od.download(o16.data(), o16.size() * 2);
+  ld.download(lse.data(), lse.size() * 4);
+  const std::vector<float> o = from_half(o16, c.dt);
+
+  // References on the CPU cache: fp32 contract rounded to the output dtype, and fp64.
+  KVCacheDims dims{host.num_pages, H, c.page_size, kD};
+  const TensorView q32 = make_view(qp.q.data(), DType::kFloat32, {B, Hq, nq, kD}, "q");
+  std::vector<uint16_t> r16(o16.size());
+  std::vector<float> r64(o16.size()), lse64(lse.size()), lse32(lse.size());
+  AttentionOptions base;
+  st = reference::decode_attention(q32, host.view(), dims, host.table_view(), host.lens_view(), opts,
+                                   make_view(r16.data(), c.dt, {B, Hq, nq, kD}, "out"),
+                                   make_view(lse32.data(), DType::kFloat32, {B, Hq, nq}, "lse"), base);
+  ASSERT_TRUE(st.ok()) << st.message();
+  base.precision = Precision::kFloat64;
+  st = reference::decode_attention(q32, host.view(), dims, host.table_view(), host.lens_view(), opts,
+                                   make_view(r64.data(), DType::kFloat32, {B, Hq, nq, kD}, "out"),
+                                   make_view(lse64.data(), DType::kFloat32, {B, Hq, nq}, "lse"), base);
+  ASSERT_TRUE(st.ok()) << st.message();
+  const std::vector<float> r32 = from_half(r16, c.dt);
+
+  const double err_gpu = rel_l2(o, r64), err_ref = rel_l2(r32, r64);
+  const double tol = 2 * err_ref + 2e-3;
+  size_t worst = 0;
+  for (size_t i = 0; i < o.size(); ++i)
+    if (!(std::fabs(o[i] - r64[i]) <= std::fabs(o[worst] - r64[worst]))) worst = i;
+  EXPECT_LE(err_gpu, tol) << c.name << ": O rel L2 vs fp64 " << err_gpu << " (fp32 reference: " << err_ref
+                          << "), GPU vs fp32 reference " << rel_l2(o, r32) << "; worst element (b, h, i, d) = ("
+                          << worst / (Hq * nq * kD) << ", " << worst / (nq * kD) % Hq << ", " << worst / kD % nq
+                          << ", " << worst % kD << "): " << o[worst] << " vs " << r64[worst];
+  int64_t lse_bad = 0;
+  for (size_t i = 0; i < lse.size(); ++i) {
+    if (std::isinf(lse64[i])) {
+      lse_bad += !(std::isinf(lse[i]) && lse[i] < 0);
+      for (int64_t d = 0; d < kD; ++d) lse_bad += o[i * kD + d] != 0.0f;
+    } else {
+      lse_bad += !(std::fabs(lse[i] - lse64[i]) <= 2e-5 * std::max(1.0f, std::fabs(lse64[i])));
+    }
+  }
+  EXPECT_EQ(lse_bad, 0) << c.name << ": rows whose LSE (or empty-row O) is off";
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> v = {
+      {"len1_gqa4", 2, 4, 1, 16, {1}},
+      {"len15_gqa4", 2, 4, 1, 16, {15}},
+      {"len16_gqa1", 4, 1, 1, 16, {16}},
+      {"len17_gqa8", 1, 8, 1, 32, {17}},
+      {"len4095_gqa4_ps64", 2, 4, 1, 64, {4095}},
+      {"len4095_gqa8_ps48", 2, 8, 1, 48, {4095}},
+      {"len100k_gqa4_ps256", 2, 4, 1, 256, {100000}},
+      {"mixed_batch_ps16", 2, 4, 1, 16, {4095, 1, 17, 300, 16, 1000, 15, 2048}},
+      {"mixed_batch_nq3_fp16", 2, 4, 3, 32, {700, 2, 3, 129}},
+      {"nq4_gqa8_two_row_groups", 1, 8, 4, 64, {513, 77}},
+      {"gqa16_nq1", 1, 16, 1, 128, {1500}},
+      {"paper_mixed", 2, 4, 1, 64, {4095, 17, 300}},
+      {"paper_nq2", 2, 4, 2, 16, {1000, 1}},
+      {"forced_splits_7", 2, 4, 1, 128, {5000, 900}},
+      {"fp32_append_fp16_q", 2, 4, 1, 16, {333}},
+  };
+  v[8].dt = DType::kFloat16;
+  v[11].pq = PQuant::kPaper;
+  v[12].pq = PQuant::kPaper;
+  v[13].num_splits = 7;
+  v[14].append_dt = DType::kFloat32;
+  v[14].dt = DType::kFloat16;
+  v[6].chunk = 4096;
+  v[7].chunk = 16;
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, DecodeCuda, ::testing::ValuesIn(cases()),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// ---- Attention from packed tensors: the CUDA forward on the decoded tensors, bit for bit -------
+
+class PackedCuda : public Sm90Test {};
+
+TEST_F(PackedCuda, BitIdenticalToForwardOnDecodedTensors) {
+  const int64_t B = 2, Hq = 8, Hkv = 2, Nq = 300, Nk = 333, D = 128;
+  for (const bool causal : {false, true}) {
+    auto p = test::random_problem<float>(B, Hq, Hkv, Nq, Nk, D, 7);
+    float g1 = 1.0f;
+    DeviceBuffer gd(4);
+    gd.upload(&g1, 4);
+    const TensorView gv = cuda_view(gd.get(), DType::kFloat32, {1}, "g");
+    struct Packed {
+      DeviceBuffer x, d, s, hat;
+      PackedTensor t;
+      TensorView hat_view;
+    };
+    auto pack = [&](std::vector<float>& x, int64_t h, int64_t n) {
+      Packed r;
+      r.x = upload_as(x, DType::kBFloat16);
+      r.d = DeviceBuffer(B * h * n * D / 2);
+      r.s = DeviceBuffer(B * h * n * D / 16);
+      r.hat = DeviceBuffer(B * h * n * D * 2);
+      r.t = PackedTensor{cuda_view(r.d.get(), DType::kUInt8, {B, h, n, D / 2}, "data"),
+                         cuda_view(r.s.get(), DType::kUInt8, {B, h, n, D / 16}, "scales"), gv};
+      QuantizeOptions qo;
+      const TensorView xv = cuda_view(r.x.get(), DType::kBFloat16, {B, h, n, D}, "x");
+      EXPECT_TRUE(quantize(xv, r.t.data, r.t.scales, gv, qo).ok());
+      r.hat_view = cuda_view(r.hat.get(), DType::kBFloat16, {B, h, n, D}, "hat");
+      EXPECT_TRUE(dequantize(r.t.data, r.t.scales, gv, r.hat_view, qo).ok());
+      return r;
+    };
+    Packed q = pack(p.q, Hq, Nq), k = pack(p.k, Hkv, Nk), v = pack(p.v, Hkv, Nk);
+    AttentionOptions opts = test::options(Mode::kFP4, PQuant::kAnchored, causal);
+    DeviceBuffer o1(B * Hq * Nq * D * 2), o2(B * Hq * Nq * D * 2), l1(B * Hq * Nq * 4), l2(B * Hq * Nq * 4);
+    for (DeviceBuffer* b : {&o1, &o2, &l1, &l2}) b->poison();
+    ForwardOutputs f1, f2;
+    f1.o = cuda_view(o1.get(), DType::kBFloat16, {B, Hq, Nq, D}, "o");
+    f1.lse = cuda_view(l1.get(), DType::kFloat32, {B, Hq, Nq}, "lse");
+    f2.o = cuda_view(o2.get(), DType::kBFloat16, {B, Hq, Nq, D}, "o");
+    f2.lse = cuda_view(l2.get(), DType::kFloat32, {B, Hq, Nq}, "lse");
+    Status st = attention_forward_packed(q.t, k.t, v.t, opts, f1);
+    ASSERT_TRUE(st.ok()) << st.message();
+    opts.inputs_quantized = true;
+    st = attention_forward(q.hat_view, k.hat_view, v.hat_view, opts, f2);
+    ASSERT_TRUE(st.ok()) << st.message();
+    cuda_check(cudaDeviceSynchronize(), "forward");
+    std::vector<uint8_t> a(o1.size()), b(o2.size()), la(l1.size()), lb(l2.size());
+    o1.download(a.data(), a.size());
+    o2.download(b.data(), b.size());
+    l1.download(la.data(), la.size());
+    l2.download(lb.data(), lb.size());
+    EXPECT_TRUE(a == b) << "causal " << causal << ": O differs from the forward on the decoded tensors";
+    EXPECT_TRUE(la == lb) << "causal " << causal << ": LSE differs";
+  }
+}
+
+TEST_F(PackedCuda, DecodeRejectsFloat32Queries) {
+  HostCache h(1, 16, 1, kD, 16, 1);
+  DeviceCache dev(h);
+  DeviceBuffer q(kD * 4), o(kD * 4);
+  const IndexView table = index_view(h.page_table, 1, h.pages_per_seq, "page_table", Device::kCUDA,
+                                     static_cast<const int32_t*>(dev.table.get()));
+  const IndexView lens = index_view(h.lens, 1, -1, "seq_lens", Device::kCUDA, static_cast<const int32_t*>(dev.lens.get()));
+  const Status st = decode_attention(cuda_view(q.get(), DType::kFloat32, {1, 1, 1, kD}, "q"), dev.view, table, lens,
+                                     DecodeOptions{}, cuda_view(o.get(), DType::kFloat32, {1, 1, 1, kD}, "out"),
+                                     TensorView{});
+  EXPECT_EQ(st.code(), StatusCode::kNotImplemented);
+  EXPECT_NE(st.message().find("bfloat16 or float16"), std::string::npos) << st.message();
+}
+
+}  // namespace
+}  // namespace attnqat::gpu_test

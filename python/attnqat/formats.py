@@ -39,9 +39,9 @@ def _resolve_global_scale(global_scale: Union[None, float, str], format: str) ->
             raise ValueError(f"global_scale: expected a power of two, None or 'amax', got {global_scale!r}")
         return 1.0, True
     g = float(global_scale)
-    if not (g > 0 and math.isfinite(g) and math.frexp(g)[0] == 0.5):
+    if not (g > 0 and math.isfinite(g) and math.frexp(g)[0] == 0.5 and 2.0**-100 <= g <= 2.0**100):
         raise ValueError(
-            f"global_scale: expected a positive power of two (so that decoded values are exact), got {g}"
+            f"global_scale: expected a power of two in [2^-100, 2^100] (so that decoded values are exact), got {g}"
         )
     return g, False
 

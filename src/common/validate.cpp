@@ -8,6 +8,10 @@
 namespace attnqat {
 namespace {
 
+// The range of second-level scales (numerics 9.2): what nvfp4_global_scale() produces.
+constexpr float kMinGlobalScale = 7.8886090522101181e-31f;  // 2^-100
+constexpr float kMaxGlobalScale = 1.2676506002282294e+30f;  // 2^100
+
 std::string device_str(const TensorView& t) {
   return t.device == Device::kCPU ? std::string("cpu") : "cuda:" + std::to_string(t.device_id);
 }
@@ -90,10 +94,10 @@ Status check_global_scale(const TensorView& g, const TensorView& x, const Quanti
   // The value can be read only on the host; device scales come from our own amax pass.
   if (g.device == Device::kCPU && !opts.compute_global_scale) {
     const float gv = *static_cast<const float*>(g.data);
-    if (!is_power_of_two(gv)) {
+    if (!is_power_of_two(gv) || gv < kMinGlobalScale || gv > kMaxGlobalScale) {
       std::ostringstream os;
-      os << g.name << ": expected a positive power of two (so that decoded values are exact), got "
-         << gv;
+      os << g.name << ": expected a power of two in [2^-100, 2^100] (so that decoded values are "
+         << "exact), got " << gv;
       return Status::Invalid(os.str());
     }
   }

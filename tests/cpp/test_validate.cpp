@@ -164,7 +164,9 @@ TEST(QuantizeArgs, BadInputs) {
   wrong_dtype.dtype = DType::kUInt8;
   EXPECT_THAT(quantize(wrong_dtype, dv, sv, gv, {}).message(), HasSubstr("x: expected dtype float32, float16 or bfloat16, got uint8"));
   g = 3.0f;
-  EXPECT_THAT(quantize(xv, dv, sv, gv, {}).message(), HasSubstr("global_scale: expected a positive power of two"));
+  EXPECT_THAT(quantize(xv, dv, sv, gv, {}).message(), HasSubstr("global_scale: expected a power of two in [2^-100, 2^100]"));
+  g = 0x1p-101f;  // a power of two below the range
+  EXPECT_THAT(quantize(xv, dv, sv, gv, {}).message(), HasSubstr("global_scale: expected a power of two in [2^-100, 2^100]"));
   g = 1.0f;
   QuantizeOptions mx_tok;
   mx_tok.format = Format::kMXFP4;

@@ -57,7 +57,8 @@ def bench_shape(shape, dtype, sets_hint=None):
     for op, t in res.items():
         bw = moved[op] / (t["median_ms"] * 1e-3)
         rows.append({"op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                     "bytes": moved[op], "sets": sets, **t, "gbps": bw / 1e9, "fraction_of_copy": bw / copy_bw})
+                     "bytes": moved[op], "sets": sets, **t, "gbps": bw / 1e9,
+                     "fraction_of_copy": bw / copy_bw})  # against the copy of the same shape
     del xs
     torch.cuda.empty_cache()
     return rows
@@ -77,20 +78,27 @@ def main():
     rows = []
     for shape, dtype in shapes:
         rows += bench_shape(shape, dtype)
+    # The reference bandwidth is the best copy of the run: torch's copy of tensors of 1 GiB and more
+    # runs slower (about 2.7 against 4.2 TB/s on an H200), which would flatter the ratios of those
+    # shapes against their own copy.
+    best_copy = max(r["gbps"] for r in rows if r["op"] == "copy")
+    for r in rows:
+        r["fraction_of_best_copy"] = r["gbps"] / best_copy
     path = common.write_results("quantize", banner, rows, args.out)
-    print(f"\n{'op':<14} {'shape':<22} {'dtype':<9} {'MiB':>7} {'ms':>8} {'GB/s':>7} {'x copy':>7}")
+    print(f"\n{'op':<14} {'shape':<22} {'dtype':<9} {'MiB':>7} {'ms':>8} {'GB/s':>7} {'x copy':>7} {'x best':>7}")
     for r in rows:
         print(f"{r['op']:<14} {str(r['shape']):<22} {r['dtype']:<9} {r['bytes'] / 2**20:7.0f} {r['median_ms']:8.3f} "
-              f"{r['gbps']:7.0f} {r['fraction_of_copy']:7.3f}")
+              f"{r['gbps']:7.0f} {r['fraction_of_copy']:7.3f} {r['fraction_of_best_copy']:7.3f}")
     # Headline: the worst case over the >= 256 MiB inputs.
     big = [r for r in rows if r["bytes"] >= 2**28]
     day = str(banner["date"])[:10]
     metrics = {}
     for op, metric in (("quantize", "quantize_bw_fraction"), ("fake_quantize", "fake_quantize_bw_fraction")):
-        vals = [r["fraction_of_copy"] for r in big if r["op"] == op]
+        vals = [r["fraction_of_best_copy"] for r in big if r["op"] == op]
         if vals:
             metrics[metric] = {"value": round(min(vals), 4), "target": TARGET, "gpu": banner["gpu"], "date": day,
-                               "source": f"bench/results/{path.name}"}
+                               "source": f"bench/results/{path.name}",
+                               "aggregate": "min over inputs >= 256 MiB, against the run's best copy bandwidth"}
     common.update_headline(metrics, args.out)
     print(f"\nwrote {path}")
     for k, v in metrics.items():

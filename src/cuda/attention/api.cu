@@ -18,6 +18,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda/common/device_guard.h"
 #include "attnqat/attnqat.h"
 #include "cuda/common/workspace.h"
 #include "common/validate.h"
@@ -31,27 +32,6 @@ namespace {
 constexpr float kLog2e = 1.44269504088896340736f;  // RN(log2 e)
 constexpr int kKernelKeyTile = 128;                // sm90::FwdConfig::kBlockN
 constexpr size_t kTempAlign = 256;                 // byte alignment of each temporary
-
-class DeviceGuard {
- public:
-  DeviceGuard() = default;
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-  ~DeviceGuard() {
-    if (switched_) cudaSetDevice(previous_);
-  }
-  cudaError_t set(int device) {
-    cudaError_t err = cudaGetDevice(&previous_);
-    if (err != cudaSuccess || previous_ == device) return err;
-    err = cudaSetDevice(device);
-    switched_ = err == cudaSuccess;
-    return err;
-  }
-
- private:
-  int previous_ = 0;
-  bool switched_ = false;
-};
 
 Status cuda_error(const char* what, cudaError_t err) {
   return Status::Cuda(std::string("attention_forward: ") + what +

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <string>
 
+#include "cuda/common/device_guard.h"
 #include "attnqat/attnqat.h"
 #include "common/validate.h"
 #include "cuda/common/workspace.h"
@@ -34,27 +35,6 @@ Status cuda_error(const char* op, const char* what, cudaError_t err) {
   return Status::Cuda(std::string(op) + ": " + what + " failed: " + cudaGetErrorName(err) + " (" +
                       cudaGetErrorString(err) + ")");
 }
-
-class DeviceGuard {
- public:
-  DeviceGuard() = default;
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-  ~DeviceGuard() {
-    if (switched_) cudaSetDevice(previous_);
-  }
-  cudaError_t set(int device) {
-    cudaError_t err = cudaGetDevice(&previous_);
-    if (err != cudaSuccess || previous_ == device) return err;
-    err = cudaSetDevice(device);
-    switched_ = err == cudaSuccess;
-    return err;
-  }
-
- private:
-  int previous_ = 0;
-  bool switched_ = false;
-};
 
 Status check_aligned(const TensorView& t, size_t bytes) {
   if (reinterpret_cast<uintptr_t>(t.data) % bytes != 0)

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cuda/common/device_guard.h"
 #include "cuda/api.h"
 #include "cuda/quantize/params.h"
 
@@ -37,28 +38,6 @@ namespace {
 
 constexpr int kVecBytes = 16;           // LDG.128 / STG.128
 constexpr int kAmaxCtasPerSm = 8;        // amax pass: enough CTAs to fill the GPU, few atomics
-
-// Makes `device` current for the lifetime of the guard (restores the previous one).
-class DeviceGuard {
- public:
-  DeviceGuard() = default;
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-  ~DeviceGuard() {
-    if (switched_) cudaSetDevice(previous_);
-  }
-  cudaError_t set(int device) {
-    cudaError_t err = cudaGetDevice(&previous_);
-    if (err != cudaSuccess || previous_ == device) return err;
-    err = cudaSetDevice(device);
-    switched_ = err == cudaSuccess;
-    return err;
-  }
-
- private:
-  int previous_ = 0;
-  bool switched_ = false;
-};
 
 std::string device_arch_str() {
   int device = 0, major = 0, minor = 0;

@@ -13,70 +13,26 @@
 
 #include "attnqat/attnqat.h"
 #include "common/host_convert.h"
+#include "../gpu_test_common.h"
 
 namespace attnqat::gpu_test {
 
-inline void cuda_check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(err) + " (" +
-                             cudaGetErrorString(err) + ")");
-}
+using gpu_common::cuda_check;
+using gpu_common::DeviceBuffer;
 
 // Every test of this binary derives from it: no GPU, or not a Hopper (sm_90) one, is a failure
 // with a message — these tests run only where such a GPU is expected (label `cuda`).
-class Sm90Test : public ::testing::Test {
+class Sm90Test : public gpu_common::CudaTest {
  protected:
   void SetUp() override {
-    int count = 0;
-    const cudaError_t err = cudaGetDeviceCount(&count);
-    ASSERT_TRUE(err == cudaSuccess && count > 0)
-        << "no usable CUDA device (cudaGetDeviceCount: " << cudaGetErrorString(err) << ", count "
-        << count << "): the attention GPU tests need an sm_90 GPU (H100/H200)";
+    gpu_common::CudaTest::SetUp();
+    if (HasFatalFailure()) return;
     int major = 0, minor = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
     ASSERT_TRUE(major == 9 && minor == 0)
         << "device 0 is sm_" << major << minor << ": the sm90 attention kernel needs sm_90";
-    cudaGetLastError();  // clear what an earlier test may have left
   }
-};
-
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (bytes_) cuda_check(cudaMalloc(&ptr_, bytes_), "cudaMalloc");
-  }
-  ~DeviceBuffer() {
-    if (ptr_) cudaFree(ptr_);
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) {
-    o.ptr_ = nullptr;
-    o.bytes_ = 0;
-  }
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
-    std::swap(ptr_, o.ptr_);
-    std::swap(bytes_, o.bytes_);
-    return *this;
-  }
-  void* get() const { return ptr_; }
-  size_t size() const { return bytes_; }
-  void upload(const void* host, size_t bytes) {
-    if (bytes) cuda_check(cudaMemcpy(ptr_, host, bytes, cudaMemcpyHostToDevice), "upload");
-  }
-  void download(void* host, size_t bytes) const {
-    if (bytes) cuda_check(cudaMemcpy(host, ptr_, bytes, cudaMemcpyDeviceToHost), "download");
-  }
-  // 0xFF bytes: every float, bf16 and fp16 element reads as NaN (catches unwritten outputs).
-  void poison() {
-    if (bytes_) cuda_check(cudaMemset(ptr_, 0xFF, bytes_), "cudaMemset");
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
 };
 
 inline uint16_t to_half_bits(float x, DType dt) {

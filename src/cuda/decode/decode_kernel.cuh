@@ -25,15 +25,28 @@
 // Channel permutations. A dot product does not depend on the order of its terms, so the QK MMA
 // uses a channel order in which each thread's 16 bytes of a key (channels [32t, 32t+32)) become
 // its A fragments with no data movement (k-step s, fragment half r, element h: channel
-// 32t + 8(s>>1) + 2(s&1) + r + 4h); Q^T's B fragments are built with the same order. For PV, the
+// 32t + 8(s>>1) + 4(s&1) + 2r + h); Q^T's B fragments are built with the same order. For PV, the
 // output channel order is permuted likewise (thread g reads channels [16g, 16g+16), one NVFP4
 // block, of four keys): m-tile c, half hf holds channel 16g + 8(c>>2) + (c&3) + 4hf; the
 // epilogue writes each channel where it belongs.
 //
-// FP4 decode to fp16 (per 8 codes, no tables in memory): PRMT looks the 3-bit magnitudes up in
-// an 8-byte table of fp16 high bytes (0, .5, 1, 1.5, 2, 3, 4, 6 are 0x00,38,3C,3E,40,42,44,46 with
-// zero low bytes), a second PRMT spreads the bytes into fp16x2 words, LOP3 ors in the sign, and
-// one HMUL2 applies the block scale (E4M3 -> fp16 exactly with cvt.rn.f16x2.e4m3x2). All exact.
+// FP4 decode to fp16 (per 8 codes, no tables in memory; fp4_signed_bytes): PRMT looks the 3-bit
+// magnitudes up in an 8-byte table of fp16 high bytes (0, .5, 1, 1.5, 2, 3, 4, 6 are
+// 0x00,38,3C,3E,40,42,44,46 with zero low bytes), a second PRMT gathers the sign bits into bit 7
+// of each byte and a LOP3 merges them; one PRMT per fp16x2 word places two signed bytes over zero
+// low bytes, and one HMUL2 applies the block scale (E4M3 -> fp16 exactly with
+// cvt.rn.f16x2.e4m3x2). All exact. 17 instructions per 8 codes, 12 of them on the ALU pipe, which
+// runs at half the issue rate: with the P quantizer's and the softmax's ALU work, the ALU pipe
+// bounds the loop (ncu: "math pipe throttle" is the first stall reason).
+//
+// Packed rows (kPack, rows <= 4: GQA <= 4 with one query token, the common serving case). With
+// 4 rows, half of the n8 columns would be padding and half the softmax/P work wasted. Instead
+// the Q^T fragments repeat rows 0-3 in columns 4-7, both tiles of a step are multiplied as usual,
+// and lanes t < 2 keep tile 0's columns 0-3 while lanes t >= 2 keep tile 1's columns 4-7: one set
+// of 4 scores per thread, each column a (row, tile) pair. The row max also reduces across t ^ 2;
+// a P block (16 keys of one row) is still one column. In PV, tile 0's B fragment keeps columns
+// 0-3 (tile 1's 4-7) and zeroes the rest, so O^T column c accumulates tile (c >= 4)'s keys of row
+// c & 3; the epilogue adds columns r and r + 4 (same m_ref, so no rescale).
 //
 // P^ per the spec: p~ = exp2(S2 - m_ref) (fused: ex2(fma(S, c2, -m_ref))); one NVFP4 block = 16
 // keys of one row = one S^T tile column, held by the 8 lanes with the same t (keys g and g+8):
@@ -48,10 +61,11 @@
 // kv_tile = 128: the 4 warps handle the 4 steps of a tile and exchange their step maxima through
 // shared memory (one barrier per tile); the host launches one split.
 //
-// Loads: each warp streams its steps through a private 3-step cp.async ring in shared memory
+// Loads: each warp streams its steps through a private 2-step cp.async ring in shared memory
 // (16-byte copies, coalesced; K and V rows swizzled so that the fragment reads are free of bank
 // conflicts, see smem_row / smem_chunk_xor). Keys past the sequence end are masked (scores -inf,
-// V scales 0 so that stale shared memory can never inject NaN).
+// V scales 0 so that stale shared memory can never inject NaN). The first steps' loads are issued
+// before Q is quantized, so that small batches (one or two steps per warp) overlap the two.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -147,6 +161,19 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1,
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+// Programmatic dependent launch (sm_90+): the decode kernel lets the combine kernel's CTAs be
+// scheduled early; the combine kernel waits for the decode grid's completion (and its memory)
+// before it reads the partials. No-ops below sm_90.
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -162,22 +189,11 @@ __device__ __forceinline__ void cp_async_wait() {
 // ---- FP4 -> fp16 -------------------------------------------------------------------------------
 
 // fp16 high bytes of the E2M1 magnitudes 0, 0.5, 1, 1.5 (kLut0) and 2, 3, 4, 6 (kLut1); the low
-// bytes are all zero. All have bit 7 clear, which the spread selectors below rely on.
+// bytes are all zero.
 constexpr uint32_t kLut0 = 0x3E3C3800u;
 constexpr uint32_t kLut1 = 0x46444240u;
 constexpr uint32_t kMagMask = 0x77777777u;
-constexpr uint32_t kSignBits = 0x80008000u;
 
-// Spread selector j: result bytes {0x00, a.byte j, 0x00, b.byte j}. Selector nibble 0x8 copies
-// the sign bit of byte 0 of `a` into a whole byte: 0x00, since every table byte is positive.
-__device__ __forceinline__ constexpr uint32_t spread_sel(int j) {
-  return 0x8u | (static_cast<uint32_t>(j) << 4) | (0x8u << 8) | (static_cast<uint32_t>(4 + j) << 12);
-}
-
-// 8 codes of `lo_src` nibbles (j) and `hi_src` nibbles -> 8 fp16x2 words, already scaled:
-// out[j] = (value(lo nibble j), value(hi nibble j)) * (scale.lo, scale.hi).
-// `signs_lo` / `signs_hi` hold the 16-bit nibble groups 0-3 / 4-7 of both sources: lo source in
-// bits 0-15, hi source in bits 16-31, so nibble j's two signs sit at bits 4j+3 and 4j+19.
 // `lut0` is kLut0 in a register (pinned_lut0()): PRMT takes one table as an immediate, the other
 // must be a register, and a plain constant would be re-materialized before every PRMT.
 __device__ __forceinline__ uint32_t pinned_lut0(uint32_t zero) {
@@ -186,43 +202,51 @@ __device__ __forceinline__ uint32_t pinned_lut0(uint32_t zero) {
   return r;
 }
 
-__device__ __forceinline__ void fp4_to_f16x2(uint32_t mags_a, uint32_t mags_b, uint32_t signs_lo,
-                                             uint32_t signs_hi, uint32_t scale, uint32_t lut0,
-                                             uint32_t (&out)[8]) {
-  // Table lookups: bytes of the magnitudes of nibbles 0-3 (low 16 bits select) and 4-7.
-  const uint32_t a_lo = prmt(lut0, kLut1, mags_a);
-  const uint32_t a_hi = prmt(lut0, kLut1, mags_a >> 16);
-  const uint32_t b_lo = prmt(lut0, kLut1, mags_b);
-  const uint32_t b_hi = prmt(lut0, kLut1, mags_b >> 16);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t w_lo = prmt(a_lo, b_lo, spread_sel(j)) | ((signs_lo << (12 - 4 * j)) & kSignBits);
-    const uint32_t w_hi = prmt(a_hi, b_hi, spread_sel(j)) | ((signs_hi << (12 - 4 * j)) & kSignBits);
-    out[j] = hmul2(w_lo, scale);
-    out[j + 4] = hmul2(w_hi, scale);
-  }
+// The 8 codes of a word -> their signed fp16 high bytes: lo = nibbles 0-3, hi = nibbles 4-7
+// (byte k = nibble k, resp. 4 + k). Magnitudes by table (PRMT: the low 16 bits of the selector
+// pick 4 bytes of {lut0, kLut1}); signs: nibble k's sign bit 4k+3 must land on bit 8k+7. Bytes
+// of w << 4 carry the signs of the even nibbles in their bit 7, bytes of w those of the odd ones,
+// so one PRMT gathers them (selectors 0x5140 / 0x7362) and one LOP3 merges them. 9 instructions.
+__device__ __forceinline__ void fp4_signed_bytes(uint32_t w, uint32_t lut0, uint32_t& lo, uint32_t& hi) {
+  const uint32_t mags = w & kMagMask, w4 = w << 4;
+  lo = prmt(lut0, kLut1, mags) | (prmt(w4, w, 0x5140u) & 0x80808080u);
+  hi = prmt(lut0, kLut1, mags >> 16) | (prmt(w4, w, 0x7362u) & 0x80808080u);
 }
 
-// One key's word of 8 codes (channels base + j, j = 0..7) -> 4 fp16x2 words: out[k] holds the
-// channels (base + k, base + k + 4), times `scale` (the block's scale in both halves).
+// fp16x2 {byte i of x as the high byte of the low half, byte j of x as that of the high half},
+// low bytes zero (PRMT selector 4 = byte 0 of the zero register).
+template <int kI, int kJ>
+__device__ __forceinline__ uint32_t spread(uint32_t x) {
+  return prmt(x, 0u, 0x4u | (static_cast<uint32_t>(kI) << 4) | (0x4u << 8) | (static_cast<uint32_t>(kJ) << 12));
+}
+
+// One key's word of 8 codes (channels base + j, j = 0..7) -> 4 fp16x2 words, out[k] = channels
+// (base + 2k, base + 2k + 1), times `scale` (the block's scale in both halves). 17 instructions.
 __device__ __forceinline__ void fp4_word_to_f16x2(uint32_t w, uint32_t scale, uint32_t lut0,
                                                   uint32_t (&out)[4]) {
-  const uint32_t mags = w & kMagMask;
-  const uint32_t lo = prmt(lut0, kLut1, mags);        // nibbles 0-3
-  const uint32_t hi = prmt(lut0, kLut1, mags >> 16);  // nibbles 4-7
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    // nibble k's sign at bit 4k+3 -> 15, nibble k+4's at bit 4k+19 -> 31.
-    const uint32_t word = prmt(lo, hi, spread_sel(k)) | ((w << (12 - 4 * k)) & kSignBits);
-    out[k] = hmul2(word, scale);
-  }
+  uint32_t lo, hi;
+  fp4_signed_bytes(w, lut0, lo, hi);
+  out[0] = hmul2(spread<0, 1>(lo), scale);
+  out[1] = hmul2(spread<2, 3>(lo), scale);
+  out[2] = hmul2(spread<0, 1>(hi), scale);
+  out[3] = hmul2(spread<2, 3>(hi), scale);
 }
 
-// A pair of keys' words (same channels base + j): out[j] = (V[key a][base + j], V[key b][..]).
+// A pair of keys' words (same channels base + j): out[j] = (V[key a][base + j], V[key b][..]),
+// times (scale.lo, scale.hi). The words are first interleaved by bytes ({a0, b0, a1, b1} and
+// {a2, b2, a3, b3}: nibbles a_2i, a_2i+1, b_2i, b_2i+1 per 16 bits), so that each signed-byte
+// word holds both keys and one PRMT per output pairs them. 36 instructions for 16 codes.
 __device__ __forceinline__ void fp4_pair_to_f16x2(uint32_t wa, uint32_t wb, uint32_t scale,
                                                   uint32_t lut0, uint32_t (&out)[8]) {
-  fp4_to_f16x2(wa & kMagMask, wb & kMagMask, prmt(wa, wb, 0x5410u), prmt(wa, wb, 0x7632u), scale,
-               lut0, out);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t lo, hi;  // lo: {a_4h, a_4h+1, b_4h, b_4h+1}, hi: {a_4h+2, a_4h+3, b_4h+2, b_4h+3}
+    fp4_signed_bytes(prmt(wa, wb, h == 0 ? 0x5140u : 0x7362u), lut0, lo, hi);
+    out[4 * h + 0] = hmul2(spread<0, 2>(lo), scale);
+    out[4 * h + 1] = hmul2(spread<1, 3>(lo), scale);
+    out[4 * h + 2] = hmul2(spread<0, 2>(hi), scale);
+    out[4 * h + 3] = hmul2(spread<1, 3>(hi), scale);
+  }
 }
 
 // ---- P quantizer (numerics sections 2, 4), this kernel's layout --------------------------------
@@ -314,7 +338,11 @@ __device__ __forceinline__ float exact_pow2(float e) {
   return ei < -126 ? 0.0f : __int_as_float((127 + ei) << 23);
 }
 
-template <bool kF16In>
+// kPack (rows <= 4, e.g. GQA 4 with one query token): the n8 columns of the MMAs hold the 4
+// rows twice — columns 0-3 carry the step's first 16-key tile, columns 4-7 its second — so that
+// the softmax and the P quantization run on 4 values per thread per step instead of 8 (half of
+// them padding rows otherwise). See "Packed rows" in the file comment.
+template <bool kF16In, bool kPack>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const DecodeParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
@@ -326,54 +354,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   const int k_end = min(k_begin + p.split_keys, L);
   const int32_t* table = p.page_table + b * p.pt_stride_b;
 
-  // ---- Q^ = phi_nv(q; 1) per 16 channels into shared memory (fp16, exact) -----------------------
-  __half* s_q = reinterpret_cast<__half*>(smem + kOffQ);  // [kRows, D]
-  if (threadIdx.x < kRows * (kHeadDim / 16)) {
-    const int r = threadIdx.x / (kHeadDim / 16), blk = threadIdx.x % (kHeadDim / 16);
-    const int R = rg * kRows + r;
-    float x[16];
-    if (R < p.rows) {
-      const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
-      const int64_t base = b * p.q_stride_b + h * p.q_stride_h + qi * p.q_stride_i + blk * 16;
-#pragma unroll
-      for (int e = 0; e < 16; ++e) x[e] = load_half<kF16In>(p.q, base + e);
-      const cuda::NvBlockScale sc = cuda::nv_block_scale(cuda::block_amax<16>(x), 1.0f);
-#pragma unroll
-      for (int e = 0; e < 16; ++e) x[e] = cuda::nv_fake_element(x[e], sc, 1.0f);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 16; ++e) x[e] = 0.0f;
-    }
-#pragma unroll
-    for (int e = 0; e < 16; ++e) s_q[r * kHeadDim + blk * 16 + e] = __float2half_rn(x[e]);
-  }
-  __syncthreads();
+  griddep_launch_dependents();
 
-  // Q^T B fragments of the 8 k-steps: step s, half r, element h = channel 32t + 8(s>>1) +
-  // 2(s&1) + r + 4h of row g.
-  uint32_t qb[8][2];
-  {
-    const uint16_t* qrow = reinterpret_cast<const uint16_t*>(s_q) + g * kHeadDim + 32 * t;
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      const int c = 8 * (s >> 1) + 2 * (s & 1);
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        qb[s][r] = static_cast<uint32_t>(qrow[c + r]) | (static_cast<uint32_t>(qrow[c + r + 4]) << 16);
-    }
-  }
-
-  // Visible keys of this thread's two rows (2t, 2t+1): key j < lim. Rows past `rows` are padding
-  // (their results are dropped); they get lim = L so that they never force masking.
-  int lim[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int R = rg * kRows + 2 * t + i;
-    lim[i] = R < p.rows ? max(0, min(L, L - p.nq + (R % p.nq) + 1)) : L;
-  }
-  const int mask_from = max(0, L - p.nq + 1);  // steps reaching this key need masking
-
-  // ---- Per-warp step loop ---------------------------------------------------------------------
+  // ---- Per-warp loads: a cp.async ring of steps ----------------------------------------------------
   const int n_steps = k_end > k_begin ? (k_end - k_begin + kStepKeys - 1) / kStepKeys : 0;
   // paper: every warp runs every 128-key tile (barriers); anchored: only its own steps.
   const int n_iter = p.paper ? (n_steps + kWarps - 1) / kWarps
@@ -420,6 +403,56 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
     cp_async_commit();
   };
 
+  // The first steps' loads go out before the Q^ work below, which overlaps their latency.
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) load_step(i);
+
+  // ---- Q^ = phi_nv(q; 1) per 16 channels into shared memory (fp16, exact) -----------------------
+  __half* s_q = reinterpret_cast<__half*>(smem + kOffQ);  // [kRows, D]
+  if (threadIdx.x < kRows * (kHeadDim / 16)) {
+    const int r = threadIdx.x / (kHeadDim / 16), blk = threadIdx.x % (kHeadDim / 16);
+    const int R = rg * kRows + r;
+    float x[16];
+    if (R < p.rows) {
+      const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
+      const int64_t base = b * p.q_stride_b + h * p.q_stride_h + qi * p.q_stride_i + blk * 16;
+#pragma unroll
+      for (int e = 0; e < 16; ++e) x[e] = load_half<kF16In>(p.q, base + e);
+      const cuda::NvBlockScale sc = cuda::nv_block_scale(cuda::block_amax<16>(x), 1.0f);
+#pragma unroll
+      for (int e = 0; e < 16; ++e) x[e] = cuda::nv_fake_element(x[e], sc, 1.0f);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 16; ++e) x[e] = 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < 16; ++e) s_q[r * kHeadDim + blk * 16 + e] = __float2half_rn(x[e]);
+  }
+  __syncthreads();
+
+  // Q^T B fragments of the 8 k-steps: step s, half r, element h = channel 32t + 8(s>>1) +
+  // 4(s&1) + 2r + h of row g (kPack: of row g & 3, so columns 4-7 repeat rows 0-3).
+  uint32_t qb[8][2];
+  {
+    const uint32_t* qrow = reinterpret_cast<const uint32_t*>(s_q + (kPack ? g & 3 : g) * kHeadDim + 32 * t);
+#pragma unroll
+    for (int s = 0; s < 8; ++s)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) qb[s][r] = qrow[(8 * (s >> 1) + 4 * (s & 1) + 2 * r) / 2];
+  }
+
+  // This thread's two accumulator columns 2t, 2t+1 hold rows row_of[0..1] (kPack: columns 4-7
+  // repeat rows 0-3). Visible keys of those rows: key j < lim. Rows past `rows` are padding
+  // (their results are dropped); they get lim = L so that they never force masking.
+  int row_of[2], lim[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_of[i] = kPack ? (2 * t + i) & 3 : 2 * t + i;
+    const int R = rg * kRows + row_of[i];
+    lim[i] = R < p.rows ? max(0, min(L, L - p.nq + (R % p.nq) + 1)) : L;
+  }
+  const int mask_from = max(0, L - p.nq + 1);  // steps reaching this key need masking
+
   // Fragment read offsets (bytes within a tile), constant per thread.
   const int off_k0 = smem_row(g) * kKeyBytes + ((t ^ smem_chunk_xor(g)) * 16);
   const int off_k1 = off_k0 + 8 * kKeyBytes;  // key g + 8: same row pattern, 8 rows further
@@ -441,8 +474,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   float* red = reinterpret_cast<float*>(smem + kOffRed);  // paper: [2][kWarps][kRows]
 
   const uint32_t lut0 = pinned_lut0(static_cast<uint32_t>(p.heads_kv) >> 31);  // heads_kv >= 0
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) load_step(i);
   for (int it = 0; it < n_iter; ++it) {
     load_step(it + kStages - 1);
     cp_async_wait<kStages - 1>();
@@ -485,29 +516,47 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       }
     }
 
-    // Row maxima of the step (rows 2t, 2t+1), over the 8 lanes that share t.
+    // The values that go through the softmax: kPack keeps tile 0's columns 0-3 and tile 1's
+    // columns 4-7 (lanes t < 2 and t >= 2), one set of 4 per thread; otherwise both tiles.
+    constexpr int kSets = kPack ? 1 : 2;
+    float sv[kSets][4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if constexpr (kPack) {
+        sv[0][e] = t < 2 ? s[0][e] : s[1][e];
+      } else {
+        sv[0][e] = s[0][e];
+        sv[1][e] = s[1][e];
+      }
+    }
+
+    // Row maxima of the step (rows row_of[0..1]), over the 8 lanes that share t (kPack: and
+    // over the lanes t ^ 2, which hold the same rows' other tile).
     float mx[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float v = fmaxf(fmaxf(s[0][i], s[0][i + 2]), fmaxf(s[1][i], s[1][i + 2]));
+      float v = fmaxf(sv[0][i], sv[0][i + 2]);
+      if constexpr (!kPack) v = fmaxf(v, fmaxf(sv[1][i], sv[1][i + 2]));
       v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
       v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
-      mx[i] = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+      if constexpr (kPack) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+      mx[i] = v;
     }
     if (p.paper) {
       // The 128-key tile's maximum: exchange the 4 warps' step maxima. Double-buffered by the
       // tile's parity, so one barrier per tile orders both the writes and the next overwrite.
       float* buf = red + (it & 1) * kWarps * kRows;
-      if (g == 0) {
-        buf[warp * kRows + 2 * t] = mx[0];
-        buf[warp * kRows + 2 * t + 1] = mx[1];
+      if (g == 0) {  // kPack: lanes t and t ^ 2 write the same value to the same slot
+        buf[warp * kRows + row_of[0]] = mx[0];
+        buf[warp * kRows + row_of[1]] = mx[1];
       }
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        float v = buf[2 * t + i];
+        float v = buf[row_of[i]];
 #pragma unroll
-        for (int w = 1; w < kWarps; ++w) v = fmaxf(v, buf[w * kRows + 2 * t + i]);
+        for (int w = 1; w < kWarps; ++w) v = fmaxf(v, buf[w * kRows + row_of[i]]);
         mx[i] = v;
       }
     }
@@ -540,17 +589,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       l[1] *= f[1];
     }
 
-    // p~, P^ and O^T += V^T P^T, tile by tile.
+    // p~ and P^ (as the PV MMA's B fragments, column g), per set.
+    uint32_t pb[2][2];
+#pragma unroll
+    for (int set = 0; set < kSets; ++set) {
+      float pt[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pt[e] = ex2_approx(fmaf(sv[set][e], c2, -m_use[e & 1]));
+      l[0] += pt[0] + pt[2];
+      l[1] += pt[1] + pt[3];
+      quantize_p_tile(pt, pc, pb[set][0], pb[set][1]);
+    }
+    if constexpr (kPack) {
+      // Tile 0's PV takes columns 0-3 (lanes g < 4), tile 1's columns 4-7; the other columns
+      // are zero, so each O^T column accumulates the keys of one tile only.
+      const bool first = g < 4;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        pb[1][j] = first ? 0u : pb[0][j];
+        pb[0][j] = first ? pb[0][j] : 0u;
+      }
+    }
+
+    // O^T += V^T P^T, tile by tile.
 #pragma unroll
     for (int tt = 0; tt < 2; ++tt) {
       const uint8_t* tile = step + tt * kTileBytes;
-      float pt[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pt[e] = ex2_approx(fmaf(s[tt][e], c2, -m_use[e & 1]));
-      l[0] += pt[0] + pt[2];
-      l[1] += pt[1] + pt[3];
-      uint32_t pb0, pb1;
-      quantize_p_tile(pt, pc, pb0, pb1);
+      const uint32_t pb0 = pb[tt][0], pb1 = pb[tt][1];
 
       // V of keys 2t, 2t+1 (pair a) and 2t+8, 2t+9 (pair b), channels [16g, 16g+16) = block g.
       const uint2 va0 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[0]);
@@ -585,7 +650,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   }
   cp_async_wait<0>();
 
-  // Row sums over the 8 lanes that share t.
+  // Column sums over the 8 lanes that share t (kPack: columns c and c + 4 are added in the merge).
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 4);
@@ -606,7 +671,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       const int row = 2 * t + (e & 1);
       s_o[(warp * kRows + row) * kOPitch + ch] = o_acc[c][e];
     }
-  if (g == 0) {
+  if (g == 0) {  // per column (kPack: columns c and c + 4 share m_ref)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       s_m[warp * kRows + 2 * t + i] = m_ref[i];
@@ -631,8 +696,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
         if (mw == neg_inf()) continue;
         // anchored: an exact power of two; paper: the warps share m, so the weight is 1.
         const float wgt = mw == M ? 1.0f : exact_pow2(mw - M);
-        acc = fmaf(wgt, s_o[(w * kRows + r) * kOPitch + d], acc);
-        lsum = fmaf(wgt, s_l[w * kRows + r], lsum);
+        float ow = s_o[(w * kRows + r) * kOPitch + d], lw = s_l[w * kRows + r];
+        if constexpr (kPack) {  // row r's other tile: column r + 4
+          ow += s_o[(w * kRows + r + 4) * kOPitch + d];
+          lw += s_l[w * kRows + r + 4];
+        }
+        acc = fmaf(wgt, ow, acc);
+        lsum = fmaf(wgt, lw, lsum);
       }
     }
     const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
@@ -656,64 +726,83 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
 
 // Merges the splits of one (unit, row): O = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s with
 // M = max m_s (anchored: every weight an exact power of two). Grid (units, kRows), kHeadDim
-// threads. The split statistics are read once, in parallel, into shared memory (a serial loop of
-// dependent-latency loads per thread was the bottleneck of small batches); then every thread
-// sums its channel over the splits with independent, coalesced loads.
+// threads = 4 warps. Warp w takes the splits w, w + 4, ...: each lane loads the split's m, l and
+// 4 channels of O (float4) for up to kCombineBatch splits at once (independent loads: one memory
+// latency for a whole batch), then folds them into a running (M, l, O) — rescaling by 2^(M_old -
+// M_new) is exact, so the sum is the two-pass sum up to the order of fp32 additions. The 4 warps
+// are merged through shared memory the same way. Launched with programmatic dependent launch: its
+// CTAs may start while the decode grid drains, and wait for it (griddep_wait) before reading.
 constexpr int kMaxSplits = 1024;  // api.cu caps num_splits at this
+constexpr int kCombineBatch = 16;
 
-__device__ __forceinline__ float block_reduce(float v, float* s_red, bool is_max) {
-#pragma unroll
-  for (int o = 16; o >= 1; o /= 2) {
-    const float w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? fmaxf(v, w) : v + w;
+__device__ __forceinline__ void fold_split(float ms, float ls, const float4& os, float& M, float& l,
+                                           float4& acc) {
+  if (ms == neg_inf()) return;  // an empty split (no visible key) weighs 0
+  if (ms > M) {
+    const float f = M == neg_inf() ? 0.0f : exact_pow2(M - ms);
+    acc.x *= f, acc.y *= f, acc.z *= f, acc.w *= f;
+    l *= f;
+    M = ms;
   }
-  __syncthreads();  // s_red is free (an earlier reduction's readers are done)
-  if (threadIdx.x % 32 == 0) s_red[threadIdx.x / 32] = v;
-  __syncthreads();
-  v = s_red[0];
-#pragma unroll
-  for (int w = 1; w < kHeadDim / 32; ++w) v = is_max ? fmaxf(v, s_red[w]) : v + s_red[w];
-  return v;
+  const float w = ms == M ? 1.0f : exact_pow2(ms - M);
+  acc.x = fmaf(w, os.x, acc.x), acc.y = fmaf(w, os.y, acc.y), acc.z = fmaf(w, os.z, acc.z),
+  acc.w = fmaf(w, os.w, acc.w);
+  l = fmaf(w, ls, l);
 }
 
 template <bool kF16Out>
 __global__ void __launch_bounds__(kHeadDim) combine_kernel(const DecodeParams p) {
-  __shared__ float s_w[kMaxSplits];
-  __shared__ float s_red[kHeadDim / 32];
-  const int unit = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
+  static_assert(kHeadDim == 4 * 32, "one float4 of channels per lane");
+  __shared__ float4 s_o[kHeadDim / 32][32];
+  __shared__ float s_ml[kHeadDim / 32][2];
+  const int unit = blockIdx.x, r = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rg = unit % p.row_groups, kvh = (unit / p.row_groups) % p.heads_kv;
   const int b = unit / (p.row_groups * p.heads_kv);
   const int R = rg * kRows + r;
   if (R >= p.rows) return;  // uniform per block
+  griddep_wait();  // the decode grid's partials are complete and visible from here on
   const int64_t prow0 = static_cast<int64_t>(unit) * p.num_splits * kRows + r;
-  float m_loc = neg_inf();
-  for (int s = d; s < p.num_splits; s += kHeadDim) {
-    const float ms = p.part_ml[2 * (prow0 + s * kRows)];
-    s_w[s] = ms;
-    m_loc = fmaxf(m_loc, ms);
+  float M = neg_inf(), l = 0.0f;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  constexpr int kWarpsC = kHeadDim / 32;
+  for (int s0 = warp; s0 < p.num_splits; s0 += kWarpsC * kCombineBatch) {
+    float ms[kCombineBatch], ls[kCombineBatch];
+    float4 os[kCombineBatch];
+#pragma unroll
+    for (int j = 0; j < kCombineBatch; ++j) {
+      const int s = s0 + kWarpsC * j;
+      if (s < p.num_splits) {
+        const int64_t prow = prow0 + static_cast<int64_t>(s) * kRows;
+        ms[j] = p.part_ml[2 * prow];
+        ls[j] = p.part_ml[2 * prow + 1];
+        os[j] = reinterpret_cast<const float4*>(p.part_o + prow * kHeadDim)[lane];
+      } else {
+        ms[j] = neg_inf();
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kCombineBatch; ++j) fold_split(ms[j], ls[j], os[j], M, l, acc);
   }
-  const float M = block_reduce(m_loc, s_red, true);
-  float l_loc = 0.0f;
-  for (int s = d; s < p.num_splits; s += kHeadDim) {
-    const float ms = s_w[s];
-    // anchored: an exact power of two (integer exponents); empty splits weigh 0.
-    const float wgt = (M == neg_inf() || ms == neg_inf()) ? 0.0f : (ms == M ? 1.0f : exact_pow2(ms - M));
-    s_w[s] = wgt;
-    l_loc = fmaf(wgt, p.part_ml[2 * (prow0 + s * kRows) + 1], l_loc);
+  s_o[warp][lane] = acc;
+  if (lane == 0) {
+    s_ml[warp][0] = M;
+    s_ml[warp][1] = l;
   }
-  const float lsum = block_reduce(l_loc, s_red, false);  // its barriers also publish s_w
-  float acc = 0.0f;
-#pragma unroll 8
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float wgt = s_w[s];
-    const float x = p.part_o[(prow0 + s * kRows) * kHeadDim + d];
-    acc = wgt == 0.0f ? acc : fmaf(wgt, x, acc);
+  __syncthreads();
+  // Thread d finishes channel d: fold the 4 warps' partial sums of its channel.
+  const int d = threadIdx.x;
+  float Mt = neg_inf(), lt = 0.0f;
+  float4 at = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+  for (int w = 0; w < kWarpsC; ++w) {
+    const float* ow = reinterpret_cast<const float*>(&s_o[w][0]);
+    fold_split(s_ml[w][0], s_ml[w][1], make_float4(ow[d], 0.0f, 0.0f, 0.0f), Mt, lt, at);
   }
   const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
   const int64_t row_out = (static_cast<int64_t>(b) * p.heads_q + h) * p.nq + qi;
-  const bool empty = !(lsum > 0.0f);
-  static_cast<uint16_t*>(p.o)[row_out * kHeadDim + d] = to_half_bits<kF16Out>(empty ? 0.0f : acc * (1.0f / lsum));
-  if (p.lse != nullptr && d == 0) p.lse[row_out] = empty ? neg_inf() : kLn2 * (M + __log2f(lsum));
+  const bool empty = !(lt > 0.0f);
+  static_cast<uint16_t*>(p.o)[row_out * kHeadDim + d] = to_half_bits<kF16Out>(empty ? 0.0f : at.x * (1.0f / lt));
+  if (p.lse != nullptr && d == 0) p.lse[row_out] = empty ? neg_inf() : kLn2 * (Mt + __log2f(lt));
 }
 
 }  // namespace attnqat::decode

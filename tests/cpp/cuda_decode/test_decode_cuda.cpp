@@ -247,6 +247,8 @@ std::vector<Case> cases() {
       {"paper_nq2", 2, 4, 2, 16, {1000, 1}},
       {"forced_splits_7", 2, 4, 1, 128, {5000, 900}},
       {"fp32_append_fp16_q", 2, 4, 1, 16, {333}},
+      {"gqa2_nq2_packed_rows", 2, 2, 2, 32, {700, 3, 129}},  // rows = 4: the packed-rows kernel, causal
+      {"gqa4_fp16_packed_rows", 3, 4, 1, 64, {2500, 31, 64}},
   };
   v[8].dt = DType::kFloat16;
   v[11].pq = PQuant::kPaper;
@@ -255,6 +257,7 @@ std::vector<Case> cases() {
   v[14].append_dt = DType::kFloat32;
   v[14].dt = DType::kFloat16;
   v[6].chunk = 4096;
+  v[16].dt = DType::kFloat16;
   v[7].chunk = 16;
   return v;
 }

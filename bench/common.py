@@ -99,6 +99,10 @@ def time_cuda_graph(fn: Callable[[int], object], sets: int = 1, calls: int = 10,
 # ---- Banner and results --------------------------------------------------------------------------
 
 def git_hash() -> str:
+    """ATTNQAT_GIT_HASH when set (tools/gpu_check.sh runs on a snapshot whose enclosing .git, if
+    any, is not the snapshot's commit), else `git rev-parse`."""
+    if os.environ.get("ATTNQAT_GIT_HASH"):
+        return os.environ["ATTNQAT_GIT_HASH"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent,
                                        stderr=subprocess.DEVNULL, text=True).strip()

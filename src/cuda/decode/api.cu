@@ -27,8 +27,12 @@ constexpr int kDecodeHeadDim = 128;
 constexpr int kRows = 8;              // decode::kRows
 constexpr int kCtaStepKeys = 128;     // decode::kCtaStepKeys: keys per CTA iteration
 constexpr int kMaxSplits = 1024;     // decode::kMaxSplits: the combine kernel's shared memory
-constexpr int kMinSplitKeys = 128;    // one CTA step: small batches need every SM's warps busy
-constexpr int kWavesTarget = 2;       // CTAs per resident slot the split heuristic aims for
+// Split heuristic (measured on an H200, bench/decode_probe.cu): about one wave of CTAs, and at
+// least 2 CTA steps per split, so that each CTA's fixed costs (Q quantization, the merge of its
+// warps, the partial write) spread over a few steps. E.g. B = 1 at 8k: 32 splits, 13 us, where
+// 64 splits of one step took 16 us; B = 32 at 8k: 3 splits, where 5 were 3% slower.
+constexpr int kMinSplitKeys = 256;
+constexpr int kWavesTarget = 1;       // CTAs per resident slot the split heuristic aims for
 constexpr size_t kAlign = 256;
 
 Status cuda_error(const char* op, const char* what, cudaError_t err) {

@@ -342,7 +342,8 @@ __device__ __forceinline__ float exact_pow2(float e) {
 // rows twice — columns 0-3 carry the step's first 16-key tile, columns 4-7 its second — so that
 // the softmax and the P quantization run on 4 values per thread per step instead of 8 (half of
 // them padding rows otherwise). See "Packed rows" in the file comment.
-template <bool kF16In, bool kPack>
+// kPaper: p_quant = paper (p.paper; the launcher instantiates it without kPack).
+template <bool kF16In, bool kPack, bool kPaper>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const DecodeParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
@@ -359,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   // ---- Per-warp loads: a cp.async ring of steps ----------------------------------------------------
   const int n_steps = k_end > k_begin ? (k_end - k_begin + kStepKeys - 1) / kStepKeys : 0;
   // paper: every warp runs every 128-key tile (barriers); anchored: only its own steps.
-  const int n_iter = p.paper ? (n_steps + kWarps - 1) / kWarps
+  const int n_iter = kPaper ? (n_steps + kWarps - 1) / kWarps
                              : (n_steps > warp ? (n_steps - warp + kWarps - 1) / kWarps : 0);
   uint8_t* ring = smem + kOffRing + warp * kWarpRingBytes;
   const uint32_t ring_u32 = smem_u32(ring);
@@ -371,33 +372,54 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   // Per tile, lane l copies 16-byte chunks l and l + 32 of the K codes and of the V codes (key
   // c >> 2, chunk c & 3: key l/4 + 8 lands 8 rows and 512 bytes after key l/4, with the same
   // chunk XOR), and lanes 0-15 the 256 bytes of K and V scales (contiguous in the tile). All
-  // per-lane offsets are loop constants; per tile only the page's address is computed.
+  // per-lane offsets are loop constants. Steps start at multiples of 32 keys, so when page_size
+  // is a multiple of 32 both tiles of a step lie in one page: one page-table read and one address
+  // computation per step (the second tile is 16 rows further); otherwise one per tile.
   const uint32_t lane_dst = smem_row(lane >> 2) * kKeyBytes + (((lane & 3) ^ smem_chunk_xor(lane >> 2)) * 16);
   const uint32_t lane_src = lane * 16;
   const uint8_t* scale_base = lane < 8 ? p.k_scales : p.v_scales;
   const uint32_t scale_src = (lane & 7) * 16;
+  const bool step_in_page = (p.page_size & 31) == 0;
+  // The cp.async copies of tile `tt` of the step whose first key sits in cache row row0.
+  auto copy_tile = [&](uint32_t slot_u32, int tt, int64_t row0) {
+    const uint32_t tile = slot_u32 + tt * kTileBytes;
+    const uint8_t* kp = p.k_data + row0 * kKeyBytes + lane_src;
+    const uint8_t* vp = p.v_data + row0 * kKeyBytes + lane_src;
+    cp_async16(tile + kOffKData + lane_dst, kp);
+    cp_async16(tile + kOffKData + lane_dst + 8 * kKeyBytes, kp + 32 * 16);
+    cp_async16(tile + kOffVData + lane_dst, vp);
+    cp_async16(tile + kOffVData + lane_dst + 8 * kKeyBytes, vp + 32 * 16);
+    static_assert(kOffVScales == kOffKScales + 8 * 16, "K then V scales, 8 chunks each");
+    if (lane < 16) cp_async16(tile + kOffKScales + lane * 16, scale_base + row0 * kKeyScaleBytes + scale_src);
+  };
+  // Cache row of key `key` (page lookup), or -1 for a page id out of range (never dereferenced,
+  // see api.cu).
+  auto cache_row = [&](int key) -> int64_t {
+    const int pidx = p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
+    const int page = table[pidx * p.pt_stride_p];
+    if (page < 0 || page >= p.num_pages) return -1;
+    return (static_cast<int64_t>(page) * p.heads_kv + kvh) * p.page_size + (key - pidx * p.page_size);
+  };
   auto load_step = [&](int it) {
     if (it < n_iter) {
       const uint32_t slot_u32 = ring_u32 + (it % kStages) * kStepBytes;
+      const int key0 = step_key0(it);
+      if (step_in_page) {
+        if (key0 < k_end) {
+          const int64_t row0 = cache_row(key0);
+          if (row0 >= 0) {
+            copy_tile(slot_u32, 0, row0);
+            if (key0 + kTileKeys < k_end) copy_tile(slot_u32, 1, row0 + kTileKeys);
+          }
+        }
+      } else {
 #pragma unroll
-      for (int tt = 0; tt < 2; ++tt) {
-        const int key0 = step_key0(it) + kTileKeys * tt;
-        if (key0 >= k_end) continue;
-        const int pidx = p.page_shift >= 0 ? key0 >> p.page_shift : key0 / p.page_size;
-        const int page = table[pidx * p.pt_stride_p];
-        if (page < 0 || page >= p.num_pages) continue;  // never dereferenced (see api.cu)
-        const int64_t row0 = (static_cast<int64_t>(page) * p.heads_kv + kvh) * p.page_size +
-                             (key0 - pidx * p.page_size);
-        const uint32_t tile = slot_u32 + tt * kTileBytes;
-        const uint8_t* kp = p.k_data + row0 * kKeyBytes + lane_src;
-        const uint8_t* vp = p.v_data + row0 * kKeyBytes + lane_src;
-        cp_async16(tile + kOffKData + lane_dst, kp);
-        cp_async16(tile + kOffKData + lane_dst + 8 * kKeyBytes, kp + 32 * 16);
-        cp_async16(tile + kOffVData + lane_dst, vp);
-        cp_async16(tile + kOffVData + lane_dst + 8 * kKeyBytes, vp + 32 * 16);
-        static_assert(kOffVScales == kOffKScales + 8 * 16, "K then V scales, 8 chunks each");
-        if (lane < 16)
-          cp_async16(tile + kOffKScales + lane * 16, scale_base + row0 * kKeyScaleBytes + scale_src);
+        for (int tt = 0; tt < 2; ++tt) {
+          const int key = key0 + kTileKeys * tt;
+          if (key >= k_end) continue;
+          const int64_t row0 = cache_row(key);
+          if (row0 >= 0) copy_tile(slot_u32, tt, row0);
+        }
       }
     }
     cp_async_commit();
@@ -463,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
     off_v[i] = smem_row(k) * kKeyBytes + (((g >> 1) ^ smem_chunk_xor(k)) * 16) + (g & 1) * 8;
   }
 
-  const PConsts pc = p_consts(p.paper);
+  const PConsts pc = p_consts(kPaper);
   const float c2 = p.c2;
   float o_acc[8][4];  // O^T m-tile c: (ch pi(c, g), rows 2t, 2t+1), (ch pi(c, g+8), rows 2t, 2t+1)
 #pragma unroll
@@ -543,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       if constexpr (kPack) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
       mx[i] = v;
     }
-    if (p.paper) {
+    if constexpr (kPaper) {
       // The 128-key tile's maximum: exchange the 4 warps' step maxima. Double-buffered by the
       // tile's parity, so one barrier per tile orders both the writes and the next overwrite.
       float* buf = red + (it & 1) * kWarps * kRows;
@@ -569,12 +591,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float m_new = fmaxf(m[i], cuda::mul_rn(mx[i], c2));
-      const float r_new = p.paper ? m_new : ceilf(m_new);
+      const float r_new = kPaper ? m_new : ceilf(m_new);
       f[i] = 1.0f;
       if (r_new != m_ref[i]) {
         changed = true;
         if (m_ref[i] == neg_inf()) f[i] = 0.0f;
-        else f[i] = p.paper ? ex2_approx(m_ref[i] - r_new) : exact_pow2(m_ref[i] - r_new);
+        else f[i] = kPaper ? ex2_approx(m_ref[i] - r_new) : exact_pow2(m_ref[i] - r_new);
       }
       m[i] = m_new;
       m_ref[i] = r_new;

@@ -27,12 +27,13 @@ constexpr int kDecodeHeadDim = 128;
 constexpr int kRows = 8;              // decode::kRows
 constexpr int kCtaStepKeys = 128;     // decode::kCtaStepKeys: keys per CTA iteration
 constexpr int kMaxSplits = 1024;     // decode::kMaxSplits: the combine kernel's shared memory
-// Split heuristic (measured on an H200, bench/decode_probe.cu): about one wave of CTAs, and at
-// least 2 CTA steps per split, so that each CTA's fixed costs (Q quantization, the merge of its
-// warps, the partial write) spread over a few steps. E.g. B = 1 at 8k: 32 splits, 13 us, where
-// 64 splits of one step took 16 us; B = 32 at 8k: 3 splits, where 5 were 3% slower.
+// Split heuristic (measured on an H200 with bench/decode_probe.cu): at most one wave of CTAs —
+// floor(resident slots / units) splits, so that no short extra wave is left over (every split
+// has the same work) — and at least 2 CTA steps per split, so that each CTA's fixed costs (Q
+// quantization, the merge of its warps, the partial write) spread over a few steps. E.g. B = 1 at
+// 8k: 32 splits, 13 us, where 64 splits of one step took 16 us; B = 32 at 8k: 2 splits, where 5
+// were 3% slower.
 constexpr int kMinSplitKeys = 256;
-constexpr int kWavesTarget = 1;       // CTAs per resident slot the split heuristic aims for
 constexpr size_t kAlign = 256;
 
 Status cuda_error(const char* op, const char* what, cudaError_t err) {
@@ -219,9 +220,9 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   const int64_t bound = opts.max_seq_len > 0 ? std::min<int64_t>(opts.max_seq_len, capacity) : capacity;
   const int64_t units = B * dims.heads * row_groups;
   const bool paper = opts.p_quant == PQuant::kPaper;
-  // Split-KV: enough CTAs to fill the device kWavesTarget times, but no split shorter than
-  // kMinSplitKeys (its merge would cost more than it saves). paper: one split (its P depends on
-  // the running max of 128-key tiles from key 0, as the reference's).
+  // Split-KV: as many splits as fit one wave next to the other units, but no split shorter than
+  // kMinSplitKeys. paper: one split (its P depends on the running max of 128-key tiles from key
+  // 0, as the reference's).
   int64_t splits = 1;
   const int64_t max_splits =
       std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, (bound + kCtaStepKeys - 1) / kCtaStepKeys));
@@ -229,8 +230,8 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
     if (opts.num_splits > 0) {
       splits = std::min<int64_t>(opts.num_splits, max_splits);
     } else {
-      const int64_t target = static_cast<int64_t>(shape.sms) * shape.blocks_per_sm * kWavesTarget;
-      splits = std::clamp<int64_t>((target + units - 1) / units, 1,
+      const int64_t slots = static_cast<int64_t>(shape.sms) * shape.blocks_per_sm;
+      splits = std::clamp<int64_t>(slots / units, 1,
                                    std::min<int64_t>(max_splits, std::max<int64_t>(1, bound / kMinSplitKeys)));
     }
   }

@@ -77,8 +77,9 @@ struct Setup {
 int choose_splits(int B, int ctx, int sms, int bps, int* split_keys) {
   const int units = B * kHkv;  // row_groups = 1 (GQA 4, nq 1)
   const int max_splits = std::min(1024, std::max(1, (ctx + kCtaStepKeys - 1) / kCtaStepKeys));
-  const int slots = sms * bps;  // api.cu's heuristic: at most one wave, splits of >= 256 keys
-  int splits = std::clamp(slots / units, 1, std::min(max_splits, std::max(1, ctx / 256)));
+  const int slots = sms * bps;  // api.cu's heuristic
+  const int waves = slots / units >= 16 ? 1 : 2;
+  int splits = std::clamp(waves * slots / units, 1, std::min(max_splits, std::max(1, ctx / 256)));
   int sk = (ctx + splits - 1) / splits;
   sk = (sk + kCtaStepKeys - 1) / kCtaStepKeys * kCtaStepKeys;
   *split_keys = sk;

@@ -27,13 +27,15 @@ constexpr int kDecodeHeadDim = 128;
 constexpr int kRows = 8;              // decode::kRows
 constexpr int kCtaStepKeys = 128;     // decode::kCtaStepKeys: keys per CTA iteration
 constexpr int kMaxSplits = 1024;     // decode::kMaxSplits: the combine kernel's shared memory
-// Split heuristic (measured on an H200 with bench/decode_probe.cu): at most one wave of CTAs —
-// floor(resident slots / units) splits, so that no short extra wave is left over (every split
-// has the same work) — and at least 2 CTA steps per split, so that each CTA's fixed costs (Q
-// quantization, the merge of its warps, the partial write) spread over a few steps. E.g. B = 1 at
-// 8k: 32 splits, 13 us, where 64 splits of one step took 16 us; B = 32 at 8k: 2 splits, where 5
-// were 3% slower.
+// Split heuristic, tuned on an H200 (bench/decode_probe.cu sweeps, bench/bench_decode.py): a
+// whole number of waves of CTAs — every split has the same work, so a partial last wave would
+// run alone — one wave when that gives a unit (sequence, KV head) at least kOneWaveSplits splits
+// (small batches: fewer, longer CTAs spread their fixed costs — Q quantization, the merge of their
+// warps, the partial write — better), else two; and no split under kMinSplitKeys keys. E.g. B = 1
+// at 8k: 32 splits, 13 us, where 64 splits of one step each took 16 us; B = 8 at 128k: 16
+// splits, 3% faster than 8.
 constexpr int kMinSplitKeys = 256;
+constexpr int kOneWaveSplits = 16;
 constexpr size_t kAlign = 256;
 
 Status cuda_error(const char* op, const char* what, cudaError_t err) {
@@ -231,7 +233,8 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
       splits = std::min<int64_t>(opts.num_splits, max_splits);
     } else {
       const int64_t slots = static_cast<int64_t>(shape.sms) * shape.blocks_per_sm;
-      splits = std::clamp<int64_t>(slots / units, 1,
+      const int64_t waves = slots / units >= kOneWaveSplits ? 1 : 2;
+      splits = std::clamp<int64_t>(waves * slots / units, 1,
                                    std::min<int64_t>(max_splits, std::max<int64_t>(1, bound / kMinSplitKeys)));
     }
   }

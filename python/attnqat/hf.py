@@ -21,12 +21,17 @@ causal limit — and any other mask (packed sequences, sliding windows shorter t
 custom 4-D masks of other patterns) raises ``ValueError``. A padded batch costs one host
 synchronization per model forward to verify the mask (every layer gets the same mask tensor and
 reuses the analysis), and one or two attention calls per group of sequences with equal padding.
-transformers is imported only by :func:`register`.
+transformers is imported only by :func:`register` (and :class:`FP4Cache`).
+
+:class:`FP4Cache` (``attnqat.hf.FP4Cache``, module :mod:`attnqat.hf_cache`): a transformers cache
+whose K, V live in the paged FP4 KV cache, for ``model.generate(..., past_key_values=cache)`` in
+mode ``fp4``; decode steps run the FP4 decode kernel over its pages.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Optional
 
 import torch
@@ -36,6 +41,28 @@ from .functional import _sdpa
 
 NAME = "attnqat"
 _HF = {}  # transformers' SDPA mask builder and causal mask function, bound by register()
+_REGISTERED = set()  # the implementation names register() has registered
+
+# FP4Cache's hand-off (attnqat.hf_cache): its update() leaves (cache, layer, key, value) here for
+# the attention function that runs next in the same module and thread.
+_PENDING = threading.local()
+
+
+def __getattr__(name):
+    if name == "FP4Cache":  # imports transformers: only on use
+        from .hf_cache import FP4Cache
+
+        return FP4Cache
+    raise AttributeError(f"module 'attnqat.hf' has no attribute {name!r}")
+
+
+def _take_pending(key):
+    """The FP4Cache record whose update() returned ``key`` just before this call, or None."""
+    rec = getattr(_PENDING, "rec", None)
+    if rec is None or rec[2] is not key:
+        return None
+    _PENDING.rec = None
+    return rec
 
 
 def _bool_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -80,19 +107,30 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if kwargs.get("s_aux") is not None:
         raise ValueError("attnqat (transformers): attention sinks (s_aux) are not supported; use 'eager' for this model")
     mask = _bool_mask(attention_mask)
-    nq, nk = query.shape[2], key.shape[2]
+    rec = _take_pending(key)  # an FP4Cache: key holds only the new tokens
+    nq, nk = query.shape[2], (rec[0].layers[rec[1]].seen if rec is not None else key.shape[2])
     if mask is not None and mask.shape[-1] > nk:
         mask = mask[..., :nk]  # as transformers' eager attention does
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # No mask on a causal module: _causal_mask skipped building an exactly bottom-right causal
-    # mask (transformers < 4.53, which has no mask registry, always builds one for causal models).
-    causal = bool(causal) and mask is None
+    module_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = kwargs.get("sliding_window")
-    if causal and window is not None and nk > window:
+    if module_causal and mask is None and window is not None and nk > window:
         raise ValueError(f"attnqat (transformers): sliding_window={window} is shorter than the {nk} keys and no mask "
                          "was given; sliding-window attention is not supported")
     opts = resolve_options(dict(_attnqat_options or {}))
-    out, _ = _sdpa(query, key, value, mask, dropout, causal, scaling, True, opts, "bottom_right")
+
+    def dense(q, k, v, m):
+        # No mask on a causal module: _causal_mask skipped building an exactly bottom-right causal
+        # mask (transformers < 4.53, which has no mask registry, always builds one for causal models).
+        return _sdpa(q, k, v, m, dropout, module_causal and m is None, scaling, True, opts, "bottom_right")[0]
+
+    if rec is not None:
+        from .hf_cache import fp4_cache_attention
+
+        if not module_causal:
+            raise ValueError("attnqat.hf.FP4Cache: the attention module is not causal; the FP4 cache serves decoders")
+        out = fp4_cache_attention(rec, query, mask, scaling, opts, dense)
+    else:
+        out = dense(query, key, value, mask)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -118,6 +156,7 @@ def register(name: str = NAME, **options) -> str:
 
     fn = functools.partial(attention_forward, _attnqat_options=dict(options)) if options else attention_forward
     AttentionInterface.register(name, fn)
+    _REGISTERED.add(name)
     try:
         from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
     except ImportError:  # transformers < 4.53 builds its masks in the models (4-D float masks)

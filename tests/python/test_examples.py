@@ -46,3 +46,10 @@ def test_train_ddp_fsdp_torchrun_gloo():
     out = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", EXAMPLES / "train_ddp_fsdp.py",
                "--device", "cpu", "--steps", "4", "--seq", "48", "--batch", "2", "--dim", "64"], timeout=60)
     assert "[ddp] loss per step" in out and "[fsdp2] loss per step" in out and out.rstrip().endswith("OK"), out
+
+
+def test_serve_fp4_with_the_fp4_kv_cache():
+    out = run([EXAMPLES / "serve_fp4.py", "--device", "cpu", "--fp4-cache", "--max-new-tokens", "6", "--hidden", "128",
+               "--layers", "2", "--page-size", "16", "--prompt", "the quick ", "--prompt", "a"])
+    # On the CPU reference, generation through the FP4 pages gives the tokens of the default cache.
+    assert "cache 144 bytes per token (bf16 cache: 512)" in out and "tokens equal to the bf16-cache run: 100.0%" in out, out

@@ -3,6 +3,8 @@ deselected in CI). They fail — never skip — without a GPU. Kernel numerics a
 (tests/cpp/cuda*, bit-exact against the reference); here: dispatch, streams, CUDA graphs,
 torch.compile, and agreement of CUDA with the CPU path through the public API."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -322,3 +324,35 @@ def test_hf_attn_qat_training_step_cuda(cuda):
             opt.step()
             losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def test_hf_fp4_cache_generation_cuda(cuda):
+    """attnqat.hf.FP4Cache on CUDA (head dim 128: the decode kernel): the scores follow generation
+    with transformers' default cache (same fp4 numerics; the decode kernel and the forward kernel
+    sum in different orders, and bf16 logits round), and the prefill step is the same computation."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    attnqat.hf.register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, attention_dropout=0.0)  # head_dim 128, GQA 4
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnqat").to(cuda, torch.bfloat16).eval()
+    ids = torch.randint(3, 256, (3, 300), generator=torch.Generator().manual_seed(1)).to(cuda)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    for p_quant in ("anchored", "paper"):
+        with torch.no_grad(), attnqat.config(mode="fp4", p_quant=p_quant):
+            ref = model.generate(ids, **kw)
+            cache = attnqat.hf.FP4Cache(model, max_cache_len=330, page_size=64)
+            got = model.generate(ids, **kw, **{name: cache})
+        assert torch.equal(got.scores[0], ref.scores[0])
+        # Compare the scores while the token streams agree (a bf16 argmax flip changes what follows).
+        same = (got.sequences == ref.sequences).all(0)
+        n = int(same[300:].int().cumprod(0).sum())
+        assert n >= 12, (p_quant, n)
+        for a, b in zip(got.scores[:n], ref.scores[:n]):
+            assert rel_err(a.float(), b.float()) < 2e-2
+        assert [cache.store.length(s, 0) for s in cache.seq_ids] == [323, 286, 323]

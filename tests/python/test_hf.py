@@ -223,3 +223,66 @@ def test_torch_compile_fullgraph_hf_model():
         out.loss.backward()
     assert torch.allclose(out.logits, eager.logits, atol=1e-5, rtol=1e-5)
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def _cache_kw(model, cache):
+    # transformers 5.x (>= 5.2x) renamed generate's/forward's past_key_values to cache.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("p_quant", ["paper", "anchored"])
+def test_fp4_cache_generation_is_bit_identical_to_the_default_cache(kind, p_quant):
+    """attnqat.hf.FP4Cache: K, V live in FP4 pages, the prefill runs the fp4 forward and every later
+    step the decode path over the pages. On the CPU reference the scores equal generation with
+    transformers' default cache bit for bit (the same quantized operands, the same P blocks), with
+    left padding (the padded sequence's cache starts at its first token)."""
+    model = make(kind)
+    x = ids(2, 12, seed=6)
+    mask = padding_mask(2, 12, left=[(1, 5)])
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad(), attnqat.config(mode="fp4", p_quant=p_quant):
+        ref = model.generate(x, **kw)
+        cache = attnqat.hf.FP4Cache(model, max_cache_len=20, page_size=16)
+        got = model.generate(x, **kw, **_cache_kw(model, cache))
+    assert torch.equal(got.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, ref.scores))
+    # 12 prompt tokens (5 of them padding in row 1) and 7 fed-back new tokens per sequence.
+    assert [cache.store.length(s, 1) for s in cache.seq_ids] == [19, 14]
+    assert cache.get_seq_length() == 19
+    assert cache.bytes_per_token == 2 * 2 * 2 * (model.config.head_dim // 2 + model.config.head_dim // 16)
+    # The FP4 decode changes the result against bf16 attention: the FP4 path is really in use.
+    with torch.no_grad(), attnqat.config(mode="bf16"):
+        bf16 = model.generate(x, **kw)
+    assert not all(torch.equal(a, b) for a, b in zip(bf16.scores, ref.scores))
+
+
+def test_fp4_cache_chunked_prefill_is_bottom_right_causal():
+    """Several new queries over the FP4 pages (Nq > 1, a second prompt chunk) equal the full forward."""
+    model = make("llama")
+    x = ids(1, 40, seed=8)
+    with torch.no_grad(), attnqat.config(mode="fp4", p_quant="anchored"):
+        full = model(x).logits
+        cache = attnqat.hf.FP4Cache(model, max_cache_len=40, page_size=16)
+        model(x[:, :23], use_cache=True, **_cache_kw(model, cache))
+        rest = model(x[:, 23:], use_cache=True, **_cache_kw(model, cache)).logits
+    assert rel_err(rest, full[:, 23:]) < 1e-5
+    assert cache.store.length(cache.seq_ids[0], 0) == 40
+
+
+def test_fp4_cache_errors():
+    model = make("llama")
+    x = ids(2, 8)
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        attnqat.hf.FP4Cache(make("llama", impl="sdpa"), max_cache_len=16)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        attnqat.hf.FP4Cache(model, max_cache_len=0)
+    cache = attnqat.hf.FP4Cache(model, max_cache_len=16, page_size=16)
+    with torch.no_grad(), attnqat.config(mode="bf16"), pytest.raises(ValueError, match="mode='fp4'"):
+        model(x, use_cache=True, **_cache_kw(model, cache))
+    # Beyond the size the cache was made for: a clear error from the page pool.
+    cache = attnqat.hf.FP4Cache(model, max_cache_len=16, page_size=16)
+    with torch.no_grad(), attnqat.config(mode="fp4"), pytest.raises(RuntimeError, match="out of pages"):
+        model.generate(x, max_new_tokens=12, do_sample=False, pad_token_id=0, **_cache_kw(model, cache))

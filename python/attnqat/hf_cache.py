@@ -1,0 +1,199 @@
+"""The paged FP4 KV cache in Hugging Face generation: ``attnqat.hf.FP4Cache``.
+
+    import attnqat
+    attnqat.hf.register()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnqat")
+    cache = attnqat.hf.FP4Cache(model, max_cache_len=prompt_len + new_tokens)
+    with attnqat.config(mode="fp4"):
+        out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=...)
+
+A transformers ``Cache`` whose keys and values live in an :class:`attnqat.FP4KVCache` (packed
+NVFP4, 4.5 bits per element, quantized once when appended) instead of bf16 tensors. It works with
+the "attnqat" attention implementation in mode ``fp4``, the mode Attn-QAT models are served in:
+
+- ``Cache.update`` only hands the new tokens' K, V to the attention function that runs next;
+  the attention function appends the *visible* ones (left padding is skipped, so a padded
+  sequence's cache starts at its first real token) and
+- a prefill (no cached tokens yet) runs the ``fp4`` forward on the new K, V, exactly as without
+  the cache; every later step runs the decode kernel (:func:`attnqat.decode_attention`) over the
+  FP4 pages. The numerics are those of mode ``fp4`` on the full sequence: on the CPU reference the
+  logits are bit-identical to generation with transformers' default cache (tested), on CUDA they
+  differ by the order of fp32 sums.
+
+Limits (each raises a clear error): mode ``fp4`` only; no beam search, cropping or batch
+expansion (``num_return_sequences`` > 1); a step whose new tokens are partly padding after the
+prefill; a batch or a length beyond what the cache was sized for. transformers is imported
+here, so this module is imported by ``attnqat.hf.FP4Cache`` on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .decode import FP4KVCache
+from .functional import _mask_structure
+from .hf import _PENDING
+
+
+class _FP4Layer(DynamicLayer):
+    """One layer of an :class:`FP4Cache`: counts the tokens transformers has given it (padding
+    included, as its positions do); the K, V themselves go to the cache's FP4 pages."""
+
+    is_croppable = False
+
+    def __init__(self, owner: "FP4Cache", layer_idx: int):
+        super().__init__()
+        self.owner, self.layer_idx = owner, layer_idx
+        self.seen = 0
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        stale = getattr(_PENDING, "rec", None)
+        _PENDING.rec = None
+        if stale is not None and stale[0] is self.owner:
+            raise RuntimeError("attnqat.hf.FP4Cache: the previous layer's keys were never consumed by the attnqat "
+                               "attention; FP4Cache works only with attn_implementation='attnqat' (attnqat.hf.register())")
+        self.owner._ensure(key_states)
+        self.seen += int(key_states.shape[-2])
+        _PENDING.rec = (self.owner, self.layer_idx, key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length, *args) -> tuple:
+        q = int(query_length.shape[0]) if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.seen + q, 0
+
+    def get_max_length(self) -> int:
+        return self.owner.max_cache_len
+
+    def reset(self) -> None:
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("attnqat.hf.FP4Cache: beam search is not supported")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("attnqat.hf.FP4Cache: cropping (assisted decoding) is not supported")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("attnqat.hf.FP4Cache: expanding the batch (num_return_sequences > 1) is not "
+                                  "supported; repeat the prompts instead")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("attnqat.hf.FP4Cache: selecting batch elements is not supported")
+
+
+class FP4Cache(Cache):
+    """A transformers cache backed by a paged FP4 KV cache (see the module docstring).
+
+    Args:
+        model: the model it serves (its config gives layers, KV heads and head dim; it must use
+            an attnqat attention implementation).
+        max_cache_len: tokens per sequence the cache must hold (prompt, padding included, plus
+            new tokens).
+        page_size: tokens per page (a multiple of 16).
+        max_batch_size: sequences; default: the batch of the first call.
+        p_quant: ``None``: the configured one (:func:`attnqat.config`); decode uses the same P
+            quantization as the forward, so that serving sees what training saw.
+
+    Attributes:
+        store: the :class:`attnqat.FP4KVCache` (created on the first update, on the keys' device).
+    """
+
+    def __init__(self, model, max_cache_len: int, page_size: int = 64, max_batch_size: Optional[int] = None,
+                 p_quant: Optional[str] = None):
+        from . import hf
+
+        cfg = model.config
+        impl = getattr(cfg, "_attn_implementation", None)
+        if impl not in hf._REGISTERED:
+            raise ValueError(f"attnqat.hf.FP4Cache: the model uses attn_implementation={impl!r}; FP4Cache needs an "
+                             f"attnqat one ({sorted(hf._REGISTERED) or 'call attnqat.hf.register() first'})")
+        if max_cache_len <= 0:
+            raise ValueError(f"max_cache_len: expected a positive number of tokens, got {max_cache_len}")
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.num_layers = int(text.num_hidden_layers)
+        self.num_kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+        self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        self.max_cache_len, self.page_size = int(max_cache_len), int(page_size)
+        self.max_batch_size, self.p_quant = max_batch_size, p_quant
+        self.store: Optional[FP4KVCache] = None
+        self.seq_ids: list = []
+        super().__init__(layers=[_FP4Layer(self, i) for i in range(self.num_layers)])
+
+    def _ensure(self, key_states: torch.Tensor) -> None:
+        b = int(key_states.shape[0])
+        if self.store is None:
+            self.max_batch_size = self.max_batch_size or b
+            pages = -(-self.max_cache_len // self.page_size)
+            self.store = FP4KVCache(self.max_batch_size * pages, self.page_size, self.num_kv_heads, self.head_dim,
+                                    key_states.device, num_layers=self.num_layers)
+            self.seq_ids = [self.store.new_sequence() for _ in range(b)]
+        if b != len(self.seq_ids):
+            raise ValueError(f"attnqat.hf.FP4Cache: batch of {b} sequences, but the cache holds {len(self.seq_ids)}")
+
+    def reset(self):
+        super().reset()
+        if self.store is not None:
+            for sid in self.seq_ids:
+                self.store.free_sequence(sid)
+            self.seq_ids = [self.store.new_sequence() for _ in self.seq_ids]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes per token, all layers (K and V codes and scales)."""
+        return self.num_layers * 2 * self.num_kv_heads * (self.head_dim // 2 + self.head_dim // 16)
+
+
+def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], scaling: Optional[float],
+                        opts: dict, dense_attention) -> torch.Tensor:
+    """The attention of one layer through an FP4Cache (called by attnqat.hf.attention_forward).
+
+    ``rec``: the hand-off record of attnqat.hf (the cache, the layer, the new K, V); ``mask``: boolean ``[B, 1, Nq, Nk]`` or None (plain causal);
+    ``dense_attention(q, k, v, mask)``: the cache-less path, used for the prefill. Returns
+    ``[B, Hq, Nq, D]``."""
+    cache, layer, k_new, v_new = rec
+    if opts.get("mode") != "fp4":
+        raise ValueError(f"attnqat.hf.FP4Cache serves mode='fp4' attention (the FP4 inference of an Attn-QAT model); "
+                         f"the configured mode is {opts.get('mode')!r}: use attnqat.config(mode='fp4')")
+    b, hq, nq, _ = query.shape
+    nk = cache.layers[layer].seen
+    past = nk - nq
+    if mask is None:
+        structures = [(0, nk, None)] * b
+    else:
+        structures = _mask_structure(mask, b, hq, nq, nk)
+    # Visible new keys of sequence i: [max(s, past), e) within [past, nk). Left padding keeps its
+    # keys out of the cache; anything else that hides new keys is not a serving pattern.
+    first = []
+    for i, (s, e, _) in enumerate(structures):
+        lo = max(s, past)
+        if e != nk and not (e <= lo):
+            raise ValueError("attnqat.hf.FP4Cache: the attention mask hides the last keys of a sequence (right "
+                             "padding); pad on the left for generation")
+        first.append(min(lo, nk) - past)
+    if past > 0 and any(f != 0 for f in first):
+        raise ValueError("attnqat.hf.FP4Cache: new tokens that are padding after the prefill are not supported")
+    store, ids = cache.store, cache.seq_ids
+    groups = {}
+    for i, f in enumerate(first):
+        if f < nq:
+            groups.setdefault(f, []).append(i)
+    for f, rows in groups.items():
+        sel = torch.tensor(rows, device=k_new.device)
+        store.append([ids[i] for i in rows], k_new.index_select(0, sel)[:, :, f:], v_new.index_select(0, sel)[:, :, f:],
+                     layer)
+    if past == 0:
+        return dense_attention(query, k_new, v_new, mask)
+    p_quant = cache.p_quant or opts.get("p_quant", "paper")
+    return store.attend(query, ids, layer, softmax_scale=scaling, p_quant=p_quant)

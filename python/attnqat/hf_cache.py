@@ -74,7 +74,7 @@ class _FP4Layer(DynamicLayer):
         return self.seen + q, 0
 
     def get_max_length(self) -> int:
-        return self.owner.max_cache_len
+        return self.owner.capacity
 
     def reset(self) -> None:
         self.seen = 0
@@ -108,6 +108,7 @@ class FP4Cache(Cache):
 
     Attributes:
         store: the :class:`attnqat.FP4KVCache` (created on the first update, on the keys' device).
+        capacity: ``max_cache_len``.
     """
 
     def __init__(self, model, max_cache_len: int, page_size: int = 64, max_batch_size: Optional[int] = None,
@@ -125,8 +126,9 @@ class FP4Cache(Cache):
         self.num_layers = int(text.num_hidden_layers)
         self.num_kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
         self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
-        self.max_cache_len, self.page_size = int(max_cache_len), int(page_size)
-        self.max_batch_size, self.p_quant = max_batch_size, p_quant
+        # (Not max_cache_len / max_batch_size: transformers' Cache has properties of those names.)
+        self.capacity, self.page_size = int(max_cache_len), int(page_size)
+        self.batch_capacity, self.p_quant = max_batch_size, p_quant
         self.store: Optional[FP4KVCache] = None
         self.seq_ids: list = []
         super().__init__(layers=[_FP4Layer(self, i) for i in range(self.num_layers)])
@@ -134,9 +136,9 @@ class FP4Cache(Cache):
     def _ensure(self, key_states: torch.Tensor) -> None:
         b = int(key_states.shape[0])
         if self.store is None:
-            self.max_batch_size = self.max_batch_size or b
-            pages = -(-self.max_cache_len // self.page_size)
-            self.store = FP4KVCache(self.max_batch_size * pages, self.page_size, self.num_kv_heads, self.head_dim,
+            self.batch_capacity = self.batch_capacity or b
+            pages = -(-self.capacity // self.page_size)
+            self.store = FP4KVCache(self.batch_capacity * pages, self.page_size, self.num_kv_heads, self.head_dim,
                                     key_states.device, num_layers=self.num_layers)
             self.seq_ids = [self.store.new_sequence() for _ in range(b)]
         if b != len(self.seq_ids):

@@ -103,16 +103,16 @@ class FP4Cache(Cache):
             new tokens).
         page_size: tokens per page (a multiple of 16).
         max_batch_size: sequences; default: the batch of the first call.
-        p_quant: ``None``: the configured one (:func:`attnqat.config`); decode uses the same P
-            quantization as the forward, so that serving sees what training saw.
+
+    The P quantization (``p_quant``) is the configured one (:func:`attnqat.config`), for the
+    prefill and the decode steps alike, so that serving sees what training saw.
 
     Attributes:
         store: the :class:`attnqat.FP4KVCache` (created on the first update, on the keys' device).
         capacity: ``max_cache_len``.
     """
 
-    def __init__(self, model, max_cache_len: int, page_size: int = 64, max_batch_size: Optional[int] = None,
-                 p_quant: Optional[str] = None):
+    def __init__(self, model, max_cache_len: int, page_size: int = 64, max_batch_size: Optional[int] = None):
         from . import hf
 
         cfg = model.config
@@ -128,7 +128,7 @@ class FP4Cache(Cache):
         self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
         # (Not max_cache_len / max_batch_size: transformers' Cache has properties of those names.)
         self.capacity, self.page_size = int(max_cache_len), int(page_size)
-        self.batch_capacity, self.p_quant = max_batch_size, p_quant
+        self.batch_capacity = max_batch_size
         self.store: Optional[FP4KVCache] = None
         self.seq_ids: list = []
         super().__init__(layers=[_FP4Layer(self, i) for i in range(self.num_layers)])
@@ -136,6 +136,9 @@ class FP4Cache(Cache):
     def _ensure(self, key_states: torch.Tensor) -> None:
         b = int(key_states.shape[0])
         if self.store is None:
+            if key_states.is_cuda and self.head_dim != 128:
+                raise NotImplementedError(f"attnqat.hf.FP4Cache: the CUDA decode kernel supports head_dim 128, this model "
+                                          f"has {self.head_dim}; use transformers' default cache on CUDA")
             self.batch_capacity = self.batch_capacity or b
             pages = -(-self.capacity // self.page_size)
             self.store = FP4KVCache(self.batch_capacity * pages, self.page_size, self.num_kv_heads, self.head_dim,
@@ -161,13 +164,16 @@ def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], 
                         opts: dict, dense_attention) -> torch.Tensor:
     """The attention of one layer through an FP4Cache (called by attnqat.hf.attention_forward).
 
-    ``rec``: the hand-off record of attnqat.hf (the cache, the layer, the new K, V); ``mask``: boolean ``[B, 1, Nq, Nk]`` or None (plain causal);
-    ``dense_attention(q, k, v, mask)``: the cache-less path, used for the prefill. Returns
-    ``[B, Hq, Nq, D]``."""
+    ``rec``: the hand-off record of attnqat.hf (the cache, the layer, the new K, V); ``mask``:
+    boolean ``[B, 1, Nq, Nk]`` or None (plain causal); ``dense_attention(q, k, v, mask)``: the
+    cache-less path, used for the prefill. Returns ``[B, Hq, Nq, D]``."""
     cache, layer, k_new, v_new = rec
     if opts.get("mode") != "fp4":
         raise ValueError(f"attnqat.hf.FP4Cache serves mode='fp4' attention (the FP4 inference of an Attn-QAT model); "
                          f"the configured mode is {opts.get('mode')!r}: use attnqat.config(mode='fp4')")
+    if opts.get("p_quant") == "paper" and opts.get("kv_tile", 128) != 128:
+        raise ValueError(f"attnqat.hf.FP4Cache: p_quant='paper' decodes with 128-key P tiles; the configured kv_tile "
+                         f"is {opts.get('kv_tile')}: use kv_tile=128 or p_quant='anchored'")
     b, hq, nq, _ = query.shape
     nk = cache.layers[layer].seen
     past = nk - nq
@@ -177,14 +183,17 @@ def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], 
         structures = _mask_structure(mask, b, hq, nq, nk)
     # Visible new keys of sequence i: [max(s, past), e) within [past, nk). Left padding keeps its
     # keys out of the cache; anything else that hides new keys is not a serving pattern.
-    first = []
-    for i, (s, e, _) in enumerate(structures):
+    first = []  # per sequence: its first visible new token (nq: none)
+    for s, e, _ in structures:
         lo = max(s, past)
-        if e != nk and not (e <= lo):
+        if e <= lo:
+            first.append(nq)
+        elif e != nk:
             raise ValueError("attnqat.hf.FP4Cache: the attention mask hides the last keys of a sequence (right "
                              "padding); pad on the left for generation")
-        first.append(min(lo, nk) - past)
-    if past > 0 and any(f != 0 for f in first):
+        else:
+            first.append(lo - past)
+    if past > 0 and any(f != 0 for f in first):  # (a sequence with no visible new token included)
         raise ValueError("attnqat.hf.FP4Cache: new tokens that are padding after the prefill are not supported")
     store, ids = cache.store, cache.seq_ids
     groups = {}
@@ -197,5 +206,4 @@ def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], 
                      layer)
     if past == 0:
         return dense_attention(query, k_new, v_new, mask)
-    p_quant = cache.p_quant or opts.get("p_quant", "paper")
-    return store.attend(query, ids, layer, softmax_scale=scaling, p_quant=p_quant)
+    return store.attend(query, ids, layer, softmax_scale=scaling, p_quant=opts["p_quant"])

@@ -282,6 +282,10 @@ def test_fp4_cache_errors():
     cache = attnqat.hf.FP4Cache(model, max_cache_len=16, page_size=16)
     with torch.no_grad(), attnqat.config(mode="bf16"), pytest.raises(ValueError, match="mode='fp4'"):
         model(x, use_cache=True, **_cache_kw(model, cache))
+    cache = attnqat.hf.FP4Cache(model, max_cache_len=16, page_size=16)
+    with torch.no_grad(), attnqat.config(mode="fp4", p_quant="paper", kv_tile=64), \
+            pytest.raises(ValueError, match="kv_tile"):
+        model(x, use_cache=True, **_cache_kw(model, cache))
     # Beyond the size the cache was made for: a clear error from the page pool.
     cache = attnqat.hf.FP4Cache(model, max_cache_len=16, page_size=16)
     with torch.no_grad(), attnqat.config(mode="fp4"), pytest.raises(RuntimeError, match="out of pages"):

@@ -106,13 +106,14 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
 
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                                 const AttentionOptions& opts, const ForwardOutputs& out,
-                                void* stream) {
+                                void* stream, PackedDecode decode) {
   ATTNQAT_RETURN_IF_ERROR(validate_attention_forward_packed(q, k, v, opts, out));
   if (out.o.device == Device::kCPU) return reference::attention_forward_packed(q, k, v, opts, out);
 #ifdef ATTNQAT_WITH_CUDA
-  return cuda::attention_forward_packed(q, k, v, opts, out, stream);
+  return cuda::attention_forward_packed(q, k, v, opts, out, stream, decode);
 #else
   (void)stream;
+  (void)decode;
   return no_cuda("attention_forward_packed");
 #endif
 }

@@ -6,8 +6,9 @@
 #   tools/gpu_check.sh OUTDIR [BENCH ...]      e.g. tools/gpu_check.sh $OUT quantize
 #
 # BENCH names bench/bench_<name>.py; each writes its JSON and merges bench/results/headline.json
-# (a copy in OUTDIR). Environment: SKIP_TESTS=1 (benchmarks only), SANITIZE_QUANT_FILTER and
-# SANITIZE_ATTN_FILTER (gtest filters of the compute-sanitizer runs), JOBS (default 16).
+# (a copy in OUTDIR). Environment: SKIP_TESTS=1 (benchmarks only), SANITIZE_QUANT_FILTER,
+# SANITIZE_ATTN_FILTER and SANITIZE_DECODE_FILTER (gtest filters of the compute-sanitizer runs),
+# JOBS (default 16).
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR [BENCH ...]}
 shift
@@ -54,6 +55,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for tool in memcheck racecheck synccheck; do
     run_step "compute-sanitizer $tool (attention)" "$OUT/tests.log" \
       compute-sanitizer --tool "$tool" --error-exitcode 1 "$AB" --gtest_filter="$AF"
+  done
+  DB=build/cuda/tests/cpp/cuda_decode/attnqat_decode_gpu_tests
+  DF=${SANITIZE_DECODE_FILTER:-'*PackedCuda*bf16_d128_pow2*:*PackedCuda*fp16_d64_causal*:*PackedCuda*bf16_d128_slow_g*'}
+  for tool in memcheck racecheck synccheck; do
+    run_step "compute-sanitizer $tool (packed attention)" "$OUT/tests.log" \
+      compute-sanitizer --tool "$tool" --error-exitcode 1 "$DB" --gtest_filter="$DF"
   done
   run_step "pytest -m gpu" "$OUT/tests.log" python3 -m pytest tests/python -m gpu -q -p no:cacheprovider
 fi

@@ -144,9 +144,21 @@ struct PackedTensor {
 // attention_forward(dequantize(q), dequantize(k), dequantize(v)) with inputs_quantized = true.
 // opts.mode must be kFP4. out.o (bf16 or fp16; fp32 on the CPU too) fixes the dtype the
 // operands are decoded to; lse [B, Hq, Nq] fp32; o_hp must be undefined; m_ref/l optional.
+//
+// CUDA: where the operands are decoded (the result is the same, bit for bit):
+//   kInKernel  inside the sm90 forward kernel: no 16-bit copies of Q, K, V in memory. Channel
+//              blocks only (not v_blocks == kToken), rows 16-byte aligned (any quantize() output
+//              and slices of it along B, H, N). Each CTA decodes the K/V tiles it reads, so the
+//              decode work grows with the number of 128-row query blocks per KV head.
+//   kTemporary into stream-ordered 16-bit temporaries (one pass), then the forward.
+//   kAuto      kInKernel where it is the faster one (few query blocks per KV head, see
+//              docs/decode.md), kTemporary otherwise.
+// Ignored on the CPU.
+enum class PackedDecode : uint8_t { kAuto, kInKernel, kTemporary };
+
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                                 const AttentionOptions& opts, const ForwardOutputs& out,
-                                void* stream = nullptr);
+                                void* stream = nullptr, PackedDecode decode = PackedDecode::kAuto);
 
 // A paged FP4 KV cache (one layer). Pages hold `page_size` tokens (a multiple of 16) of every KV
 // head; K and V are stored as packed NVFP4 with channel blocks (16 channels per E4M3 scale, g = 1

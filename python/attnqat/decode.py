@@ -46,7 +46,7 @@ def _stream_of(t) -> int:
 
 def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor, *, causal: bool = False,
                      softmax_scale: Optional[float] = None, p_quant: str = "paper", dtype=None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, decode: str = "auto"):
     """Mode-``fp4`` attention from packed NVFP4 Q ``[B, Hq, Nq, D]``, K, V ``[B, Hkv, Nk, D]``.
 
     Args:
@@ -58,11 +58,19 @@ def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor,
         dtype: output dtype (default: Q's original dtype); on CUDA bfloat16 or float16, and the
             dtype the operands are decoded to (exact).
         return_lse: also return the row log-sum-exp (fp32, natural log).
+        decode: CUDA only, where the operands are decoded (same result, bit for bit): ``"kernel"``
+            inside the sm90 forward kernel (no 16-bit copies in memory; channel blocks and
+            ``quantize_nvfp4`` layouts only), ``"temporary"`` into 16-bit temporaries first, or
+            ``"auto"``: the kernel when few 128-row query blocks read each KV head (short queries,
+            e.g. chunked prefill), else the temporaries (faster for long prefill, where every
+            query block would decode the same K/V tiles again). See ``docs/decode.md``.
 
     Returns:
         ``o`` (and ``lse``), equal to ``attention(q.dequantize(), k.dequantize(), v.dequantize(),
         mode="fp4")`` up to the order of fp32 sums, without re-quantizing the operands.
     """
+    if decode not in ("auto", "kernel", "temporary"):
+        raise ValueError(f"decode: expected 'auto', 'kernel' or 'temporary', got {decode!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, QuantizedTensor):
             raise TypeError(f"{name}: expected a QuantizedTensor (attnqat.quantize_nvfp4), got {type(t).__name__}")
@@ -88,7 +96,7 @@ def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor,
         lse = np.empty((b, hq, nq), np.float32)
     _C.attention_forward_packed(q.data, q.scales, q.global_scale, k.data, k.scales, k.global_scale,
                                 v.data, v.scales, v.global_scale, o, lse, None, None, p_quant, v_blocks,
-                                bool(causal), scale, 128, stream=_stream_of(q.data))
+                                bool(causal), scale, 128, decode, stream=_stream_of(q.data))
     return (o, lse) if return_lse else o
 
 

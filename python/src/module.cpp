@@ -311,7 +311,12 @@ NB_MODULE(_C, m) {
         [](AnyArray qd, AnyArray qs, AnyArray qg, AnyArray kd, AnyArray ks, AnyArray kg, AnyArray vd,
            AnyArray vs, AnyArray vg, AnyArray o, AnyArray lse, OptArray m_ref, OptArray l,
            const std::string& p_quant, const std::string& v_blocks, bool causal, float softmax_scale,
-           int kv_tile, uintptr_t stream) {
+           int kv_tile, const std::string& decode, uintptr_t stream) {
+          PackedDecode where;
+          if (decode == "auto") where = PackedDecode::kAuto;
+          else if (decode == "kernel") where = PackedDecode::kInKernel;
+          else if (decode == "temporary") where = PackedDecode::kTemporary;
+          else throw nb::value_error(("decode: expected 'auto', 'kernel' or 'temporary', got '" + decode + "'").c_str());
           PackedTensor q{to_view(qd, "q.data"), to_view(qs, "q.scales"), to_view(qg, "q.global_scale")};
           PackedTensor k{to_view(kd, "k.data"), to_view(ks, "k.scales"), to_view(kg, "k.global_scale")};
           PackedTensor v{to_view(vd, "v.data"), to_view(vs, "v.scales"), to_view(vg, "v.global_scale")};
@@ -330,7 +335,7 @@ NB_MODULE(_C, m) {
           Status st;
           {
             nb::gil_scoped_release release;
-            st = attention_forward_packed(q, k, v, opts, out, stream_ptr(stream));
+            st = attention_forward_packed(q, k, v, opts, out, stream_ptr(stream), where);
           }
           check(st);
         },
@@ -338,7 +343,7 @@ NB_MODULE(_C, m) {
         nb::arg("k_scales"), nb::arg("k_global_scale"), nb::arg("v_data"), nb::arg("v_scales"),
         nb::arg("v_global_scale"), nb::arg("o"), nb::arg("lse"), nb::arg("m_ref").none(),
         nb::arg("l").none(), nb::arg("p_quant"), nb::arg("v_blocks"), nb::arg("causal"),
-        nb::arg("softmax_scale"), nb::arg("kv_tile"), nb::arg("stream") = 0);
+        nb::arg("softmax_scale"), nb::arg("kv_tile"), nb::arg("decode") = "auto", nb::arg("stream") = 0);
 
   m.def("kv_cache_append",
         [](AnyArray kd, AnyArray ks, AnyArray vd, AnyArray vs, AnyArray k_new, AnyArray v_new,

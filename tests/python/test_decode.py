@@ -121,6 +121,9 @@ def test_cpu_bad_input_errors():
                                  torch.tensor([[0]], dtype=torch.int32), torch.tensor([17], dtype=torch.int32))
     with pytest.raises(TypeError, match="QuantizedTensor"):
         attnqat.attention_packed(torch.zeros(1, 1, 16, 64), torch.zeros(1, 1, 16, 64), torch.zeros(1, 1, 16, 64))
+    p = attnqat.quantize_nvfp4(torch.randn(1, 1, 16, 64))
+    with pytest.raises(ValueError, match="decode: expected 'auto', 'kernel' or 'temporary'"):
+        attnqat.attention_packed(p, p, p, decode="fused")
 
 
 # ---- GPU ---------------------------------------------------------------------------------------
@@ -164,15 +167,27 @@ def test_gpu_decode_matches_reference(cuda, page_size, hkv, group, nq, lens, p_q
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_attention_packed_bit_identical(cuda, causal):
+@pytest.mark.parametrize("decode", ["auto", "kernel", "temporary"])
+def test_gpu_attention_packed_bit_identical(cuda, causal, decode):
     q = torch.randn(2, 8, 300, 128, device=cuda, dtype=torch.bfloat16)
     k = torch.randn(2, 2, 333, 128, device=cuda, dtype=torch.bfloat16)
     v = torch.randn(2, 2, 333, 128, device=cuda, dtype=torch.bfloat16)
     pq, pk, pv = (attnqat.quantize_nvfp4(t) for t in (q, k, v))
     with torch.no_grad():
-        o = attnqat.attention_packed(pq, pk, pv, causal=causal, p_quant="anchored")
+        o = attnqat.attention_packed(pq, pk, pv, causal=causal, p_quant="anchored", decode=decode)
         ref = attnqat.attention(q, k, v, mode="fp4", causal=causal, p_quant="anchored")
     assert torch.equal(o, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_packed_kernel_decode_needs_channel_blocks(cuda):
+    q = torch.randn(1, 2, 64, 128, device=cuda, dtype=torch.bfloat16)
+    pq, pk = attnqat.quantize_nvfp4(q), attnqat.quantize_nvfp4(q)
+    pv = attnqat.quantize_nvfp4(q, axis="token")
+    with pytest.raises(ValueError, match="in-kernel decode needs channel blocks"):
+        attnqat.attention_packed(pq, pk, pv, decode="kernel")
+    o = attnqat.attention_packed(pq, pk, pv, decode="auto")  # falls back to the temporaries
+    assert torch.equal(o, attnqat.attention_packed(pq, pk, pv, decode="temporary"))
 
 
 @pytest.mark.gpu

@@ -110,6 +110,17 @@ Status dispatch(const sm90::FwdArgs& args, bool causal) {
   });
 }
 
+Status dispatch_packed(const sm90::FwdArgs& args, bool causal) {
+  return with_dtype(args.q.dtype, [&](auto f16) {
+    return with_head_dim(args.q.shape[3], [&](auto head_dim) {
+      return with_mask(causal, [&](auto mask) {
+        using Cfg = sm90::FwdConfig<decltype(f16)::value, decltype(head_dim)::value, false, true>;
+        return sm90::launch_fwd<Cfg, decltype(mask)>(args);
+      });
+    });
+  });
+}
+
 // ---- Temporaries for the fake-quantized inputs ------------------------------------------------
 
 __global__ void fill_one_kernel(float* g) { *g = 1.0f; }
@@ -278,6 +289,57 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
     args.v = temps.v();
   }
   return dispatch(args, opts.causal);
+}
+
+// The packed producer (sm90/fwd_packed.cuh) copies rows of codes with 16-byte cp.async and rows
+// of scales with one d/16-byte cp.async: each row's bytes contiguous, rows and bases aligned.
+bool packed_forward_fusable(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
+                            const AttentionOptions& opts, const TensorView& o) {
+  const int64_t d = q.data.shape[3] * 2;
+  if (opts.v_blocks != VBlocks::kChannel || (d != 64 && d != 128)) return false;
+  if (o.dtype != DType::kBFloat16 && o.dtype != DType::kFloat16) return false;
+  const int64_t scale_row = d / 16;
+  for (const PackedTensor* t : {&q, &k, &v}) {
+    if (t->data.stride[3] != 1 || t->scales.stride[3] != 1) return false;
+    if (reinterpret_cast<uintptr_t>(t->data.data) % 16 != 0 ||
+        reinterpret_cast<uintptr_t>(t->scales.data) % scale_row != 0)
+      return false;
+    for (int i = 0; i < 3; ++i)
+      if (t->data.stride[i] % 16 != 0 || t->scales.stride[i] % scale_row != 0) return false;
+  }
+  return true;
+}
+
+Status attention_forward_from_packed(const PackedTensor& q, const PackedTensor& k,
+                                     const PackedTensor& v, const TensorView& lq,
+                                     const TensorView& lk, const TensorView& lv,
+                                     const AttentionOptions& opts, const ForwardOutputs& out,
+                                     void* stream) {
+  if (opts.p_quant == PQuant::kPaper && opts.kv_tile != kKernelKeyTile)
+    return Status::Invalid(
+        "kv_tile: the CUDA kernels use 128-key tiles (p_quant='paper' depends "
+        "on the tile), got " +
+        std::to_string(opts.kv_tile));
+  ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o, "o"));
+  if (lq.numel() == 0) return Status::Ok();  // no query row: nothing to write
+
+  DeviceGuard guard;
+  if (const cudaError_t err = guard.set(lq.device_id); err != cudaSuccess)
+    return cuda_error("selecting the tensors' device", err);
+  ATTNQAT_RETURN_IF_ERROR(check_device(lq.device_id));
+  sm90::FwdArgs args;
+  args.q = lq;
+  args.k = lk;
+  args.v = lv;
+  args.pq = q;
+  args.pk = k;
+  args.pv = v;
+  args.out = out;
+  args.c2 = resolve_softmax_scale(opts, lq.shape[3]) * kLog2e;
+  args.quantize_p = true;
+  args.anchored = opts.p_quant == PQuant::kAnchored;
+  args.stream = static_cast<cudaStream_t>(stream);
+  return dispatch_packed(args, opts.causal);
 }
 
 // Backward of numerics section 5 (switches: section 6 and 9.4). Steps, all on `stream`:

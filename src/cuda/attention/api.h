@@ -20,4 +20,16 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           const TensorView& v, const ForwardState& saved,
                           const AttentionOptions& opts, const BackwardOutputs& grads, void* stream);
 
+// Forward of mode fp4 from packed NVFP4 q, k, v, decoded inside the sm90 kernel (exact; the
+// same result as attention_forward on the dequantized tensors, bit for bit). lq, lk, lv: the
+// logical [B, H, N, d] views (shapes and the output dtype). Only for the layouts that
+// packed_forward_fusable() accepts; src/cuda/decode/api.cu decodes the others into temporaries.
+bool packed_forward_fusable(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
+                            const AttentionOptions& opts, const TensorView& o);
+Status attention_forward_from_packed(const PackedTensor& q, const PackedTensor& k,
+                                     const PackedTensor& v, const TensorView& lq,
+                                     const TensorView& lk, const TensorView& lv,
+                                     const AttentionOptions& opts, const ForwardOutputs& out,
+                                     void* stream);
+
 }  // namespace attnqat::cuda

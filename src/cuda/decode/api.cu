@@ -16,6 +16,7 @@
 #include "attnqat/attnqat.h"
 #include "common/validate.h"
 #include "cuda/common/workspace.h"
+#include "cuda/attention/api.h"
 #include "cuda/decode/api.h"
 #include "cuda/decode/launch.h"
 
@@ -106,9 +107,23 @@ Status device_shape(int device, bool f16, DeviceShape* out) {
 
 // ---- Attention from packed NVFP4 tensors --------------------------------------------------------
 
+// kAuto's choice. Every CTA (128 query rows of one head) decodes the K/V tiles it reads, so the
+// in-kernel decode repeats group * ceil(Nq / 128) times per KV head, while the temporaries cost
+// one decode pass plus a 16-bit write and read of K and V. Measured on H200 (d = 128, Nk = 8192,
+// bench/bench_decode.py "packed paths", docs/decode.md): the in-kernel decode costs the forward
+// ~18% whatever the shape (0.80-0.84x of the fp4 forward), the temporaries 0.45x at 1 block
+// per KV head, 0.79-0.84x at 4, 0.84-0.87x at 8 and 0.93-0.96x at 16 or more: the crossover
+// lies between 4 and 8 blocks.
+namespace {
+constexpr int64_t kInKernelMaxBlocksPerKvHead = 4;
+bool in_kernel_decode_pays(int64_t nq, int64_t group) {
+  return group * ((nq + 127) / 128) <= kInKernelMaxBlocksPerKvHead;
+}
+}  // namespace
+
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                                 const AttentionOptions& opts, const ForwardOutputs& out,
-                                void* stream) {
+                                void* stream, PackedDecode decode) {
   const DType dt = out.o.dtype;
   if (dt != DType::kBFloat16 && dt != DType::kFloat16)
     return Status::NotImplemented(std::string("o: the CUDA packed attention decodes Q, K, V into the "
@@ -120,18 +135,32 @@ Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, co
   if (const cudaError_t err = guard.set(out.o.device_id); err != cudaSuccess)
     return cuda_error("attention_forward_packed", "selecting the device", err);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const size_t es = static_cast<size_t>(dtype_size(dt));
-  const size_t qb = round_up(B * Hq * Nq * D * es), kb = round_up(B * Hkv * Nk * D * es);
-  // Dequantize (exact) into one stream-ordered temporary, then the forward on the decoded
-  // operands (inputs_quantized: no re-quantization, the same operands bit for bit).
-  Workspace ws;
-  ATTNQAT_RETURN_IF_ERROR(ws.allocate(qb + 2 * kb, s));
-  uint8_t* base = static_cast<uint8_t*>(ws.data());
-  auto view = [&](uint8_t* p, int64_t h, int64_t n, const char* name) {
+  auto view = [&](void* p, int64_t h, int64_t n, const char* name) {
     TensorView t = make_view(p, dt, {B, h, n, D}, name, Device::kCUDA);
     t.device_id = out.o.device_id;
     return t;
   };
+  // Channel-blocked operands with aligned rows (the quantize kernels' output and any slice of
+  // it along B, H, N) can be decoded inside the sm90 kernel.
+  const bool fusable = packed_forward_fusable(q, k, v, opts, out.o);
+  if (decode == PackedDecode::kInKernel && !fusable)
+    return Status::Invalid(
+        "decode: the in-kernel decode needs channel blocks for V (v_blocks 'channel'), head dim "
+        "64 or 128, a bfloat16/float16 output and rows of codes and scales contiguous and aligned "
+        "(16 bytes, d/16 bytes), as quantize() writes them; use decode 'auto' or 'temporary'");
+  if (fusable && (decode == PackedDecode::kInKernel ||
+                  (decode == PackedDecode::kAuto && in_kernel_decode_pays(Nq, Hq / Hkv))))
+    return attention_forward_from_packed(q, k, v, view(q.data.data, Hq, Nq, "q"),
+                                         view(k.data.data, Hkv, Nk, "k"),
+                                         view(v.data.data, Hkv, Nk, "v"), opts, out, stream);
+  // Otherwise (V blocked along the tokens, unaligned views): dequantize (exact) into one
+  // stream-ordered temporary, then the forward on the decoded operands (inputs_quantized: no
+  // re-quantization, the same operands bit for bit).
+  const size_t es = static_cast<size_t>(dtype_size(dt));
+  const size_t qb = round_up(B * Hq * Nq * D * es), kb = round_up(B * Hkv * Nk * D * es);
+  Workspace ws;
+  ATTNQAT_RETURN_IF_ERROR(ws.allocate(qb + 2 * kb, s));
+  uint8_t* base = static_cast<uint8_t*>(ws.data());
   const TensorView qh = view(base, Hq, Nq, "q (decoded)");
   const TensorView kh = view(base + qb, Hkv, Nk, "k (decoded)");
   const TensorView vh = view(base + qb + kb, Hkv, Nk, "v (decoded)");

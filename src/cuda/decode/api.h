@@ -7,11 +7,12 @@
 
 namespace attnqat::cuda {
 
-// Packed NVFP4 Q, K, V -> dequantize (exact) into stream-ordered bf16/fp16 temporaries -> the
-// sm90 forward with inputs_quantized (the operands bit for bit).
+// Packed NVFP4 Q, K, V -> the sm90 forward that decodes them in-kernel, or dequantize (exact)
+// into stream-ordered bf16/fp16 temporaries -> the sm90 forward with inputs_quantized (the
+// operands bit for bit either way); `decode` chooses (attnqat.h).
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                                 const AttentionOptions& opts, const ForwardOutputs& out,
-                                void* stream);
+                                void* stream, PackedDecode decode);
 
 Status kv_cache_append(const PagedKVCache& cache, const KVCacheDims& dims, const TensorView& k_new,
                        const TensorView& v_new, const IndexView& page_table,

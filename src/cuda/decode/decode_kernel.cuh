@@ -30,7 +30,7 @@
 // block, of four keys): m-tile c, half hf holds channel 16g + 8(c>>2) + (c&3) + 4hf; the
 // epilogue writes each channel where it belongs.
 //
-// FP4 decode to fp16 (per 8 codes, no tables in memory; fp4_signed_bytes): PRMT looks the 3-bit
+// FP4 decode to fp16 (per 8 codes, no tables in memory; cuda/common/fp4_unpack.cuh): PRMT looks the 3-bit
 // magnitudes up in an 8-byte table of fp16 high bytes (0, .5, 1, 1.5, 2, 3, 4, 6 are
 // 0x00,38,3C,3E,40,42,44,46 with zero low bytes), a second PRMT gathers the sign bits into bit 7
 // of each byte and a LOP3 merges them; one PRMT per fp16x2 word places two signed bytes over zero
@@ -73,6 +73,7 @@
 #include <cstdint>
 
 #include "cuda/common/codec.cuh"
+#include "cuda/common/fp4_unpack.cuh"
 #include "cuda/decode/params.h"
 
 namespace attnqat::decode {
@@ -119,16 +120,6 @@ constexpr uint32_t kNegInfBits = 0xff800000u;
 
 __device__ __forceinline__ float neg_inf() { return __uint_as_float(kNegInfBits); }
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
 // (lo, hi) -> f16x2, round to nearest (exact for the values used here).
 __device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
   uint32_t d;
@@ -188,37 +179,11 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ---- FP4 -> fp16 -------------------------------------------------------------------------------
 
-// fp16 high bytes of the E2M1 magnitudes 0, 0.5, 1, 1.5 (kLut0) and 2, 3, 4, 6 (kLut1); the low
-// bytes are all zero.
-constexpr uint32_t kLut0 = 0x3E3C3800u;
-constexpr uint32_t kLut1 = 0x46444240u;
-constexpr uint32_t kMagMask = 0x77777777u;
-
-// `lut0` is kLut0 in a register (pinned_lut0()): PRMT takes one table as an immediate, the other
-// must be a register, and a plain constant would be re-materialized before every PRMT.
-__device__ __forceinline__ uint32_t pinned_lut0(uint32_t zero) {
-  uint32_t r;
-  asm volatile("xor.b32 %0, %1, %2;" : "=r"(r) : "r"(zero), "n"(kLut0));
-  return r;
-}
-
-// The 8 codes of a word -> their signed fp16 high bytes: lo = nibbles 0-3, hi = nibbles 4-7
-// (byte k = nibble k, resp. 4 + k). Magnitudes by table (PRMT: the low 16 bits of the selector
-// pick 4 bytes of {lut0, kLut1}); signs: nibble k's sign bit 4k+3 must land on bit 8k+7. Bytes
-// of w << 4 carry the signs of the even nibbles in their bit 7, bytes of w those of the odd ones,
-// so one PRMT gathers them (selectors 0x5140 / 0x7362) and one LOP3 merges them. 9 instructions.
-__device__ __forceinline__ void fp4_signed_bytes(uint32_t w, uint32_t lut0, uint32_t& lo, uint32_t& hi) {
-  const uint32_t mags = w & kMagMask, w4 = w << 4;
-  lo = prmt(lut0, kLut1, mags) | (prmt(w4, w, 0x5140u) & 0x80808080u);
-  hi = prmt(lut0, kLut1, mags >> 16) | (prmt(w4, w, 0x7362u) & 0x80808080u);
-}
-
-// fp16x2 {byte i of x as the high byte of the low half, byte j of x as that of the high half},
-// low bytes zero (PRMT selector 4 = byte 0 of the zero register).
-template <int kI, int kJ>
-__device__ __forceinline__ uint32_t spread(uint32_t x) {
-  return prmt(x, 0u, 0x4u | (static_cast<uint32_t>(kI) << 4) | (0x4u << 8) | (static_cast<uint32_t>(kJ) << 12));
-}
+using cuda::fp4_signed_bytes;
+using cuda::hmul2;
+using cuda::pinned_lut0;
+using cuda::prmt;
+using cuda::spread;
 
 // One key's word of 8 codes (channels base + j, j = 0..7) -> 4 fp16x2 words, out[k] = channels
 // (base + 2k, base + 2k + 1), times `scale` (the block's scale in both halves). 17 instructions.

@@ -266,63 +266,146 @@ INSTANTIATE_TEST_SUITE_P(Cases, DecodeCuda, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return std::string(info.param.name); });
 
 // ---- Attention from packed tensors: the CUDA forward on the decoded tensors, bit for bit -------
+//
+// attention_forward_packed decodes Q, K, V inside the sm90 kernel (fwd_packed.cuh) or into
+// temporaries; either way its operands must be exactly dequantize()'s, so its O and LSE must
+// equal, bit for bit, those of attention_forward (inputs_quantized) on the dequantized tensors:
+// same consumers, same operands. Every case runs both paths (and auto).
+// Cases cover both decode paths: the fast one (g = 1 and other powers of two in range) and the
+// exact per-element one (g outside the fast range of the dtype: fp16 2^-20 / 2^6, bf16 2^-120),
+// key and query tails (N not a multiple of 128), GQA, both masks, both p_quant, d 64 and 128, and
+// V blocked along the tokens (not fusable: the decode-into-temporaries path).
 
-class PackedCuda : public Sm90Test {};
+struct PackedCase {
+  const char* name;
+  DType dt;
+  int64_t d, nq, nk;
+  bool causal;
+  PQuant pq;
+  float gq, gk, gv;
+  bool v_token = false;
+};
 
-TEST_F(PackedCuda, BitIdenticalToForwardOnDecodedTensors) {
-  const int64_t B = 2, Hq = 8, Hkv = 2, Nq = 300, Nk = 333, D = 128;
-  for (const bool causal : {false, true}) {
-    auto p = test::random_problem<float>(B, Hq, Hkv, Nq, Nk, D, 7);
-    float g1 = 1.0f;
-    DeviceBuffer gd(4);
-    gd.upload(&g1, 4);
-    const TensorView gv = cuda_view(gd.get(), DType::kFloat32, {1}, "g");
-    struct Packed {
-      DeviceBuffer x, d, s, hat;
-      PackedTensor t;
-      TensorView hat_view;
-    };
-    auto pack = [&](std::vector<float>& x, int64_t h, int64_t n) {
-      Packed r;
-      r.x = upload_as(x, DType::kBFloat16);
-      r.d = DeviceBuffer(B * h * n * D / 2);
-      r.s = DeviceBuffer(B * h * n * D / 16);
-      r.hat = DeviceBuffer(B * h * n * D * 2);
-      r.t = PackedTensor{cuda_view(r.d.get(), DType::kUInt8, {B, h, n, D / 2}, "data"),
-                         cuda_view(r.s.get(), DType::kUInt8, {B, h, n, D / 16}, "scales"), gv};
-      QuantizeOptions qo;
-      const TensorView xv = cuda_view(r.x.get(), DType::kBFloat16, {B, h, n, D}, "x");
-      EXPECT_TRUE(quantize(xv, r.t.data, r.t.scales, gv, qo).ok());
-      r.hat_view = cuda_view(r.hat.get(), DType::kBFloat16, {B, h, n, D}, "hat");
-      EXPECT_TRUE(dequantize(r.t.data, r.t.scales, gv, r.hat_view, qo).ok());
-      return r;
-    };
-    Packed q = pack(p.q, Hq, Nq), k = pack(p.k, Hkv, Nk), v = pack(p.v, Hkv, Nk);
-    AttentionOptions opts = test::options(Mode::kFP4, PQuant::kAnchored, causal);
-    DeviceBuffer o1(B * Hq * Nq * D * 2), o2(B * Hq * Nq * D * 2), l1(B * Hq * Nq * 4), l2(B * Hq * Nq * 4);
-    for (DeviceBuffer* b : {&o1, &o2, &l1, &l2}) b->poison();
-    ForwardOutputs f1, f2;
-    f1.o = cuda_view(o1.get(), DType::kBFloat16, {B, Hq, Nq, D}, "o");
+class PackedCuda : public Sm90Test, public ::testing::WithParamInterface<PackedCase> {};
+
+TEST_P(PackedCuda, BitIdenticalToForwardOnDecodedTensors) {
+  const PackedCase& c = GetParam();
+  const int64_t B = 2, Hq = 8, Hkv = 2, D = c.d, Nq = c.nq, Nk = c.nk;
+  const size_t es = 2;
+  auto p = test::random_problem<float>(B, Hq, Hkv, Nq, Nk, D, 7);
+  struct Packed {
+    DeviceBuffer x, d, s, g, hat;
+    PackedTensor t;
+    TensorView hat_view;
+  };
+  auto pack = [&](std::vector<float>& x, int64_t h, int64_t n, float g, bool token_axis) {
+    Packed r;
+    // Scale the data with g so that the codes use their range whatever g is.
+    for (float& e : x) e *= g;
+    r.x = upload_as(x, c.dt);
+    r.g = DeviceBuffer(4);
+    r.g.upload(&g, 4);
+    const TensorView gv = cuda_view(r.g.get(), DType::kFloat32, {1}, "g");
+    // Token axis (V): data [B, H, D, ceil(N/16) * 8], scales [B, H, D, ceil(N/16)].
+    const int64_t nb = (n + 15) / 16;
+    const int64_t dshape2 = token_axis ? D : n, dshape3 = token_axis ? nb * 8 : D / 2;
+    const int64_t sshape2 = token_axis ? D : n, sshape3 = token_axis ? nb : D / 16;
+    r.d = DeviceBuffer(B * h * dshape2 * dshape3);
+    r.s = DeviceBuffer(B * h * sshape2 * sshape3);
+    r.hat = DeviceBuffer(B * h * n * D * es);
+    r.t = PackedTensor{cuda_view(r.d.get(), DType::kUInt8, {B, h, dshape2, dshape3}, "data"),
+                       cuda_view(r.s.get(), DType::kUInt8, {B, h, sshape2, sshape3}, "scales"), gv};
+    QuantizeOptions qo;
+    if (token_axis) qo.axis = BlockAxis::kToken;
+    const TensorView xv = cuda_view(r.x.get(), c.dt, {B, h, n, D}, "x");
+    Status st = quantize(xv, r.t.data, r.t.scales, gv, qo);
+    EXPECT_TRUE(st.ok()) << st.message();
+    r.hat_view = cuda_view(r.hat.get(), c.dt, {B, h, n, D}, "hat");
+    st = dequantize(r.t.data, r.t.scales, gv, r.hat_view, qo);
+    EXPECT_TRUE(st.ok()) << st.message();
+    return r;
+  };
+  Packed q = pack(p.q, Hq, Nq, c.gq, false), k = pack(p.k, Hkv, Nk, c.gk, false);
+  Packed v = pack(p.v, Hkv, Nk, c.gv, c.v_token);
+  AttentionOptions opts = test::options(Mode::kFP4, c.pq, c.causal);
+  if (c.v_token) opts.v_blocks = VBlocks::kToken;
+  ASSERT_TRUE(q.t.data.data && k.t.data.data && v.t.data.data);
+  const int64_t on = B * Hq * Nq;
+  // The reference: the forward on the decoded tensors.
+  DeviceBuffer o2(on * D * es), l2(on * 4);
+  o2.poison();
+  l2.poison();
+  ForwardOutputs f2;
+  f2.o = cuda_view(o2.get(), c.dt, {B, Hq, Nq, D}, "o");
+  f2.lse = cuda_view(l2.get(), DType::kFloat32, {B, Hq, Nq}, "lse");
+  AttentionOptions opts2 = opts;
+  opts2.inputs_quantized = true;
+  Status st = attention_forward(q.hat_view, k.hat_view, v.hat_view, opts2, f2);
+  ASSERT_TRUE(st.ok()) << st.message();
+  std::vector<uint16_t> b(o2.size() / 2);
+  std::vector<float> lb(on);
+  cuda_check(cudaDeviceSynchronize(), "forward");
+  o2.download(b.data(), o2.size());
+  l2.download(lb.data(), l2.size());
+  // The comparison is not vacuous: O is not all zero (and the outputs below start poisoned).
+  int64_t nonzero = 0;
+  for (uint16_t x : b) nonzero += (x & 0x7FFF) != 0;
+  EXPECT_GT(nonzero, static_cast<int64_t>(b.size()) / 2);
+
+  for (const PackedDecode where : {PackedDecode::kInKernel, PackedDecode::kTemporary, PackedDecode::kAuto}) {
+    const char* wname = where == PackedDecode::kInKernel ? "in-kernel" : where == PackedDecode::kTemporary ? "temporary" : "auto";
+    DeviceBuffer o1(on * D * es), l1(on * 4);
+    o1.poison();
+    l1.poison();
+    ForwardOutputs f1;
+    f1.o = cuda_view(o1.get(), c.dt, {B, Hq, Nq, D}, "o");
     f1.lse = cuda_view(l1.get(), DType::kFloat32, {B, Hq, Nq}, "lse");
-    f2.o = cuda_view(o2.get(), DType::kBFloat16, {B, Hq, Nq, D}, "o");
-    f2.lse = cuda_view(l2.get(), DType::kFloat32, {B, Hq, Nq}, "lse");
-    Status st = attention_forward_packed(q.t, k.t, v.t, opts, f1);
-    ASSERT_TRUE(st.ok()) << st.message();
-    opts.inputs_quantized = true;
-    st = attention_forward(q.hat_view, k.hat_view, v.hat_view, opts, f2);
-    ASSERT_TRUE(st.ok()) << st.message();
-    cuda_check(cudaDeviceSynchronize(), "forward");
-    std::vector<uint8_t> a(o1.size()), b(o2.size()), la(l1.size()), lb(l2.size());
-    o1.download(a.data(), a.size());
-    o2.download(b.data(), b.size());
-    l1.download(la.data(), la.size());
-    l2.download(lb.data(), lb.size());
-    EXPECT_TRUE(a == b) << "causal " << causal << ": O differs from the forward on the decoded tensors";
-    EXPECT_TRUE(la == lb) << "causal " << causal << ": LSE differs";
+    st = attention_forward_packed(q.t, k.t, v.t, opts, f1, nullptr, where);
+    if (c.v_token && where == PackedDecode::kInKernel) {  // token blocks: no in-kernel decode
+      EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+      EXPECT_NE(st.message().find("v_blocks"), std::string::npos) << st.message();
+      continue;
+    }
+    ASSERT_TRUE(st.ok()) << wname << ": " << st.message();
+    cuda_check(cudaDeviceSynchronize(), "packed forward");
+    std::vector<uint16_t> a(o1.size() / 2);
+    std::vector<float> la(on);
+    o1.download(a.data(), o1.size());
+    l1.download(la.data(), l1.size());
+    int64_t o_diff = 0, l_diff = 0, first = -1;
+    for (size_t i = 0; i < a.size(); ++i)
+      if (a[i] != b[i]) o_diff++, first = first < 0 ? static_cast<int64_t>(i) : first;
+    for (int64_t i = 0; i < on; ++i) l_diff += std::memcmp(&la[i], &lb[i], 4) != 0;
+    EXPECT_EQ(o_diff, 0) << wname << ": O elements that differ from the forward on the decoded "
+                         << "tensors; first at " << first;
+    EXPECT_EQ(l_diff, 0) << wname << ": LSE rows that differ";
   }
 }
 
-TEST_F(PackedCuda, DecodeRejectsFloat32Queries) {
+const float kTiny = 1.0f / (1 << 20);  // 2^-20
+std::vector<PackedCase> packed_cases() {
+  const float two_m120 = std::ldexp(1.0f, -120);
+  return {
+      {"bf16_d128_g1", DType::kBFloat16, 128, 300, 333, false, PQuant::kAnchored, 1, 1, 1},
+      {"bf16_d128_causal_paper", DType::kBFloat16, 128, 300, 333, true, PQuant::kPaper, 1, 1, 1},
+      {"bf16_d128_pow2", DType::kBFloat16, 128, 129, 600, true, PQuant::kAnchored, 0.125f, 4.0f, 0.03125f},
+      {"bf16_d128_slow_g", DType::kBFloat16, 128, 200, 250, false, PQuant::kPaper, 1, two_m120, 1},
+      {"bf16_d64", DType::kBFloat16, 64, 300, 333, true, PQuant::kAnchored, 0.5f, 1, 2},
+      {"fp16_d128", DType::kFloat16, 128, 300, 333, false, PQuant::kAnchored, 1, 0.25f, 8},
+      {"fp16_d128_slow_g", DType::kFloat16, 128, 100, 400, true, PQuant::kPaper, kTiny, 64.0f, 1},
+      {"fp16_d64_causal", DType::kFloat16, 64, 257, 130, true, PQuant::kPaper, 1, 1, 1},
+      {"fp16_d64_slow_g", DType::kFloat16, 64, 64, 64, false, PQuant::kAnchored, 1, 1, kTiny},
+      {"bf16_d128_short", DType::kBFloat16, 128, 1, 17, false, PQuant::kAnchored, 1, 1, 1},
+      {"bf16_d128_v_token", DType::kBFloat16, 128, 100, 320, false, PQuant::kAnchored, 1, 1, 1, true},
+  };
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, PackedCuda, ::testing::ValuesIn(packed_cases()),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+class PackedErrors : public Sm90Test {};
+
+TEST_F(PackedErrors, DecodeRejectsFloat32Queries) {
   HostCache h(1, 16, 1, kD, 16, 1);
   DeviceCache dev(h);
   DeviceBuffer q(kD * 4), o(kD * 4);

@@ -11,17 +11,23 @@
 //  - 2 stages for K and for V (FA3 sm90): the other warpgroup hides the TMA latency.
 //  - No intra-warpgroup overlap: with O' (attn_qat) S + O + O' + P fragments would not fit 240.
 //  - Registers: producer 24, consumers 240 (setmaxnreg): 128*24 + 256*240 = 64,512 <= 65,536.
+//  - kPacked (attention from packed NVFP4 Q, K, V, fwd_packed.cuh): the whole producer
+//    warpgroup copies packed tiles into a staging ring (cp.async) and decodes them into the same
+//    swizzled tiles that TMA writes otherwise, within the same 24 registers (the budget is the
+//    CTA's launch allocation, 384 * 168 = 64,512: a producer at 32 would leave the consumers'
+//    setmaxnreg.inc waiting forever).
 #pragma once
 
 #include <cstdint>
 
 namespace attnqat::sm90 {
 
-template <bool kIsF16, int kHeadDimT, bool kWithOHpT>
+template <bool kIsF16, int kHeadDimT, bool kWithOHpT, bool kPackedT = false>
 struct FwdConfig {
   static constexpr bool kF16 = kIsF16;         // fp16 inputs/outputs (else bf16)
   static constexpr int kHeadDim = kHeadDimT;   // d
   static constexpr bool kWithOHp = kWithOHpT;  // also accumulate O' = p~ V (attn_qat)
+  static constexpr bool kPacked = kPackedT;    // Q, K, V arrive as packed NVFP4 (fwd_packed.cuh)
 
   // ---- Roles and tiles ------------------------------------------------------------------------
   static constexpr int kConsumerWGs = 2;
@@ -29,8 +35,8 @@ struct FwdConfig {
   static constexpr int kBlockM = 64 * kConsumerWGs;          // query rows per CTA
   static constexpr int kBlockN = 128;                        // keys per tile (== reference kv_tile)
   static constexpr int kStages = 2;                          // K and V ring depth
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
+  static constexpr int kProducerRegs = kPacked ? 88 : 24;
+  static constexpr int kConsumerRegs = kPacked ? 208 : 240;
 
   // ---- Shared memory --------------------------------------------------------------------------
   // Every tile is stored as kChunks column chunks of 64 elements (128 bytes, the TMA box width
@@ -62,7 +68,18 @@ struct FwdConfig {
   // The P scale table (p_quant.cuh): 256 entries of 8 bytes, filled once per CTA.
   static constexpr int kOffPScale = (kOffBar + 8 * kNumBars + 15) / 16 * 16;
   static constexpr int kPScaleBytes = 256 * 8;
-  static constexpr int kSmemBytes = kOffPScale + kPScaleBytes;
+  // kPacked: the staging ring of packed tiles (kStages x {K codes, K scales, V codes, V scales},
+  // rows of d/2 and d/16 bytes as in global memory; Q is staged in stage 1's K part before the
+  // first K/V tiles land there), then 3 decode tables of 256 words (Q, K, V: E4M3 byte -> the
+  // scale times g in the tile dtype, both halves) and the 3 global scales g.
+  static constexpr int kCodeBytes = kBlockN * kHeadDim / 2;
+  static constexpr int kScaleBytes = kBlockN * kHeadDim / 16;
+  static constexpr int kStageKBytes = kCodeBytes + kScaleBytes;
+  static constexpr int kStageBytes = 2 * kStageKBytes;
+  static constexpr int kOffStage = (kOffPScale + kPScaleBytes + 127) / 128 * 128;
+  static constexpr int kOffTables = kOffStage + (kPacked ? kStages * kStageBytes : 0);
+  static constexpr int kTableBytes = kPacked ? 3 * 256 * 4 + 16 : 0;  // + the 3 g values
+  static constexpr int kSmemBytes = kPacked ? kOffTables + kTableBytes : kOffPScale + kPScaleBytes;
   static constexpr int kSmemAlign = 1024;                     // 128B-swizzle atoms
   static constexpr int kSmemAlloc = kSmemBytes + kSmemAlign;  // + slack to align the base
   static constexpr int kSmemLimit = 227 * 1024;               // sm_90 opt-in maximum per CTA
@@ -107,9 +124,13 @@ struct FwdConfig {
   static_assert(kSmemBytes <= kSmemLimit - kSmemAlign, "shared memory over the sm_90 limit");
   static_assert(kOffK % kSmemAlign == 0 && kOffV % kSmemAlign == 0 && kKVBytes % kSmemAlign == 0,
                 "tiles must start on 1024-byte (swizzle atom) boundaries");
-  static_assert(128 * kProducerRegs + 128 * kConsumerWGs * kConsumerRegs <= 65536,
-                "setmaxnreg budget over the register file");
+  // setmaxnreg moves registers within the CTA's launch allocation (launch bounds (384, 1): 168
+  // per thread); an .inc beyond what the .dec released never returns.
+  static_assert(128 * kProducerRegs + 128 * kConsumerWGs * kConsumerRegs <= kThreads * 168,
+                "setmaxnreg budget over the CTA's register allocation");
   static_assert(kRegPeak <= kConsumerRegs, "consumer fragments do not fit the setmaxnreg budget");
+  static_assert(!kPacked || (kBlockM == kBlockN && !kWithOHp),
+                "packed: Q is staged like a K tile; mode fp4 has no O'");
 };
 
 }  // namespace attnqat::sm90

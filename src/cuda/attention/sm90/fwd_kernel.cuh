@@ -4,7 +4,8 @@
 //
 // Grid (ceil(Nq / 128), Hq, B), 384 threads, one CTA per SM (launch bounds (384, 1)):
 //   warpgroup 0: producer (setmaxnreg.dec to 24); one thread issues the TMA loads of Q and of
-//                the K/V rings (fwd_load.cuh);
+//                the K/V rings (fwd_load.cuh); with kPacked (32 registers) all 128 threads
+//                stage and decode packed NVFP4 tiles instead (fwd_packed.cuh);
 //   warpgroups 1, 2: consumers (setmaxnreg.inc to 240), 64 query rows each (fwd_mainloop.cuh:
 //                consumer_mainloop_overlap without O' (intra-warpgroup overlap of the softmax
 //                with the warpgroup's own PV GEMM), consumer_mainloop with O').
@@ -17,6 +18,7 @@
 #include "cuda/attention/sm90/fwd_config.h"
 #include "cuda/attention/sm90/fwd_load.cuh"
 #include "cuda/attention/sm90/fwd_mainloop.cuh"
+#include "cuda/attention/sm90/fwd_packed.cuh"
 #include "cuda/attention/sm90/fwd_params.h"
 #include "cuda/attention/sm90/fwd_smem.cuh"
 #include "cuda/attention/sm90/mask.cuh"
@@ -42,10 +44,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x < kPScaleTableEntries)
     fill_p_scale_entry<Cfg::kF16>(sm.p_scale_table(), threadIdx.x, p.pq.two120_g);
   if (threadIdx.x == 0) {
-    mbar_init(sm.q_full(), 1);
+    // `full`: TMA's one expect_tx arrival, or (kPacked) one per producer thread.
+    constexpr uint32_t kFullArrivals = Cfg::kPacked ? 128 : 1;
+    mbar_init(sm.q_full(), kFullArrivals);
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(sm.k_full(s), 1);
-      mbar_init(sm.v_full(s), 1);
+      mbar_init(sm.k_full(s), kFullArrivals);
+      mbar_init(sm.v_full(s), kFullArrivals);
       mbar_init(sm.k_empty(s), 128 * Cfg::kConsumerWGs);
       mbar_init(sm.v_empty(s), 128 * Cfg::kConsumerWGs);
     }
@@ -56,7 +60,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (threadIdx.x == 0 && n_tiles > 0) {
+    if constexpr (Cfg::kPacked) {
+      if (n_tiles > 0) packed_producer_mainloop<Cfg>(p, sm, m_block, h, b, n_tiles);
+    } else if (threadIdx.x == 0 && n_tiles > 0) {
       prefetch_tma_descriptor(&p.tma_q);
       prefetch_tma_descriptor(&p.tma_k);
       prefetch_tma_descriptor(&p.tma_v);

@@ -13,6 +13,20 @@
 
 namespace attnqat::sm90 {
 
+// The kernel's view of a packed operand (uint8 strides are byte strides).
+inline PackedOperand packed_operand(const PackedTensor& t) {
+  PackedOperand o{};
+  o.data = static_cast<const uint8_t*>(t.data.data);
+  o.scales = static_cast<const uint8_t*>(t.scales.data);
+  o.g = static_cast<const float*>(t.global_scale.data);
+  for (int i = 0; i < 3; ++i) {
+    o.data_stride[i] = t.data.stride[i];
+    o.scale_stride[i] = t.scales.stride[i];
+  }
+  o.rows = static_cast<int>(t.data.shape[2]);
+  return o;
+}
+
 template <class Cfg, class Mask>
 Status launch_fwd(const FwdArgs& a) {
   const int64_t batch = a.q.shape[0], heads_q = a.q.shape[1], seqlen_q = a.q.shape[2];
@@ -25,10 +39,16 @@ Status launch_fwd(const FwdArgs& a) {
         "batches and sequences below 2^31, got q " +
         a.q.shape_str() + ", k " + a.k.shape_str());
   FwdParams p{};
-  ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));
-  if (seqlen_k > 0) {  // Nk = 0: no tile is loaded (every row sees no key); a map needs dims > 0
-    ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));
-    ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_v, a.v, Cfg::kBlockN));
+  if constexpr (Cfg::kPacked) {
+    p.pk_q = packed_operand(a.pq);
+    p.pk_k = packed_operand(a.pk);
+    p.pk_v = packed_operand(a.pv);
+  } else {
+    ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));
+    if (seqlen_k > 0) {  // Nk = 0: no tile is loaded (every row sees no key); a map needs dims > 0
+      ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));
+      ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_v, a.v, Cfg::kBlockN));
+    }
   }
   p.o = a.out.o.data;
   p.o_hp = Cfg::kWithOHp ? a.out.o_hp.data : nullptr;

@@ -28,6 +28,18 @@ __host__ __device__ inline PQuantConsts p_quant_consts(bool anchored) {
   return PQuantConsts{g, 6.0f * g, (1.0f / 6.0f) / g, kTwo120 * g};
 }
 
+// One packed NVFP4 operand (attention from packed tensors, fwd_packed.cuh): codes [B, H, N, d/2]
+// and E4M3 scales [B, H, N, d/16] (uint8, each row contiguous), strides in bytes; g: the
+// operand's global scale (one fp32 on the device).
+struct PackedOperand {
+  const uint8_t* data;
+  const uint8_t* scales;
+  const float* g;
+  int64_t data_stride[3];   // b, h, n
+  int64_t scale_stride[3];  // b, h, n
+  int rows;                 // N
+};
+
 struct FwdParams {
   // q [B, Hq, Nq, d], k and v [B, Hkv, Nk, d]: 4-D maps (d, N, H, B), boxes of 64 columns by
   // kBlockM (q) or kBlockN (k, v) rows, 128-byte swizzle, out-of-bounds rows read as zeros.
@@ -52,6 +64,9 @@ struct FwdParams {
   bool quantize_p;  // false in mode bf16: P = p~ rounded to the input dtype
   bool anchored;    // p_quant: m_ref = ceil(m) and g = 2^-11 (else m_ref = m, g = 1)
   PQuantConsts pq;
+
+  // Configs with kPacked only (then the tensor maps are unused): the packed Q, K, V.
+  PackedOperand pk_q, pk_k, pk_v;
 };
 
 }  // namespace attnqat::sm90

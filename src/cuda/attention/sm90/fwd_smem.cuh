@@ -23,6 +23,13 @@ struct SmemMap {
   }
   // The P scale table (p_quant.cuh, fill_p_scale_entry).
   __device__ __forceinline__ uint32_t p_scale_table() const { return base + Cfg::kOffPScale; }
+  // kPacked: staging stage s (K codes, K scales, V codes, V scales) and the decode tables.
+  __device__ __forceinline__ uint32_t stage(int s) const {
+    return base + Cfg::kOffStage + s * Cfg::kStageBytes;
+  }
+  __device__ __forceinline__ uint32_t table(int operand) const {
+    return base + Cfg::kOffTables + operand * 1024;
+  }
   // Q landed (transaction barrier, 1 arrival: the producer's expect_tx).
   __device__ __forceinline__ uint32_t q_full() const { return bar(Cfg::kBarQ); }
   // K/V tile of stage s landed (1 arrival + TMA bytes) / was consumed by all 256 consumers.

@@ -181,6 +181,33 @@ Status check_output_alignment(const TensorView& t, const char* name) {
   return Status::Ok();
 }
 
+// What both forwards check before any launch: the 128-key tile of "paper" mode, output alignment.
+Status check_forward_options(const AttentionOptions& opts, const ForwardOutputs& out,
+                             bool quantized_mode) {
+  if (quantized_mode && opts.p_quant == PQuant::kPaper && opts.kv_tile != kKernelKeyTile)
+    return Status::Invalid(
+        "kv_tile: the CUDA kernels use 128-key tiles (p_quant='paper' depends "
+        "on the tile), got " +
+        std::to_string(opts.kv_tile));
+  ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o, "o"));
+  return check_output_alignment(out.o_hp, "o_hp");
+}
+
+sm90::FwdArgs forward_args(const TensorView& q, const TensorView& k, const TensorView& v,
+                           const AttentionOptions& opts, const ForwardOutputs& out,
+                           bool quantized_mode, cudaStream_t stream) {
+  sm90::FwdArgs args;
+  args.q = q;
+  args.k = k;
+  args.v = v;
+  args.out = out;
+  args.c2 = resolve_softmax_scale(opts, q.shape[3]) * kLog2e;
+  args.quantize_p = quantized_mode;
+  args.anchored = opts.p_quant == PQuant::kAnchored;
+  args.stream = stream;
+  return args;
+}
+
 // ---- Backward -----------------------------------------------------------------------------------
 
 Status bwd_error(const char* what, cudaError_t err) {
@@ -256,13 +283,7 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
     return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
   if (q.shape[3] != 64 && q.shape[3] != 128)
     return with_head_dim(q.shape[3], [](auto) { return Status::Ok(); });  // the head-dim error
-  if (quantized_mode && opts.p_quant == PQuant::kPaper && opts.kv_tile != kKernelKeyTile)
-    return Status::Invalid(
-        "kv_tile: the CUDA kernels use 128-key tiles (p_quant='paper' depends "
-        "on the tile), got " +
-        std::to_string(opts.kv_tile));
-  ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o, "o"));
-  ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o_hp, "o_hp"));
+  ATTNQAT_RETURN_IF_ERROR(check_forward_options(opts, out, quantized_mode));
   if (q.numel() == 0) return Status::Ok();  // no query row: nothing to write
 
   DeviceGuard guard;
@@ -270,16 +291,7 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
     return cuda_error("selecting the tensors' device", err);
   ATTNQAT_RETURN_IF_ERROR(check_device(q.device_id));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-
-  sm90::FwdArgs args;
-  args.q = q;
-  args.k = k;
-  args.v = v;
-  args.out = out;
-  args.c2 = resolve_softmax_scale(opts, q.shape[3]) * kLog2e;
-  args.quantize_p = quantized_mode;
-  args.anchored = opts.p_quant == PQuant::kAnchored;
-  args.stream = s;
+  sm90::FwdArgs args = forward_args(q, k, v, opts, out, quantized_mode, s);
 
   QuantizedInputs temps;  // freed (stream-ordered) when this returns
   if (quantized_mode && !opts.inputs_quantized) {
@@ -315,30 +327,17 @@ Status attention_forward_from_packed(const PackedTensor& q, const PackedTensor& 
                                      const TensorView& lk, const TensorView& lv,
                                      const AttentionOptions& opts, const ForwardOutputs& out,
                                      void* stream) {
-  if (opts.p_quant == PQuant::kPaper && opts.kv_tile != kKernelKeyTile)
-    return Status::Invalid(
-        "kv_tile: the CUDA kernels use 128-key tiles (p_quant='paper' depends "
-        "on the tile), got " +
-        std::to_string(opts.kv_tile));
-  ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o, "o"));
+  ATTNQAT_RETURN_IF_ERROR(check_forward_options(opts, out, true));
   if (lq.numel() == 0) return Status::Ok();  // no query row: nothing to write
 
   DeviceGuard guard;
   if (const cudaError_t err = guard.set(lq.device_id); err != cudaSuccess)
     return cuda_error("selecting the tensors' device", err);
   ATTNQAT_RETURN_IF_ERROR(check_device(lq.device_id));
-  sm90::FwdArgs args;
-  args.q = lq;
-  args.k = lk;
-  args.v = lv;
+  sm90::FwdArgs args = forward_args(lq, lk, lv, opts, out, true, static_cast<cudaStream_t>(stream));
   args.pq = q;
   args.pk = k;
   args.pv = v;
-  args.out = out;
-  args.c2 = resolve_softmax_scale(opts, lq.shape[3]) * kLog2e;
-  args.quantize_p = true;
-  args.anchored = opts.p_quant == PQuant::kAnchored;
-  args.stream = static_cast<cudaStream_t>(stream);
   return dispatch_packed(args, opts.causal);
 }
 

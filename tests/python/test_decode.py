@@ -93,6 +93,21 @@ def test_cpu_attention_packed_matches_fp4(causal):
     assert torch.equal(o, ref) and torch.equal(lse, ref_lse)
 
 
+@pytest.mark.parametrize("p_quant", ["anchored", "paper"])
+@pytest.mark.parametrize("nq", [1, 3])
+def test_cpu_attend_via_forward_is_the_reference(p_quant, nq):
+    """The CUDA path for head dims the decode kernel lacks (gathered packed pages + attention_packed
+    per sequence), run on CPU: bit-identical to the reference decode."""
+    lens, hkv, d = [3, 40, 100], 2, 64
+    ks, vs = _seqs(lens, hkv, d, 5)
+    cache = FP4KVCache(20, 16, hkv, d)
+    ids = _fill(cache, lens, ks, vs)
+    q = torch.randn(len(lens), hkv * 4, nq, d, generator=torch.Generator().manual_seed(6))
+    ref, ref_lse = cache.attend(q, ids, p_quant=p_quant, return_lse=True)
+    got, lse = cache._attend_via_forward(q, ids, 0, None, p_quant, True)
+    assert torch.equal(got, ref) and torch.equal(lse, ref_lse)
+
+
 def test_cpu_bad_input_errors():
     with pytest.raises(ValueError, match="multiple of 16"):
         FP4KVCache(4, 24, 2, 64)
@@ -155,6 +170,25 @@ def test_gpu_decode_matches_reference(cuda, page_size, hkv, group, nq, lens, p_q
     _fill(cpu, lens, ks, vs, chunk=chunk)
     for name in ("k_data", "k_scales", "v_data", "v_scales"):  # same page order, same bytes
         assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+    q = torch.randn(len(lens), hkv * group, nq, d).to(dtype)
+    out, lse = gpu.attend(q.to(cuda), ids, p_quant=p_quant, return_lse=True)
+    ref, ref_lse = _reference(q, ks, vs, p_quant, dtype)
+    err = rel_err(out.cpu(), ref)
+    assert err < 5e-3, f"rel err {err}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert (lse.cpu()[finite] - ref_lse[finite]).abs().max() < 1e-4 * max(1.0, ref_lse[finite].abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nq,p_quant,dtype", [(1, "anchored", torch.bfloat16), (2, "paper", torch.float16)])
+def test_gpu_decode_head_dim_64_matches_reference(cuda, nq, p_quant, dtype):
+    """Head dim 64 on CUDA: FP4KVCache.attend decodes through the sm90 forward over the packed pages."""
+    lens, hkv, group, d, page_size = [1, 17, 300, 2049], 2, 4, 64, 32
+    pages = sum(-(-n // page_size) for n in lens) + 2
+    ks, vs = _seqs(lens, hkv, d, 4, dtype)
+    gpu = FP4KVCache(pages, page_size, hkv, d, cuda)
+    ids = _fill(gpu, lens, ks, vs, chunk=61, device=cuda)
     q = torch.randn(len(lens), hkv * group, nq, d).to(dtype)
     out, lse = gpu.attend(q.to(cuda), ids, p_quant=p_quant, return_lse=True)
     ref, ref_lse = _reference(q, ks, vs, p_quant, dtype)

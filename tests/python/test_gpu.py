@@ -326,16 +326,18 @@ def test_hf_attn_qat_training_step_cuda(cuda):
     assert losses[-1] < losses[0], losses
 
 
-def test_hf_fp4_cache_generation_cuda(cuda):
-    """attnqat.hf.FP4Cache on CUDA (head dim 128: the decode kernel): the scores follow generation
-    with transformers' default cache (same fp4 numerics; the decode kernel and the forward kernel
-    sum in different orders, and bf16 logits round), and the prefill step is the same computation."""
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_hf_fp4_cache_generation_cuda(cuda, head_dim):
+    """attnqat.hf.FP4Cache on CUDA (head dim 128: the decode kernel; 64: the forward kernel over the
+    packed pages): the scores follow generation with transformers' default cache (same fp4
+    numerics; the decode kernel and the forward kernel sum in different orders, and bf16 logits
+    round), and the prefill step is the same computation."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     attnqat.hf.register()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=1, attention_dropout=0.0)  # head_dim 128, GQA 4
+    cfg = LlamaConfig(vocab_size=256, hidden_size=4 * head_dim, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, attention_dropout=0.0)  # GQA 4
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnqat").to(cuda, torch.bfloat16).eval()
     ids = torch.randint(3, 256, (3, 300), generator=torch.Generator().manual_seed(1)).to(cuda)
     mask = torch.ones_like(ids)

@@ -10,12 +10,14 @@
 //    default kv_tile (128). Bc/16 = 8 NVFP4 P blocks per row and tile, blocks start at key 0.
 //  - 2 stages for K and for V (FA3 sm90): the other warpgroup hides the TMA latency.
 //  - No intra-warpgroup overlap: with O' (attn_qat) S + O + O' + P fragments would not fit 240.
-//  - Registers: producer 24, consumers 240 (setmaxnreg): 128*24 + 256*240 = 64,512 <= 65,536.
+//  - Registers: producer 24, consumers 240 (setmaxnreg): 128*24 + 256*240 = 64,512, the CTA's
+//    launch allocation (384 * 168). setmaxnreg only moves registers within that allocation: a
+//    sum above it leaves the consumers' setmaxnreg.inc waiting forever.
 //  - kPacked (attention from packed NVFP4 Q, K, V, fwd_packed.cuh): the whole producer
 //    warpgroup copies packed tiles into a staging ring (cp.async) and decodes them into the same
-//    swizzled tiles that TMA writes otherwise, within the same 24 registers (the budget is the
-//    CTA's launch allocation, 384 * 168 = 64,512: a producer at 32 would leave the consumers'
-//    setmaxnreg.inc waiting forever).
+//    swizzled tiles that TMA writes otherwise. Producer 88, consumers 208 (mode fp4 has no O':
+//    no spills): the decode needs loads in flight. Measured (H200, 8x16x4096): 24 registers
+//    0.70x the fp4 forward, 56 0.79x, 88 the same (docs/decode.md).
 #pragma once
 
 #include <cstdint>

@@ -3,7 +3,7 @@
 // swizzled bf16/fp16 tiles that TMA writes for the other configs, so the consumers (and hence
 // the numerics) are those of mode fp4 on the dequantized tensors, bit for bit.
 //
-// Roles: the whole producer warpgroup (128 threads, 24 registers each) runs this loop.
+// Roles: the whole producer warpgroup (128 threads, 88 registers each: FwdConfig) runs this loop.
 //   staging: packed tiles (codes [rows, d/2] and E4M3 scales [rows, d/16], as in global memory)
 //            go into a 2-stage ring by cp.async (16-byte copies for codes, one d/16-byte copy per
 //            row for scales; rows past the tensor's end are zero-filled), one tile ahead;
@@ -194,9 +194,8 @@ __device__ __forceinline__ void decode_tile(uint32_t staged, uint32_t tile, uint
   }
 }
 
-// Decodes operand `op` (0: Q, 1: K, 2: V) from `staged` into `tile`. Nothing is kept live across
-// tiles (the producer has 24 registers): g comes from shared memory, the PRMT tables are pinned
-// here.
+// Decodes operand `op` (0: Q, 1: K, 2: V) from `staged` into `tile`. g comes from shared memory
+// and the PRMT tables are pinned here, so that nothing stays live across tiles.
 template <class Cfg>
 __device__ __forceinline__ void decode_operand(const SmemMap<Cfg>& sm, int op, uint32_t staged,
                                                uint32_t tile, int tid) {

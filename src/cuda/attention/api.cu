@@ -305,28 +305,31 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
 
 // The packed producer (sm90/fwd_packed.cuh) copies rows of codes with 16-byte cp.async and rows
 // of scales with one d/16-byte cp.async: each row's bytes contiguous, rows and bases aligned.
-bool packed_forward_fusable(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
-                            const AttentionOptions& opts, const TensorView& o) {
-  const int64_t d = q.data.shape[3] * 2;
-  if (opts.v_blocks != VBlocks::kChannel || (d != 64 && d != 128)) return false;
+bool packed_operand_fusable(const PackedTensor& t, const TensorView& o) {
+  const int64_t d = t.data.shape[3] * 2;
+  if (d != 64 && d != 128) return false;
   if (o.dtype != DType::kBFloat16 && o.dtype != DType::kFloat16) return false;
   const int64_t scale_row = d / 16;
-  for (const PackedTensor* t : {&q, &k, &v}) {
-    if (t->data.stride[3] != 1 || t->scales.stride[3] != 1) return false;
-    if (reinterpret_cast<uintptr_t>(t->data.data) % 16 != 0 ||
-        reinterpret_cast<uintptr_t>(t->scales.data) % scale_row != 0)
-      return false;
-    for (int i = 0; i < 3; ++i)
-      if (t->data.stride[i] % 16 != 0 || t->scales.stride[i] % scale_row != 0) return false;
-  }
+  if (t.data.stride[3] != 1 || t.scales.stride[3] != 1) return false;
+  if (reinterpret_cast<uintptr_t>(t.data.data) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(t.scales.data) % scale_row != 0)
+    return false;
+  for (int i = 0; i < 3; ++i)
+    if (t.data.stride[i] % 16 != 0 || t.scales.stride[i] % scale_row != 0) return false;
   return true;
+}
+
+bool packed_forward_fusable(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
+                            const AttentionOptions& opts, const TensorView& o) {
+  return opts.v_blocks == VBlocks::kChannel && packed_operand_fusable(q, o) &&
+         packed_operand_fusable(k, o) && packed_operand_fusable(v, o);
 }
 
 Status attention_forward_from_packed(const PackedTensor& q, const PackedTensor& k,
                                      const PackedTensor& v, const TensorView& lq,
                                      const TensorView& lk, const TensorView& lv,
                                      const AttentionOptions& opts, const ForwardOutputs& out,
-                                     void* stream) {
+                                     void* stream, bool kv_decoded) {
   ATTNQAT_RETURN_IF_ERROR(check_forward_options(opts, out, true));
   if (lq.numel() == 0) return Status::Ok();  // no query row: nothing to write
 
@@ -338,6 +341,7 @@ Status attention_forward_from_packed(const PackedTensor& q, const PackedTensor& 
   args.pq = q;
   args.pk = k;
   args.pv = v;
+  args.kv_tma = kv_decoded;
   return dispatch_packed(args, opts.causal);
 }
 

@@ -24,12 +24,16 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
 // same result as attention_forward on the dequantized tensors, bit for bit). lq, lk, lv: the
 // logical [B, H, N, d] views (shapes and the output dtype). Only for the layouts that
 // packed_forward_fusable() accepts; src/cuda/decode/api.cu decodes the others into temporaries.
+// packed_operand_fusable: one operand's layout (rows of codes and scales contiguous and aligned)
+// and head dim (64, 128) suit the in-kernel decode, for an output o of bf16/fp16.
+// kv_decoded: only q is decoded in the kernel; lk, lv are the decoded K, V (k, v unused).
+bool packed_operand_fusable(const PackedTensor& t, const TensorView& o);
 bool packed_forward_fusable(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                             const AttentionOptions& opts, const TensorView& o);
 Status attention_forward_from_packed(const PackedTensor& q, const PackedTensor& k,
                                      const PackedTensor& v, const TensorView& lq,
                                      const TensorView& lk, const TensorView& lv,
                                      const AttentionOptions& opts, const ForwardOutputs& out,
-                                     void* stream);
+                                     void* stream, bool kv_decoded = false);
 
 }  // namespace attnqat::cuda

@@ -153,22 +153,29 @@ Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, co
     return attention_forward_from_packed(q, k, v, view(q.data.data, Hq, Nq, "q"),
                                          view(k.data.data, Hkv, Nk, "k"),
                                          view(v.data.data, Hkv, Nk, "v"), opts, out, stream);
-  // Otherwise (V blocked along the tokens, unaligned views): dequantize (exact) into one
-  // stream-ordered temporary, then the forward on the decoded operands (inputs_quantized: no
+  // Otherwise: K and V dequantized (exact) into one stream-ordered temporary; Q decoded in the
+  // kernel too when its layout allows (it is read once per CTA: no repeated decode), else
+  // dequantized alongside; then the forward on the decoded operands (inputs_quantized: no
   // re-quantization, the same operands bit for bit).
+  const bool q_in_kernel = packed_operand_fusable(q, out.o);
   const size_t es = static_cast<size_t>(dtype_size(dt));
-  const size_t qb = round_up(B * Hq * Nq * D * es), kb = round_up(B * Hkv * Nk * D * es);
+  const size_t qb = q_in_kernel ? 0 : round_up(B * Hq * Nq * D * es);
+  const size_t kb = round_up(B * Hkv * Nk * D * es);
   Workspace ws;
   ATTNQAT_RETURN_IF_ERROR(ws.allocate(qb + 2 * kb, s));
   uint8_t* base = static_cast<uint8_t*>(ws.data());
-  const TensorView qh = view(base, Hq, Nq, "q (decoded)");
   const TensorView kh = view(base + qb, Hkv, Nk, "k (decoded)");
   const TensorView vh = view(base + qb + kb, Hkv, Nk, "v (decoded)");
   QuantizeOptions qo;
-  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(q.data, q.scales, q.global_scale, qh, qo, stream));
   ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(k.data, k.scales, k.global_scale, kh, qo, stream));
-  qo.axis = opts.v_blocks == VBlocks::kToken ? BlockAxis::kToken : BlockAxis::kLast;
-  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(v.data, v.scales, v.global_scale, vh, qo, stream));
+  QuantizeOptions vo;
+  vo.axis = opts.v_blocks == VBlocks::kToken ? BlockAxis::kToken : BlockAxis::kLast;
+  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(v.data, v.scales, v.global_scale, vh, vo, stream));
+  if (q_in_kernel)
+    return attention_forward_from_packed(q, k, v, view(q.data.data, Hq, Nq, "q"), kh, vh, opts,
+                                         out, stream, /*kv_decoded=*/true);
+  const TensorView qh = view(base, Hq, Nq, "q (decoded)");
+  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(q.data, q.scales, q.global_scale, qh, qo, stream));
   AttentionOptions o2 = opts;
   o2.inputs_quantized = true;
   return ::attnqat::attention_forward(qh, kh, vh, o2, out, stream);

@@ -273,8 +273,9 @@ INSTANTIATE_TEST_SUITE_P(Cases, DecodeCuda, ::testing::ValuesIn(cases()),
 // same consumers, same operands. Every case runs both paths (and auto).
 // Cases cover both decode paths: the fast one (g = 1 and other powers of two in range) and the
 // exact per-element one (g outside the fast range of the dtype: fp16 2^-20 / 2^6, bf16 2^-120),
-// key and query tails (N not a multiple of 128), GQA, both masks, both p_quant, d 64 and 128, and
-// V blocked along the tokens (not fusable: the decode-into-temporaries path).
+// key and query tails (N not a multiple of 128), GQA, both masks, both p_quant, d 64 and 128, V
+// blocked along the tokens (K, V into temporaries, Q still decoded in the kernel) and Q at an
+// address the kernel cannot copy from (everything into temporaries).
 
 struct PackedCase {
   const char* name;
@@ -284,6 +285,7 @@ struct PackedCase {
   PQuant pq;
   float gq, gk, gv;
   bool v_token = false;
+  bool q_misaligned = false;  // Q's codes 8 bytes off a 16-byte boundary: no in-kernel decode
 };
 
 class PackedCuda : public Sm90Test, public ::testing::WithParamInterface<PackedCase> {};
@@ -327,6 +329,13 @@ TEST_P(PackedCuda, BitIdenticalToForwardOnDecodedTensors) {
   };
   Packed q = pack(p.q, Hq, Nq, c.gq, false), k = pack(p.k, Hkv, Nk, c.gk, false);
   Packed v = pack(p.v, Hkv, Nk, c.gv, c.v_token);
+  DeviceBuffer q_moved;
+  if (c.q_misaligned) {  // the same bytes at an address that is 8 mod 16
+    q_moved = DeviceBuffer(q.d.size() + 16);
+    uint8_t* dst = static_cast<uint8_t*>(q_moved.get()) + 8;
+    cuda_check(cudaMemcpy(dst, q.d.get(), q.d.size(), cudaMemcpyDeviceToDevice), "copy");
+    q.t.data = cuda_view(dst, DType::kUInt8, {B, Hq, Nq, D / 2}, "data");
+  }
   AttentionOptions opts = test::options(Mode::kFP4, c.pq, c.causal);
   if (c.v_token) opts.v_blocks = VBlocks::kToken;
   ASSERT_TRUE(q.t.data.data && k.t.data.data && v.t.data.data);
@@ -361,9 +370,9 @@ TEST_P(PackedCuda, BitIdenticalToForwardOnDecodedTensors) {
     f1.o = cuda_view(o1.get(), c.dt, {B, Hq, Nq, D}, "o");
     f1.lse = cuda_view(l1.get(), DType::kFloat32, {B, Hq, Nq}, "lse");
     st = attention_forward_packed(q.t, k.t, v.t, opts, f1, nullptr, where);
-    if (c.v_token && where == PackedDecode::kInKernel) {  // token blocks: no in-kernel decode
+    if ((c.v_token || c.q_misaligned) && where == PackedDecode::kInKernel) {  // not fusable
       EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
-      EXPECT_NE(st.message().find("v_blocks"), std::string::npos) << st.message();
+      EXPECT_NE(st.message().find("in-kernel decode needs"), std::string::npos) << st.message();
       continue;
     }
     ASSERT_TRUE(st.ok()) << wname << ": " << st.message();
@@ -397,6 +406,7 @@ std::vector<PackedCase> packed_cases() {
       {"fp16_d64_slow_g", DType::kFloat16, 64, 64, 64, false, PQuant::kAnchored, 1, 1, kTiny},
       {"bf16_d128_short", DType::kBFloat16, 128, 1, 17, false, PQuant::kAnchored, 1, 1, 1},
       {"bf16_d128_v_token", DType::kBFloat16, 128, 100, 320, false, PQuant::kAnchored, 1, 1, 1, true},
+      {"fp16_d64_q_misaligned", DType::kFloat16, 64, 150, 200, true, PQuant::kAnchored, 1, 1, 1, false, true},
   };
 }
 

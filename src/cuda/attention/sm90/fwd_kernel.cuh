@@ -44,12 +44,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x < kPScaleTableEntries)
     fill_p_scale_entry<Cfg::kF16>(sm.p_scale_table(), threadIdx.x, p.pq.two120_g);
   if (threadIdx.x == 0) {
-    // `full`: TMA's one expect_tx arrival, or (kPacked) one per producer thread.
-    constexpr uint32_t kFullArrivals = Cfg::kPacked ? 128 : 1;
-    mbar_init(sm.q_full(), kFullArrivals);
+    // `full`: TMA's one expect_tx arrival, or (kPacked) one per producer thread for the tiles
+    // it decodes (Q always; K and V unless p.kv_tma).
+    const uint32_t q_arrivals = Cfg::kPacked ? 128 : 1;
+    const uint32_t kv_arrivals = Cfg::kPacked && !p.kv_tma ? 128 : 1;
+    mbar_init(sm.q_full(), q_arrivals);
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(sm.k_full(s), kFullArrivals);
-      mbar_init(sm.v_full(s), kFullArrivals);
+      mbar_init(sm.k_full(s), kv_arrivals);
+      mbar_init(sm.v_full(s), kv_arrivals);
       mbar_init(sm.k_empty(s), 128 * Cfg::kConsumerWGs);
       mbar_init(sm.v_empty(s), 128 * Cfg::kConsumerWGs);
     }

@@ -41,14 +41,17 @@ Status launch_fwd(const FwdArgs& a) {
   FwdParams p{};
   if constexpr (Cfg::kPacked) {
     p.pk_q = packed_operand(a.pq);
-    p.pk_k = packed_operand(a.pk);
-    p.pk_v = packed_operand(a.pv);
+    p.kv_tma = a.kv_tma;
+    if (!a.kv_tma) {
+      p.pk_k = packed_operand(a.pk);
+      p.pk_v = packed_operand(a.pv);
+    }
   } else {
     ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));
-    if (seqlen_k > 0) {  // Nk = 0: no tile is loaded (every row sees no key); a map needs dims > 0
-      ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));
-      ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_v, a.v, Cfg::kBlockN));
-    }
+  }
+  if ((!Cfg::kPacked || a.kv_tma) && seqlen_k > 0) {  // Nk = 0: no tile is loaded; a map needs dims > 0
+    ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));
+    ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_v, a.v, Cfg::kBlockN));
   }
   p.o = a.out.o.data;
   p.o_hp = Cfg::kWithOHp ? a.out.o_hp.data : nullptr;

@@ -16,6 +16,7 @@ struct FwdArgs {
   TensorView q, k, v;  // CUDA, bf16 or fp16, already fake-quantized (or mode bf16); with a
                        // kPacked config only their shapes and dtype count (the logical tensors)
   PackedTensor pq, pk, pv;  // kPacked configs: the packed NVFP4 operands (fwd_packed.cuh)
+  bool kv_tma = false;      // kPacked: K and V are the decoded tensors k, v (TMA); only Q packed
   ForwardOutputs out;  // validated: contiguous, o_hp used iff the config has kWithOHp
   float c2;            // RN(c * RN(log2 e))
   bool quantize_p;     // mode != bf16

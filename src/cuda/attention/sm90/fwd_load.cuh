@@ -40,13 +40,13 @@ __device__ __forceinline__ void load_kv_tile(const CUtensorMap* tmap, uint32_t s
                 n * Cfg::kBlockN, h_kv, b);
 }
 
-// Run by one thread. K before V of the same tile: the consumers need K[n+1] before V[n+1].
+// K[n], V[n] for n in [n_begin, n_end), run by one thread. K before V of the same tile: the
+// consumers need K[n+1] before V[n+1]. On the first pass over the ring (n < kStages) the `empty`
+// waits return at once, so those tiles are issued without blocking.
 template <class Cfg>
-__device__ __forceinline__ void producer_mainloop(const FwdParams& p, const SmemMap<Cfg>& sm,
-                                                  int m_block, int h, int b, int n_tiles) {
-  const int h_kv = h / p.group;
-  load_q<Cfg>(&p.tma_q, sm.q(), sm.q_full(), m_block, h, b);
-  for (int n = 0; n < n_tiles; ++n) {
+__device__ __forceinline__ void load_kv_tiles(const FwdParams& p, const SmemMap<Cfg>& sm, int h_kv,
+                                              int b, int n_begin, int n_end) {
+  for (int n = n_begin; n < n_end; ++n) {
     const int stage = n % Cfg::kStages;
     const uint32_t parity = ((n / Cfg::kStages) & 1) ^ 1;
     mbar_wait(sm.k_empty(stage), parity);  // consumers released K[n - kStages]
@@ -54,6 +54,14 @@ __device__ __forceinline__ void producer_mainloop(const FwdParams& p, const Smem
     mbar_wait(sm.v_empty(stage), parity);  // consumers released V[n - kStages]
     load_kv_tile<Cfg>(&p.tma_v, sm.v(stage), sm.v_full(stage), n, h_kv, b);
   }
+}
+
+// Run by one thread.
+template <class Cfg>
+__device__ __forceinline__ void producer_mainloop(const FwdParams& p, const SmemMap<Cfg>& sm,
+                                                  int m_block, int h, int b, int n_tiles) {
+  load_q<Cfg>(&p.tma_q, sm.q(), sm.q_full(), m_block, h, b);
+  load_kv_tiles<Cfg>(p, sm, h / p.group, b, 0, n_tiles);
 }
 
 }  // namespace attnqat::sm90

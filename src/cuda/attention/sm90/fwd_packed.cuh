@@ -13,6 +13,9 @@
 //            writes for the async proxy (wgmma) and arrives on the tile's `full` barrier
 //            (128 arrivals instead of TMA's one expect_tx).
 // Order: Q; then per tile n, K[n] and V[n] after their `empty` waits (fwd_load.cuh's protocol).
+// With p.kv_tma only Q is packed: thread 0 issues the first pass of TMA K/V tiles (fwd_load.cuh,
+// non-blocking), the warpgroup decodes Q, then thread 0 runs the rest of the K/V loop (which
+// waits for the consumers, hence after Q).
 //
 // Exactness. dequantize() computes RN_out(RN(RN(e2m1(c) * s) * g)) (numerics section 7).
 // Fast path: e2m1(c) as a 16-bit float (fp4_unpack.cuh) times the decode table's sg = RN_out(s *
@@ -26,6 +29,7 @@
 
 #include <cstdint>
 
+#include "cuda/attention/sm90/fwd_load.cuh"
 #include "cuda/attention/sm90/fwd_params.h"
 #include "cuda/attention/sm90/fwd_smem.cuh"
 #include "cuda/attention/sm90/ptx.cuh"
@@ -219,8 +223,10 @@ __device__ __forceinline__ void packed_producer_mainloop(const FwdParams& p, con
   const int h_kv = h / p.group;
   {
     const float* gp[3] = {p.pk_q.g, p.pk_k.g, p.pk_v.g};
+    const int n_ops = p.kv_tma ? 1 : 3;  // kv_tma: only Q is packed
 #pragma unroll
     for (int op = 0; op < 3; ++op) {
+      if (op >= n_ops) break;
       const float g = *gp[op];
       for (int e = tid; e < 256; e += 128) sts_u32(sm.table(op) + 4 * e, scale_entry<Cfg::kF16>(e, g));
       if (tid == 0) sts_u32(sm.table(3) + 4 * op, __float_as_uint(g));
@@ -234,6 +240,20 @@ __device__ __forceinline__ void packed_producer_mainloop(const FwdParams& p, con
   static_assert(Cfg::kStages == 2, "Q borrows stage 1 before K/V tile 1 lands there");
   stage_rows<Cfg>(p.pk_q, b, h, m_block * Cfg::kBlockM, sm.stage(1), tid);
   cp_async_commit_group();
+  if (p.kv_tma) {  // only Q is packed; K/V tiles by TMA from thread 0
+    const int first = n_tiles < Cfg::kStages ? n_tiles : Cfg::kStages;
+    if (tid == 0) {  // the first pass over the ring does not block: issue it before Q's decode
+      prefetch_tma_descriptor(&p.tma_k);
+      prefetch_tma_descriptor(&p.tma_v);
+      load_kv_tiles<Cfg>(p, sm, h_kv, b, 0, first);
+    }
+    cp_async_wait_group<0>();
+    named_bar_sync(kBarProducer, 128);
+    decode_operand<Cfg>(sm, 0, sm.stage(1), sm.q(), tid);
+    mbar_arrive(sm.q_full());
+    if (tid == 0) load_kv_tiles<Cfg>(p, sm, h_kv, b, first, n_tiles);  // waits on `empty`
+    return;
+  }
   stage_kv(0);
   cp_async_commit_group();
 

@@ -65,8 +65,10 @@ struct FwdParams {
   bool anchored;    // p_quant: m_ref = ceil(m) and g = 2^-11 (else m_ref = m, g = 1)
   PQuantConsts pq;
 
-  // Configs with kPacked only (then the tensor maps are unused): the packed Q, K, V.
+  // Configs with kPacked only: the packed Q, K, V. kv_tma: only Q is decoded in the kernel; K and
+  // V (already decoded, bf16/fp16) come through tma_k / tma_v as in the other configs.
   PackedOperand pk_q, pk_k, pk_v;
+  bool kv_tma;
 };
 
 }  // namespace attnqat::sm90

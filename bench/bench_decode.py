@@ -4,7 +4,9 @@
    torch.nn.functional.scaled_dot_product_attention (cuDNN and flash backends; the faster counts),
    batch 1, 8, 32; 32 query heads, 8 KV heads, head dim 128; one query token; contexts 8k..128k.
    Effective bandwidth = (packed codes + scales read) / time, against the device-to-device copy
-   bandwidth (bytes read + written) measured in the same run.
+   bandwidth (bytes read + written) measured in the same run. Next to each: the read-only floor,
+   a Triton kernel that only reads the same number of bytes (timed the same way): its bandwidth
+   fraction bounds what any decode kernel can reach at that shape, and bf16 / floor its speedup.
 2. Attention from packed NVFP4 Q, K, V (attention_packed) against the fp4 forward on the decoded
    bf16 inputs (the same consumers with inputs_quantized), for each decode path: "kernel" (decoded
    inside the sm90 kernel), "temporary" (decoded into 16-bit temporaries first) and "auto" (the
@@ -49,6 +51,49 @@ def copy_bandwidth() -> float:
     t = common.time_cuda(lambda i: b.copy_(a), warmup=3, reps=20)["median_ms"] * 1e-3
     del a, b
     return 2 * n / t
+
+
+_READ_FLOOR_KERNEL = None
+
+
+def _read_floor_kernel():
+    """A Triton kernel that only reads its input (int32 words, BLOCK per program, one xor-sum
+    written per program): the floor of any one-kernel decode that reads the same bytes."""
+    global _READ_FLOOR_KERNEL
+    if _READ_FLOOR_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def read_floor(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+            pid = tl.program_id(0)
+            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + offs, mask=offs < n, other=0)
+            tl.store(out_ptr + pid, tl.xor_sum(v, axis=0))
+
+        _READ_FLOOR_KERNEL = (triton, read_floor)
+    return _READ_FLOOR_KERNEL
+
+
+def read_floor_ms(nbytes: int, reps: int) -> float:
+    """Per-call time of the read-only kernel over `nbytes`, timed like the decode (CUDA-graph
+    replays, input sets rotated beyond L2); the best of three block sizes."""
+    triton, kernel = _read_floor_kernel()
+    n = -(-nbytes // 4)
+    sets = common.rotation_count(4 * n)
+    bufs = [torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, device="cuda") for _ in range(sets)]
+    best = None
+    for block in (1024, 4096, 8192):
+        grid = (triton.cdiv(n, block),)
+        out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+
+        def run(i, block=block, grid=grid, out=out):
+            kernel[grid](bufs[i], out, n, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+
+        ms = common.time_cuda_graph(run, sets=sets, reps=reps)["median_ms"]
+        best = ms if best is None else min(best, ms)
+    del bufs
+    return best
 
 
 def fp4_bytes_per_token_head() -> int:
@@ -113,6 +158,16 @@ def bench_decode(batch: int, ctx: int, bw_copy: float, reps: int) -> dict:
     row["bf16_bw_gbs"] = bf16_set / (row["bf16_best_ms"] * 1e-3) / 1e9 if base else None
     row["bw_fraction_of_copy"] = row["fp4_bw_gbs"] * 1e9 / bw_copy
     del cache, kv_sets, qs
+    torch.cuda.empty_cache()
+    # The floor: a kernel that only reads the same number of bytes. Its bandwidth fraction bounds
+    # what any decode can reach at this shape, bf16_best / floor its speedup.
+    try:
+        row["read_floor_ms"] = read_floor_ms(fp4_set, reps)
+        row["read_floor_bw_fraction"] = fp4_set / (row["read_floor_ms"] * 1e-3) / bw_copy
+        row["speedup_bound_vs_bf16"] = row["bf16_best_ms"] / row["read_floor_ms"] if base else None
+    except Exception as e:  # no Triton: the floor is left out
+        row["read_floor_ms"] = None
+        row["read_floor_error"] = str(e).splitlines()[0][:200]
     torch.cuda.empty_cache()
     return row
 
@@ -196,7 +251,9 @@ def main():
             print(f"decode B={b:3d} ctx={ctx:6d}: fp4 {r['fp4_ms']*1e3:8.1f} us  cudnn {_us(r.get('cudnn_ms'))}  "
                   f"flash {_us(r.get('flash_ms'))}  speedup {r['speedup_vs_bf16'] or 0:5.2f}x  "
                   f"bw {r['fp4_bw_gbs']:6.0f} GB/s ({100 * r['bw_fraction_of_copy']:4.1f}% of copy)  "
-                  f"err {r['rel_err_vs_sdpa_on_decoded']:.3f}", flush=True)
+                  f"err {r['rel_err_vs_sdpa_on_decoded']:.3f}  read-only floor {_us(r.get('read_floor_ms'))}"
+                  + (f" ({100 * r['read_floor_bw_fraction']:4.1f}% of copy, speedup bound "
+                     f"{r['speedup_bound_vs_bf16']:.2f}x)" if r.get("read_floor_ms") else ""), flush=True)
     fwd_shapes = [(8, 16, 4096), (2, 16, 16384)] if not args.quick else [(8, 16, 4096)]
     for b, h, n in fwd_shapes:
         for causal in (False, True):
@@ -237,11 +294,13 @@ def main():
     print(f"# cache bytes per token (per layer, {HKV} KV heads, D={D}): fp4 {HKV * fp4_bytes_per_token_head()} "
           f"vs bf16 {HKV * 2 * D * 2} ({HKV * 2 * D * 2 / (HKV * fp4_bytes_per_token_head()):.2f}x)")
     print(f"# results: {path}")
-    print("\n| B | ctx | fp4 us | bf16 best us | speedup | fp4 GB/s | % copy |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| B | ctx | fp4 us | bf16 best us | speedup | fp4 GB/s | % copy | read floor us | floor % copy | speedup bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in dec:
+        fl = (f"{r['read_floor_ms']*1e3:.1f} | {100*r['read_floor_bw_fraction']:.1f} | {r['speedup_bound_vs_bf16']:.2f}"
+              if r.get("read_floor_ms") else "n/a | n/a | n/a")
         print(f"| {r['batch']} | {r['context']} | {r['fp4_ms']*1e3:.1f} | {r['bf16_best_ms']*1e3:.1f} | "
-              f"{r['speedup_vs_bf16']:.2f} | {r['fp4_bw_gbs']:.0f} | {100*r['bw_fraction_of_copy']:.1f} |")
+              f"{r['speedup_vs_bf16']:.2f} | {r['fp4_bw_gbs']:.0f} | {100*r['bw_fraction_of_copy']:.1f} | {fl} |")
     for k, m in metrics.items():
         print(f"{k}: {m['value']} (target {m['target']})")
 

@@ -1,8 +1,10 @@
 // bench/decode_probe.cu — a standalone driver of the FP4 decode kernel, for tuning on the GPU
 // machine without building the whole library (seconds to compile instead of minutes):
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a -Isrc -Iinclude bench/decode_probe.cu -o /tmp/decode_probe
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Isrc -Iinclude bench/decode_probe.cu src/cuda/decode/decode.cu \
+//        -o /tmp/decode_probe
 //   /tmp/decode_probe [B ctx [page_size [reps [num_splits]]]]   (default: the benchmark's grid)
+//   /tmp/decode_probe floor      (a read-only kernel over the same bytes, and an empty kernel)
 //
 // Fills a paged FP4 cache with random codes and in-range scales, times decode (split kernel +
 // combine) as CUDA-graph replays rotating over input sets larger than L2, and prints time and
@@ -78,8 +80,10 @@ int choose_splits(int B, int ctx, int sms, int bps, int* split_keys) {
   const int units = B * kHkv;  // row_groups = 1 (GQA 4, nq 1)
   const int max_splits = std::min(1024, std::max(1, (ctx + kCtaStepKeys - 1) / kCtaStepKeys));
   const int slots = sms * bps;  // api.cu's heuristic
-  const int waves = slots / units >= 16 ? 1 : 2;
-  int splits = std::clamp(waves * slots / units, 1, std::min(max_splits, std::max(1, ctx / 256)));
+  const int one_wave = std::max(1, slots / units);
+  const int waves = one_wave >= 16 || (ctx + one_wave - 1) / one_wave <= 2048 ? 1 : 2;
+  const int min_keys = std::clamp(32 * units, 256, 1024);
+  int splits = std::clamp(waves * slots / units, 1, std::min(max_splits, std::max(1, ctx / min_keys)));
   int sk = (ctx + splits - 1) / splits;
   sk = (sk + kCtaStepKeys - 1) / kCtaStepKeys * kCtaStepKeys;
   *split_keys = sk;
@@ -118,6 +122,78 @@ DecodeParams params(const Setup& s, int set, int splits, int split_keys) {
   p.part_o = s.part_o;
   p.part_ml = s.part_ml;
   return p;
+}
+
+// The floor of any decode kernel: one kernel that only reads `n` bytes (16-byte loads, 16 KB per
+// CTA, one word written per CTA), timed like the decode below. And an empty kernel: the per-call
+// cost of a launch inside a graph.
+__global__ void __launch_bounds__(256) read_floor_kernel(const uint4* __restrict__ src, size_t n16, uint32_t* out) {
+  const size_t base = size_t(blockIdx.x) * 1024;
+  uint32_t acc = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const size_t i = base + j * 256 + threadIdx.x;
+    if (i < n16) {
+      const uint4 v = src[i];
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+  }
+  acc = __reduce_xor_sync(0xffffffffu, acc);
+  if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
+__global__ void empty_kernel() {}
+
+// Median per-call time (us) of `calls` launches of fn(i) captured in one graph.
+template <class F>
+double graph_us(cudaStream_t st, int calls, int reps, F fn) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) fn(i);
+  CK(cudaStreamEndCapture(st, &graph));
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<float> t;
+  for (int r = 0; r < reps + 3; ++r) {
+    CK(cudaEventRecord(e0, st));
+    CK(cudaGraphLaunch(exec, st));
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (r >= 3) t.push_back(ms / calls);
+  }
+  std::sort(t.begin(), t.end());
+  CK(cudaGraphExecDestroy(exec));
+  CK(cudaGraphDestroy(graph));
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  return t[t.size() / 2] * 1e3;
+}
+
+void floors(size_t bytes, double copy) {
+  const int sets = std::max<int>(2, int((size_t(180) << 20) / bytes) + 1);
+  const size_t n16 = (bytes + 15) / 16;
+  const unsigned ctas = unsigned((n16 + 1023) / 1024);
+  uint8_t* buf;
+  uint32_t* out;
+  CK(cudaMalloc(&buf, n16 * 16 * sets));
+  CK(cudaMalloc(&out, sizeof(uint32_t) * ctas));
+  fill_random<<<1024, 256>>>(buf, n16 * 16 * sets, 9, 0, 0);
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  const double read_us = graph_us(st, sets, 20, [&](int i) {
+    read_floor_kernel<<<ctas, 256, 0, st>>>(reinterpret_cast<const uint4*>(buf + n16 * 16 * i), n16, out);
+  });
+  const double empty_us = graph_us(st, 20, 20, [&](int) { empty_kernel<<<1, 32, 0, st>>>(); });
+  const double gbs = bytes / (read_us * 1e-6) / 1e9;
+  std::printf("floor %10zu bytes: read-only kernel %8.1f us (%6.0f GB/s, %5.1f%% of copy), empty kernel %.2f us\n",
+              bytes, read_us, gbs, 100 * gbs / copy, empty_us);
+  CK(cudaStreamDestroy(st));
+  CK(cudaFree(buf));
+  CK(cudaFree(out));
 }
 
 double copy_gbs() {
@@ -234,9 +310,20 @@ void run(int B, int ctx, int page, int reps, double copy, int sms, int bps, int 
   std::sort(t.begin(), t.end());
   const double us = t[t.size() / 2] * 1e3;
   const double gbs = s.fp4_bytes / (us * 1e-6) / 1e9;
+  // The split kernel alone (no combine; the output is not the answer when splits > 1): how much
+  // of the time the combine step adds.
+  double split_only_us = 0;
+  if (splits > 1) {
+    CK((cudaFuncSetAttribute(decode_kernel<false, true, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kSmemBytes)));
+    split_only_us = graph_us(st, s.sets, reps, [&](int i) {
+      decode_kernel<false, true, false><<<dim3(splits, kHkv, B), kThreads, kSmemBytes, st>>>(
+          params(s, i, splits, split_keys));
+    });
+  }
   std::printf("B=%-3d ctx=%-7d page=%-4d splits=%-4d split_keys=%-6d  %9.1f us  %7.0f GB/s  %5.1f%% of copy"
-              "  | split-invariance max|diff| %.3g (max|o| %.3g, nonfinite %d)\n",
-              B, ctx, page, splits, split_keys, us, gbs, 100 * gbs / copy, max_rel, norm, nonfinite);
+              "  (split kernel alone %.1f us) | split-invariance max|diff| %.3g (max|o| %.3g, nonfinite %d)\n",
+              B, ctx, page, splits, split_keys, us, gbs, 100 * gbs / copy, split_only_us, max_rel, norm, nonfinite);
   CK(cudaGraphExecDestroy(exec));
   CK(cudaGraphDestroy(graph));
   for (auto* p : s.tables) CK(cudaFree(p));
@@ -259,6 +346,11 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   const double copy = copy_gbs();
   std::printf("%s, %d SMs, %d decode CTAs/SM, copy %.0f GB/s (read + write)\n", prop.name, sms, bps, copy);
+  if (argc >= 2 && std::strcmp(argv[1], "floor") == 0) {  // the read-only floor of the benchmark's grid
+    for (int B : {1, 8, 32})
+      for (int ctx : {8192, 32768, 131072}) floors(size_t(B) * kHkv * ctx * 2 * (kD / 2 + kD / 16), copy);
+    return 0;
+  }
   if (argc >= 3) {
     run(std::atoi(argv[1]), std::atoi(argv[2]), argc > 3 ? std::atoi(argv[3]) : 256, argc > 4 ? std::atoi(argv[4]) : 20,
         copy, sms, bps, argc > 5 ? std::atoi(argv[5]) : 0);

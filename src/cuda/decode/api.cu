@@ -31,12 +31,17 @@ constexpr int kMaxSplits = 1024;     // decode::kMaxSplits: the combine kernel's
 // Split heuristic, tuned on an H200 (bench/decode_probe.cu sweeps, bench/bench_decode.py): a
 // whole number of waves of CTAs — every split has the same work, so a partial last wave would
 // run alone — one wave when that gives a unit (sequence, KV head) at least kOneWaveSplits splits
-// (small batches: fewer, longer CTAs spread their fixed costs — Q quantization, the merge of their
-// warps, the partial write — better), else two; and no split under kMinSplitKeys keys. E.g. B = 1
-// at 8k: 32 splits, 13 us, where 64 splits of one step each took 16 us; B = 8 at 128k: 16
-// splits, 3% faster than 8.
+// or splits of at most kOneWaveMaxKeys keys, else two; and no split under 32 keys per unit of the
+// launch, clamped to [kMinSplitKeys, kMaxMinSplitKeys] (small batches: fewer, longer CTAs spread
+// their fixed costs — Q quantization, the merge of their warps, the partial write, the combine —
+// better). Measured (bench/decode_probe.cu, 2026-11-26): B = 1 at 8k: 32 splits, 13.3 us, where
+// 64 splits of one step each took 15.8 us; B = 2 at 8k: 16 splits 17.3 us, 32 splits 19.3 us;
+// B = 8 at 8k: 8 splits 40.7 us, 16 splits 45.5 us; B = 16 at 8k: 4 splits 68.1 us, 8 splits
+// 71.5 us; B = 8 at 128k: 16 splits, 3% faster than 8.
 constexpr int kMinSplitKeys = 256;
+constexpr int kMaxMinSplitKeys = 1024;
 constexpr int kOneWaveSplits = 16;
+constexpr int kOneWaveMaxKeys = 2048;
 constexpr size_t kAlign = 256;
 
 Status cuda_error(const char* op, const char* what, cudaError_t err) {
@@ -269,9 +274,11 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
       splits = std::min<int64_t>(opts.num_splits, max_splits);
     } else {
       const int64_t slots = static_cast<int64_t>(shape.sms) * shape.blocks_per_sm;
-      const int64_t waves = slots / units >= kOneWaveSplits ? 1 : 2;
+      const int64_t one_wave = std::max<int64_t>(1, slots / units);
+      const int64_t waves = one_wave >= kOneWaveSplits || (bound + one_wave - 1) / one_wave <= kOneWaveMaxKeys ? 1 : 2;
+      const int64_t min_keys = std::clamp<int64_t>(32 * units, kMinSplitKeys, kMaxMinSplitKeys);
       splits = std::clamp<int64_t>(waves * slots / units, 1,
-                                   std::min<int64_t>(max_splits, std::max<int64_t>(1, bound / kMinSplitKeys)));
+                                   std::min<int64_t>(max_splits, std::max<int64_t>(1, bound / min_keys)));
     }
   }
   int64_t split_keys = std::max<int64_t>(1, (bound + splits - 1) / splits);

@@ -315,10 +315,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   const int split = blockIdx.x;
   const int rg = blockIdx.y % p.row_groups, kvh = blockIdx.y / p.row_groups, b = blockIdx.z;
   const int capacity = p.pages_per_seq * p.page_size;
-  const int L = max(0, min(p.seq_lens[b * p.lens_stride], capacity));
   const int k_begin = split * p.split_keys;
-  const int k_end = min(k_begin + p.split_keys, L);
   const int32_t* table = p.page_table + b * p.pt_stride_b;
+  auto page_index = [&](int key) { return p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size; };
+  // The page id of this warp's first step does not depend on the sequence length: it is read
+  // before the length, so that the two global loads overlap instead of following each other
+  // (the copies of the first step wait for both; small batches are latency-bound). The table
+  // row is pages_per_seq long, so the read stays inside it; the id is only used when the step
+  // is in the sequence.
+  const int first_pidx = page_index(k_begin + kStepKeys * warp);
+  const int first_page = first_pidx < p.pages_per_seq ? table[first_pidx * p.pt_stride_p] : -1;
+  const int L = max(0, min(p.seq_lens[b * p.lens_stride], capacity));
+  const int k_end = min(k_begin + p.split_keys, L);
 
   griddep_launch_dependents();
 
@@ -357,11 +365,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
     static_assert(kOffVScales == kOffKScales + 8 * 16, "K then V scales, 8 chunks each");
     if (lane < 16) cp_async16(tile + kOffKScales + lane * 16, scale_base + row0 * kKeyScaleBytes + scale_src);
   };
-  // Cache row of key `key` (page lookup), or -1 for a page id out of range (never dereferenced,
-  // see api.cu).
-  auto cache_row = [&](int key) -> int64_t {
-    const int pidx = p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
-    const int page = table[pidx * p.pt_stride_p];
+  // Cache row of key `key` (page lookup; it == 0: the page id read above), or -1 for a page id
+  // out of range (never dereferenced, see api.cu).
+  auto cache_row = [&](int key, int it) -> int64_t {
+    const int pidx = page_index(key);
+    const int page = it == 0 && pidx == first_pidx ? first_page : table[pidx * p.pt_stride_p];
     if (page < 0 || page >= p.num_pages) return -1;
     return (static_cast<int64_t>(page) * p.heads_kv + kvh) * p.page_size + (key - pidx * p.page_size);
   };
@@ -371,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       const int key0 = step_key0(it);
       if (step_in_page) {
         if (key0 < k_end) {
-          const int64_t row0 = cache_row(key0);
+          const int64_t row0 = cache_row(key0, it);
           if (row0 >= 0) {
             copy_tile(slot_u32, 0, row0);
             if (key0 + kTileKeys < k_end) copy_tile(slot_u32, 1, row0 + kTileKeys);
@@ -382,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
         for (int tt = 0; tt < 2; ++tt) {
           const int key = key0 + kTileKeys * tt;
           if (key >= k_end) continue;
-          const int64_t row0 = cache_row(key);
+          const int64_t row0 = cache_row(key, it);
           if (row0 >= 0) copy_tile(slot_u32, tt, row0);
         }
       }

@@ -96,19 +96,19 @@ def read_floor_ms(nbytes: int, reps: int) -> float:
     return best
 
 
-def fp4_bytes_per_token_head() -> int:
-    return 2 * (D // 2 + D // 16)  # K and V: codes + E4M3 scales
+def fp4_bytes_per_token_head(d: int = D) -> int:
+    return 2 * (d // 2 + d // 16)  # K and V: codes + E4M3 scales
 
 
-def bench_decode(batch: int, ctx: int, bw_copy: float, reps: int) -> dict:
+def bench_decode(batch: int, ctx: int, bw_copy: float, reps: int, d: int = D) -> dict:
     dev = "cuda"
-    bf16_set = 2 * batch * HKV * ctx * D * 2
-    fp4_set = batch * HKV * ctx * fp4_bytes_per_token_head()
+    bf16_set = 2 * batch * HKV * ctx * d * 2
+    fp4_set = batch * HKV * ctx * fp4_bytes_per_token_head(d)
     sets_bf16 = common.rotation_count(bf16_set)
     sets_fp4 = common.rotation_count(fp4_set)
     pages_per_seq = -(-ctx // PAGE)
     num_pages = sets_fp4 * batch * pages_per_seq
-    cache = attnqat.FP4KVCache(num_pages, PAGE, HKV, D, dev)
+    cache = attnqat.FP4KVCache(num_pages, PAGE, HKV, d, dev)
     kd, ks, vd, vs = cache.layer_tensors()
     perm = torch.randperm(num_pages, device=dev, dtype=torch.int64).to(torch.int32)
     tables = [perm[s * batch * pages_per_seq:(s + 1) * batch * pages_per_seq].view(batch, pages_per_seq).contiguous()
@@ -117,28 +117,28 @@ def bench_decode(batch: int, ctx: int, bw_copy: float, reps: int) -> dict:
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
     kv_sets = []
     for s in range(max(sets_fp4, sets_bf16)):
-        k = torch.randn(batch, HKV, ctx, D, device=dev, dtype=torch.bfloat16)
-        v = torch.randn(batch, HKV, ctx, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(batch, HKV, ctx, d, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(batch, HKV, ctx, d, device=dev, dtype=torch.bfloat16)
         if s < sets_fp4:
             attnqat.kv_cache_append(kd, ks, vd, vs, k, v, tables[s], zeros, check=False)
         if s < sets_bf16:
             kv_sets.append((k, v))
         else:
             del k, v
-    qs = [torch.randn(batch, HQ, 1, D, device=dev, dtype=torch.bfloat16) for _ in range(max(sets_fp4, sets_bf16))]
-    out = torch.empty(batch, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+    qs = [torch.randn(batch, HQ, 1, d, device=dev, dtype=torch.bfloat16) for _ in range(max(sets_fp4, sets_bf16))]
+    out = torch.empty(batch, HQ, 1, d, device=dev, dtype=torch.bfloat16)
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
 
     def fp4(i):
         _C.decode_attention(qs[i], kd, ks, vd, vs, tables[i], lens, out, None, 0.0, "anchored", 0, ctx,
                             stream=stream())
 
-    row = {"batch": batch, "context": ctx, "hq": HQ, "hkv": HKV, "d": D, "page_size": PAGE,
+    row = {"batch": batch, "context": ctx, "hq": HQ, "hkv": HKV, "d": d, "page_size": PAGE,
            "fp4_bytes": fp4_set, "bf16_bytes": bf16_set}
     row["fp4_ms"] = common.time_cuda_graph(fp4, sets=sets_fp4, reps=reps)["median_ms"]
     # Sanity: the FP4 decode against SDPA on the dequantized cache of sequence 0 (FP4 P error only).
     fp4(0)
-    k_hat, v_hat = (x.to(torch.bfloat16)[None] for x in _dequant_seq(cache, tables[0][0], ctx))
+    k_hat, v_hat = (x.to(torch.bfloat16)[None] for x in _dequant_seq(cache, tables[0][0], ctx, d))
     ref = F.scaled_dot_product_attention(attnqat.fake_quantize(qs[0][:1]), k_hat, v_hat, enable_gqa=True)
     row["rel_err_vs_sdpa_on_decoded"] = float((out[:1].float() - ref.float()).norm() / ref.float().norm())
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
@@ -157,6 +157,24 @@ def bench_decode(batch: int, ctx: int, bw_copy: float, reps: int) -> dict:
     row["fp4_bw_gbs"] = fp4_set / (row["fp4_ms"] * 1e-3) / 1e9
     row["bf16_bw_gbs"] = bf16_set / (row["bf16_best_ms"] * 1e-3) / 1e9 if base else None
     row["bw_fraction_of_copy"] = row["fp4_bw_gbs"] * 1e9 / bw_copy
+    if d == 64:
+        # The previous CUDA path at head dim 64 (before the decode kernel took it): per sequence,
+        # Q quantized and attention_packed over the sequence's packed K, V with the bottom-right
+        # mask — timed here with the K, V already gathered (the old path also gathered the pages
+        # on every call), one input set.
+        k0, v0 = kv_sets[0]
+        pk, pv = attnqat.quantize_nvfp4(k0), attnqat.quantize_nvfp4(v0)
+        pks = [attnqat.QuantizedTensor(pk.data[b:b + 1], pk.scales[b:b + 1], pk.global_scale, "nvfp4", "last",
+                                       (1, HKV, ctx, d), torch.bfloat16) for b in range(batch)]
+        pvs = [attnqat.QuantizedTensor(pv.data[b:b + 1], pv.scales[b:b + 1], pv.global_scale, "nvfp4", "last",
+                                       (1, HKV, ctx, d), torch.bfloat16) for b in range(batch)]
+
+        def per_sequence(i):
+            for b in range(batch):
+                attnqat.attention_packed(attnqat.quantize_nvfp4(qs[0][b:b + 1]), pks[b], pvs[b], causal=True)
+
+        row["per_sequence_forward_ms"] = common.time_cuda_graph(per_sequence, reps=reps)["median_ms"]
+        del pk, pv, pks, pvs
     del cache, kv_sets, qs
     torch.cuda.empty_cache()
     # The floor: a kernel that only reads the same number of bytes. Its bandwidth fraction bounds
@@ -172,14 +190,14 @@ def bench_decode(batch: int, ctx: int, bw_copy: float, reps: int) -> dict:
     return row
 
 
-def _dequant_seq(cache, table_row, ctx):
-    """K^, V^ [Hkv, ctx, D] of the sequence whose pages are table_row (exact)."""
+def _dequant_seq(cache, table_row, ctx, d=D):
+    """K^, V^ [Hkv, ctx, d] of the sequence whose pages are table_row (exact)."""
     pages = table_row.long()
     res = []
     for data, scales in ((cache.k_data[0], cache.k_scales[0]), (cache.v_data[0], cache.v_scales[0])):
-        dd = data.index_select(0, pages).permute(1, 0, 2, 3).reshape(HKV, -1, D // 2)[:, :ctx].contiguous()
-        ss = scales.index_select(0, pages).permute(1, 0, 2, 3).reshape(HKV, -1, D // 16)[:, :ctx].contiguous()
-        qt = attnqat.QuantizedTensor(dd, ss, torch.ones(1, device="cuda"), "nvfp4", "last", (HKV, ctx, D),
+        dd = data.index_select(0, pages).permute(1, 0, 2, 3).reshape(HKV, -1, d // 2)[:, :ctx].contiguous()
+        ss = scales.index_select(0, pages).permute(1, 0, 2, 3).reshape(HKV, -1, d // 16)[:, :ctx].contiguous()
+        qt = attnqat.QuantizedTensor(dd, ss, torch.ones(1, device="cuda"), "nvfp4", "last", (HKV, ctx, d),
                                      torch.bfloat16)
         res.append(qt.dequantize())
     return res
@@ -254,6 +272,16 @@ def main():
                   f"err {r['rel_err_vs_sdpa_on_decoded']:.3f}  read-only floor {_us(r.get('read_floor_ms'))}"
                   + (f" ({100 * r['read_floor_bw_fraction']:4.1f}% of copy, speedup bound "
                      f"{r['speedup_bound_vs_bf16']:.2f}x)" if r.get("read_floor_ms") else ""), flush=True)
+    # Head dim 64 (the Llama-3.2-1B / Qwen2.5-0.5B class): not part of the issue's grid or the
+    # headline; next to BF16 SDPA and the previous CUDA path (a packed forward per sequence).
+    for b in ([1, 8] if not args.quick else [1]):
+        for ctx in ([8192, 32768] if not args.quick else [8192]):
+            r = bench_decode(b, ctx, bw_copy, args.reps, d=64)
+            rows.append({"kind": "decode_d64", **r})
+            print(f"decode d=64 B={b:3d} ctx={ctx:6d}: fp4 {r['fp4_ms']*1e3:8.1f} us  cudnn {_us(r.get('cudnn_ms'))}  "
+                  f"flash {_us(r.get('flash_ms'))}  speedup {r['speedup_vs_bf16'] or 0:5.2f}x  "
+                  f"({100 * r['bw_fraction_of_copy']:4.1f}% of copy)  previous path (packed forward per sequence) "
+                  f"{_us(r.get('per_sequence_forward_ms'))}  err {r['rel_err_vs_sdpa_on_decoded']:.3f}", flush=True)
     fwd_shapes = [(8, 16, 4096), (2, 16, 16384)] if not args.quick else [(8, 16, 4096)]
     for b, h, n in fwd_shapes:
         for causal in (False, True):

@@ -37,7 +37,8 @@ using namespace attnqat::decode;
 
 namespace {
 
-constexpr int kHq = 32, kHkv = 8, kD = 128;
+constexpr int kHq = 32, kHkv = 8;
+int kD = 128;  // PROBE_D=64 in the environment: head dim 64
 
 __global__ void fill_random(uint8_t* p, size_t n, uint32_t seed, int lo, int span) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -112,6 +113,7 @@ DecodeParams params(const Setup& s, int set, int splits, int split_keys) {
   p.nq = 1;
   p.rows = p.group;
   p.row_groups = 1;
+  p.head_dim = kD;
   p.num_splits = splits;
   p.split_keys = split_keys;
   p.c2 = (1.0f / std::sqrt(float(kD))) * 1.44269504088896340736f;
@@ -313,14 +315,15 @@ void run(int B, int ctx, int page, int reps, double copy, int sms, int bps, int 
   // The split kernel alone (no combine; the output is not the answer when splits > 1): how much
   // of the time the combine step adds.
   double split_only_us = 0;
-  if (splits > 1) {
-    CK((cudaFuncSetAttribute(decode_kernel<false, true, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             kSmemBytes)));
-    split_only_us = graph_us(st, s.sets, reps, [&](int i) {
-      decode_kernel<false, true, false><<<dim3(splits, kHkv, B), kThreads, kSmemBytes, st>>>(
-          params(s, i, splits, split_keys));
+  auto split_only = [&](auto kernel, int smem) {
+    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    return graph_us(st, s.sets, reps, [&](int i) {
+      kernel<<<dim3(splits, kHkv, B), kThreads, smem, st>>>(params(s, i, splits, split_keys));
     });
-  }
+  };
+  if (splits > 1)
+    split_only_us = kD == 64 ? split_only(decode_kernel<64, false, true, false>, Layout<64>::kSmemBytes)
+                             : split_only(decode_kernel<128, false, true, false>, Layout<128>::kSmemBytes);
   std::printf("B=%-3d ctx=%-7d page=%-4d splits=%-4d split_keys=%-6d  %9.1f us  %7.0f GB/s  %5.1f%% of copy"
               "  (split kernel alone %.1f us) | split-invariance max|diff| %.3g (max|o| %.3g, nonfinite %d)\n",
               B, ctx, page, splits, split_keys, us, gbs, 100 * gbs / copy, split_only_us, max_rel, norm, nonfinite);
@@ -341,11 +344,12 @@ int main(int argc, char** argv) {
   int sms;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   int bps;
-  CK(decode_occupancy(false, &bps));
+  if (const char* d = std::getenv("PROBE_D")) kD = std::atoi(d);
+  CK(decode_occupancy(false, kD, &bps));
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const double copy = copy_gbs();
-  std::printf("%s, %d SMs, %d decode CTAs/SM, copy %.0f GB/s (read + write)\n", prop.name, sms, bps, copy);
+  std::printf("%s, %d SMs, head dim %d, %d decode CTAs/SM, copy %.0f GB/s (read + write)\n", prop.name, sms, kD, bps, copy);
   if (argc >= 2 && std::strcmp(argv[1], "floor") == 0) {  // the read-only floor of the benchmark's grid
     for (int B : {1, 8, 32})
       for (int ctx : {8192, 32768, 131072}) floors(size_t(B) * kHkv * ctx * 2 * (kD / 2 + kD / 16), copy);

@@ -57,9 +57,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
       compute-sanitizer --tool "$tool" --error-exitcode 1 "$AB" --gtest_filter="$AF"
   done
   DB=build/cuda/tests/cpp/cuda_decode/attnqat_decode_gpu_tests
-  DF=${SANITIZE_DECODE_FILTER:-'*PackedCuda*bf16_d128_pow2*:*PackedCuda*fp16_d64_causal*:*PackedCuda*bf16_d128_slow_g*'}
+  DF=${SANITIZE_DECODE_FILTER:-'*PackedCuda*bf16_d128_pow2*:*PackedCuda*fp16_d64_causal*:*PackedCuda*bf16_d128_slow_g*:*DecodeCuda*/mixed_batch_ps16:*DecodeCuda*d64_mixed_batch_ps16:*DecodeCuda*d64_nq4*:*DecodeCuda*d64_paper*'}
   for tool in memcheck racecheck synccheck; do
-    run_step "compute-sanitizer $tool (packed attention)" "$OUT/tests.log" \
+    run_step "compute-sanitizer $tool (decode, packed attention)" "$OUT/tests.log" \
       compute-sanitizer --tool "$tool" --error-exitcode 1 "$DB" --gtest_filter="$DF"
   done
   run_step "pytest -m gpu" "$OUT/tests.log" python3 -m pytest tests/python -m gpu -q -p no:cacheprovider

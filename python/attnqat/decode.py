@@ -31,7 +31,6 @@ from ._util import is_torch_tensor
 from .formats import QuantizedTensor, quantize_nvfp4
 
 _NV_BLOCK = 16
-_CUDA_DECODE_HEAD_DIM = 128  # the decode kernel's head dim (src/cuda/decode)
 
 
 # ---- Attention from packed NVFP4 tensors ---------------------------------------------------------
@@ -167,8 +166,7 @@ class FP4KVCache:
         num_pages: pages in the pool (shared by all sequences and layers' page lists).
         page_size: tokens per page, a positive multiple of 16.
         num_kv_heads, head_dim: of the model's attention (head_dim a multiple of 16). On CUDA
-            the decode kernel takes 128; 64 decodes through the sm90 forward from the packed
-            pages, one call per sequence (slower, same numerics); others run on CPU only.
+            the decode kernel takes 64 and 128; others run on CPU only.
         device: where the pages live (``"cpu"`` runs the reference implementation).
         num_layers: layers sharing the page lists (a token occupies the same page slot in every
             layer; each layer has its own K/V storage and lengths).
@@ -319,48 +317,9 @@ class FP4KVCache:
             if self.length(sid, layer) < 1:
                 raise ValueError(f"sequence {sid}: empty in layer {layer}; append the query tokens' K and V first")
         lens = [self.length(s, layer) for s in seq_ids]
-        if q.is_cuda and self.head_dim != _CUDA_DECODE_HEAD_DIM:
-            return self._attend_via_forward(q, seq_ids, layer, softmax_scale, p_quant, return_lse)
         return decode_attention(q, *self.layer_tensors(layer), self.page_table(seq_ids), self._lengths(seq_ids, layer),
                                 softmax_scale=softmax_scale, p_quant=p_quant, num_splits=num_splits,
                                 max_seq_len=max(lens), return_lse=return_lse, check=False)
-
-    def _packed(self, seq_id: int, layer: int):
-        """K and V of a sequence as packed NVFP4 ``[1, Hkv, len, D]`` (a gather of its pages'
-        codes and scales: the same bytes, contiguous)."""
-        import torch
-
-        n = self.length(seq_id, layer)
-        pages = torch.tensor(self._pages[seq_id], dtype=torch.long, device=self.device)
-        g = torch.ones(1, dtype=torch.float32, device=self.device)
-        out = []
-        for data, scales in ((self.k_data, self.k_scales), (self.v_data, self.v_scales)):
-            parts = []
-            for t, width in ((data, self.head_dim // 2), (scales, self.head_dim // _NV_BLOCK)):
-                x = t[layer].index_select(0, pages).permute(1, 0, 2, 3).reshape(self.num_kv_heads, -1, width)
-                parts.append(x[None, :, :n].contiguous())
-            out.append(QuantizedTensor(parts[0], parts[1], g, "nvfp4", "last",
-                                       (1, self.num_kv_heads, n, self.head_dim), torch.bfloat16))
-        return out[0], out[1]
-
-    def _attend_via_forward(self, q, seq_ids, layer, softmax_scale, p_quant, return_lse):
-        """Decode for head dims the CUDA decode kernel lacks (it takes 128; the sm90 forward
-        also takes 64): per sequence, the packed pages gathered, Q quantized (NVFP4, g = 1, as
-        mode fp4 does) and :func:`attention_packed` with the bottom-right causal mask — the
-        definition of decode (numerics: the fp4 forward over the dequantized cache), one
-        forward call per sequence."""
-        import torch
-
-        outs, lses = [], []
-        for b, sid in enumerate(seq_ids):
-            k, v = self._packed(sid, layer)
-            pq = quantize_nvfp4(q[b:b + 1])
-            o, lse = attention_packed(pq, k, v, causal=True, softmax_scale=softmax_scale, p_quant=p_quant,
-                                      dtype=q.dtype, return_lse=True)
-            outs.append(o)
-            lses.append(lse)
-        out = torch.cat(outs)
-        return (out, torch.cat(lses)) if return_lse else out
 
     def dequantize(self, seq_id: int, layer: int = 0):
         """The cached K^, V^ of a sequence, ``[Hkv, len, D]`` float32 (exact)."""

@@ -137,9 +137,8 @@ class FP4Cache(Cache):
         b = int(key_states.shape[0])
         if self.store is None:
             if key_states.is_cuda and self.head_dim not in (64, 128):
-                raise NotImplementedError(f"attnqat.hf.FP4Cache: on CUDA, head_dim 128 (the decode kernel) and 64 (the "
-                                          f"forward kernel over the packed pages); this model has {self.head_dim}: use "
-                                          f"transformers' default cache on CUDA")
+                raise NotImplementedError(f"attnqat.hf.FP4Cache: on CUDA, the FP4 decode kernel takes head_dim 64 and "
+                                          f"128; this model has {self.head_dim}: use transformers' default cache on CUDA")
             self.batch_capacity = self.batch_capacity or b
             pages = -(-self.capacity // self.page_size)
             self.store = FP4KVCache(self.batch_capacity * pages, self.page_size, self.num_kv_heads, self.head_dim,

@@ -104,21 +104,6 @@ def test_cpu_attention_packed_matches_fp4(causal):
     assert torch.equal(o, ref) and torch.equal(lse, ref_lse)
 
 
-@pytest.mark.parametrize("p_quant", ["anchored", "paper"])
-@pytest.mark.parametrize("nq", [1, 3])
-def test_cpu_attend_via_forward_is_the_reference(p_quant, nq):
-    """The CUDA path for head dims the decode kernel lacks (gathered packed pages + attention_packed
-    per sequence), run on CPU: bit-identical to the reference decode."""
-    lens, hkv, d = [3, 40, 100], 2, 64
-    ks, vs = _seqs(lens, hkv, d, 5)
-    cache = FP4KVCache(20, 16, hkv, d)
-    ids = _fill(cache, lens, ks, vs)
-    q = torch.randn(len(lens), hkv * 4, nq, d, generator=torch.Generator().manual_seed(6))
-    ref, ref_lse = cache.attend(q, ids, p_quant=p_quant, return_lse=True)
-    got, lse = cache._attend_via_forward(q, ids, 0, None, p_quant, True)
-    assert torch.equal(got, ref) and torch.equal(lse, ref_lse)
-
-
 def test_cpu_bad_input_errors():
     with pytest.raises(ValueError, match="multiple of 16"):
         FP4KVCache(4, 24, 2, 64)
@@ -187,14 +172,20 @@ def test_gpu_decode_matches_reference(cuda, page_size, hkv, group, nq, lens, p_q
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("nq,p_quant,dtype", [(1, "anchored", torch.bfloat16), (2, "paper", torch.float16)])
-def test_gpu_decode_head_dim_64_matches_reference(cuda, nq, p_quant, dtype):
-    """Head dim 64 on CUDA: FP4KVCache.attend decodes through the sm90 forward over the packed pages."""
-    lens, hkv, group, d, page_size = [1, 17, 300, 2049], 2, 4, 64, 32
+@pytest.mark.parametrize("nq,group,p_quant,dtype", [(1, 4, "anchored", torch.bfloat16), (2, 4, "paper", torch.float16),
+                                                    (3, 4, "anchored", torch.bfloat16), (1, 1, "anchored", torch.float16)])
+def test_gpu_decode_head_dim_64_matches_reference(cuda, nq, group, p_quant, dtype):
+    """Head dim 64 on CUDA (the decode kernel's second layout): the GPU append writes the CPU
+    append's bytes, and the decode matches the reference."""
+    lens, hkv, d, page_size = [1, 17, 300, 4095], 2, 64, 32
     pages = sum(-(-n // page_size) for n in lens) + 2
     ks, vs = _seqs(lens, hkv, d, 4, dtype)
     gpu = FP4KVCache(pages, page_size, hkv, d, cuda)
+    cpu = FP4KVCache(pages, page_size, hkv, d, "cpu")
     ids = _fill(gpu, lens, ks, vs, chunk=61, device=cuda)
+    _fill(cpu, lens, ks, vs, chunk=61)
+    for name in ("k_data", "k_scales", "v_data", "v_scales"):
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
     q = torch.randn(len(lens), hkv * group, nq, d).to(dtype)
     out, lse = gpu.attend(q.to(cuda), ids, p_quant=p_quant, return_lse=True)
     _assert_close_to_reference(out, lse, *_reference(q, ks, vs, p_quant, dtype))
@@ -240,5 +231,10 @@ def test_gpu_bad_input_errors(cuda):
                                  torch.tensor([40], dtype=torch.int32, device=cuda))
     with pytest.raises(NotImplementedError, match="bfloat16 or float16"):
         attnqat.decode_attention(q.float(), k_data, k_scales, v_data, v_scales,
+                                 torch.tensor([[0]], dtype=torch.int32, device=cuda),
+                                 torch.tensor([3], dtype=torch.int32, device=cuda))
+    odd = FP4KVCache(4, 16, 2, 96, cuda)  # head dims other than 64 and 128: the CPU reference only
+    with pytest.raises(NotImplementedError, match="head_dim 64 and 128"):
+        attnqat.decode_attention(torch.zeros(1, 8, 1, 96, device=cuda, dtype=torch.bfloat16), *odd.layer_tensors(),
                                  torch.tensor([[0]], dtype=torch.int32, device=cuda),
                                  torch.tensor([3], dtype=torch.int32, device=cuda))

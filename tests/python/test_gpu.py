@@ -328,10 +328,10 @@ def test_hf_attn_qat_training_step_cuda(cuda):
 
 @pytest.mark.parametrize("head_dim", [128, 64])
 def test_hf_fp4_cache_generation_cuda(cuda, head_dim):
-    """attnqat.hf.FP4Cache on CUDA (head dim 128: the decode kernel; 64: the forward kernel over the
-    packed pages): the scores follow generation with transformers' default cache (same fp4
-    numerics; the decode kernel and the forward kernel sum in different orders, and bf16 logits
-    round), and the prefill step is the same computation."""
+    """attnqat.hf.FP4Cache on CUDA (the decode kernel, head dims 128 and 64): the scores follow
+    generation with transformers' default cache (same fp4 numerics; the decode kernel and the
+    forward kernel sum in different orders, and bf16 logits round), and the prefill step is the
+    same computation."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     attnqat.hf.register()

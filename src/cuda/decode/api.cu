@@ -24,7 +24,6 @@ namespace attnqat::cuda {
 namespace {
 
 constexpr float kLog2e = 1.44269504088896340736f;  // RN(log2 e)
-constexpr int kDecodeHeadDim = 128;
 constexpr int kRows = 8;              // decode::kRows
 constexpr int kCtaStepKeys = 128;     // decode::kCtaStepKeys: keys per CTA iteration
 constexpr int kMaxSplits = 1024;     // decode::kMaxSplits: the combine kernel's shared memory
@@ -86,18 +85,18 @@ Status launch_status(const char* op, cudaError_t err, int device) {
 
 size_t round_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-// SMs and resident decode CTAs per SM, per device and dtype (queried once).
+// SMs and resident decode CTAs per SM, per device, dtype and head dim (queried once).
 struct DeviceShape {
   int sms = 0, blocks_per_sm = 0;
 };
-Status device_shape(int device, bool f16, DeviceShape* out) {
+Status device_shape(int device, bool f16, int head_dim, DeviceShape* out) {
   static std::mutex mu;
-  static DeviceShape cache[64][2];
+  static DeviceShape cache[64][2][2];
   std::lock_guard<std::mutex> lock(mu);
-  DeviceShape& e = cache[device & 63][f16 ? 1 : 0];
+  DeviceShape& e = cache[device & 63][f16 ? 1 : 0][head_dim == 64 ? 0 : 1];
   if (e.sms == 0) {
     cudaError_t err = cudaDeviceGetAttribute(&e.sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess) err = decode::decode_occupancy(f16, &e.blocks_per_sm);
+    if (err == cudaSuccess) err = decode::decode_occupancy(f16, head_dim, &e.blocks_per_sm);
     if (err != cudaSuccess) {
       e.sms = 0;
       return launch_status("decode_attention", err, device);
@@ -238,8 +237,8 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
     return Status::NotImplemented(std::string("q: the CUDA decode kernel takes bfloat16 or float16 "
                                               "queries, got ") + dtype_name(q.dtype));
-  if (dims.head_dim != kDecodeHeadDim)
-    return Status::NotImplemented("q: the CUDA decode kernel supports head_dim 128, got " +
+  if (!decode::decode_head_dim_supported(static_cast<int>(dims.head_dim)))
+    return Status::NotImplemented("q: the CUDA decode kernel supports head_dim 64 and 128, got " +
                                   std::to_string(dims.head_dim) + "; run on CPU tensors (the reference)");
   if (dims.num_pages > INT32_MAX || page_table.shape[1] * dims.page_size > INT32_MAX)
     return Status::Invalid("page_table: the CUDA decode kernel indexes keys with 32-bit integers; "
@@ -254,7 +253,7 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   ATTNQAT_RETURN_IF_ERROR(check_device(kOp, device));
   const bool f16 = q.dtype == DType::kFloat16;
   DeviceShape shape;
-  ATTNQAT_RETURN_IF_ERROR(device_shape(device, f16, &shape));
+  ATTNQAT_RETURN_IF_ERROR(device_shape(device, f16, static_cast<int>(dims.head_dim), &shape));
 
   const int64_t B = q.shape[0], Hq = q.shape[1], nq = q.shape[2];
   const int64_t group = Hq / dims.heads, rows = group * nq;
@@ -313,6 +312,7 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   p.nq = static_cast<int>(nq);
   p.rows = static_cast<int>(rows);
   p.row_groups = static_cast<int>(row_groups);
+  p.head_dim = static_cast<int>(dims.head_dim);
   p.num_splits = static_cast<int>(splits);
   p.split_keys = static_cast<int>(split_keys);
   AttentionOptions scale_opts;
@@ -327,7 +327,7 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   Workspace ws;  // split partials, freed stream-ordered after the combine kernel
   if (splits > 1) {
     const size_t prow = static_cast<size_t>(units) * splits * kRows;
-    const size_t o_bytes = round_up(prow * kDecodeHeadDim * sizeof(float));
+    const size_t o_bytes = round_up(prow * static_cast<size_t>(dims.head_dim) * sizeof(float));
     ATTNQAT_RETURN_IF_ERROR(ws.allocate(o_bytes + round_up(prow * 2 * sizeof(float)), s));
     p.part_o = static_cast<float*>(ws.data());
     p.part_ml = reinterpret_cast<float*>(static_cast<uint8_t*>(ws.data()) + o_bytes);

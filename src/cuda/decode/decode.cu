@@ -1,6 +1,7 @@
-// src/cuda/decode/decode.cu — the launcher of the FP4 decode kernels (decode_kernel.cuh): six
-// instantiations of the split kernel (bf16 / fp16 queries and outputs x anchored with packed rows,
-// anchored, paper) and two of the combine kernel. Portable (sm_89+): built for every target of ATTNQAT_CUDA_ARCHS.
+// src/cuda/decode/decode.cu — the launcher of the FP4 decode kernels (decode_kernel.cuh): twelve
+// instantiations of the split kernel (head dim 64 / 128 x bf16 / fp16 queries and outputs x
+// anchored with packed rows, anchored, paper) and four of the combine kernel. Portable (sm_89+):
+// built for every target of ATTNQAT_CUDA_ARCHS.
 #include "cuda/decode/decode_kernel.cuh"
 #include "cuda/decode/launch.h"
 
@@ -11,11 +12,11 @@ namespace {
 // for anchored P.
 bool packs_rows(const DecodeParams& p) { return p.rows <= 4; }
 
-template <bool kF16, bool kPack, bool kPaper>
+template <int D, bool kF16, bool kPack, bool kPaper>
 cudaError_t set_smem() {
   // Above 48 KB of dynamic shared memory a kernel must opt in (idempotent, cheap).
-  return cudaFuncSetAttribute(decode_kernel<kF16, kPack, kPaper>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              kSmemBytes);
+  return cudaFuncSetAttribute(decode_kernel<D, kF16, kPack, kPaper>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              Layout<D>::kSmemBytes);
 }
 
 // Programmatic dependent launch of the combine kernel needs sm_90 (griddepcontrol).
@@ -26,16 +27,16 @@ bool device_has_pdl() {
   return major >= 9;
 }
 
-template <bool kF16, bool kPack, bool kPaper>
+template <int D, bool kF16, bool kPack, bool kPaper>
 cudaError_t launch_typed(const DecodeParams& p, int batch, cudaStream_t stream) {
-  cudaError_t err = set_smem<kF16, kPack, kPaper>();
+  cudaError_t err = set_smem<D, kF16, kPack, kPaper>();
   if (err != cudaSuccess) return err;
   const dim3 grid(p.num_splits, p.heads_kv * p.row_groups, batch);
-  decode_kernel<kF16, kPack, kPaper><<<grid, kThreads, kSmemBytes, stream>>>(p);
+  decode_kernel<D, kF16, kPack, kPaper><<<grid, kThreads, Layout<D>::kSmemBytes, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess || p.num_splits == 1) return err;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(batch * p.heads_kv * p.row_groups, kRows);
-  cfg.blockDim = dim3(kHeadDim);
+  cfg.blockDim = dim3(kCombineThreads);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -43,29 +44,45 @@ cudaError_t launch_typed(const DecodeParams& p, int batch, cudaStream_t stream) 
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = device_has_pdl() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, combine_kernel<kF16>, p);
+  return cudaLaunchKernelEx(&cfg, combine_kernel<D, kF16>, p);
+}
+
+template <int D>
+cudaError_t launch_dim(const DecodeParams& p, int batch, bool f16, cudaStream_t stream) {
+  if (p.paper)  // one split per sequence, rarely used for serving: no packed-rows variant
+    return f16 ? launch_typed<D, true, false, true>(p, batch, stream) : launch_typed<D, false, false, true>(p, batch, stream);
+  if (packs_rows(p))
+    return f16 ? launch_typed<D, true, true, false>(p, batch, stream) : launch_typed<D, false, true, false>(p, batch, stream);
+  return f16 ? launch_typed<D, true, false, false>(p, batch, stream) : launch_typed<D, false, false, false>(p, batch, stream);
+}
+
+template <int D>
+cudaError_t occupancy_dim(bool f16, int* blocks_per_sm) {
+  // Every variant of one head dim has the same launch bounds, registers cap and shared memory.
+  cudaError_t err = f16 ? set_smem<D, true, false, false>() : set_smem<D, false, false, false>();
+  if (err != cudaSuccess) return err;
+  return f16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, decode_kernel<D, true, false, false>,
+                                                             kThreads, Layout<D>::kSmemBytes)
+             : cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, decode_kernel<D, false, false, false>,
+                                                             kThreads, Layout<D>::kSmemBytes);
 }
 
 }  // namespace
 
-int decode_smem_bytes() { return kSmemBytes; }
+bool decode_head_dim_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
-cudaError_t decode_occupancy(bool f16, int* blocks_per_sm) {
-  // Every variant has the same launch bounds, registers cap and shared memory.
-  cudaError_t err = f16 ? set_smem<true, false, false>() : set_smem<false, false, false>();
-  if (err != cudaSuccess) return err;
-  return f16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, decode_kernel<true, false, false>,
-                                                             kThreads, kSmemBytes)
-             : cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, decode_kernel<false, false, false>,
-                                                             kThreads, kSmemBytes);
+int decode_smem_bytes(int head_dim) {
+  return head_dim == 64 ? Layout<64>::kSmemBytes : Layout<128>::kSmemBytes;
+}
+
+cudaError_t decode_occupancy(bool f16, int head_dim, int* blocks_per_sm) {
+  if (!decode_head_dim_supported(head_dim)) return cudaErrorInvalidValue;
+  return head_dim == 64 ? occupancy_dim<64>(f16, blocks_per_sm) : occupancy_dim<128>(f16, blocks_per_sm);
 }
 
 cudaError_t launch_decode(const DecodeParams& p, int batch, bool f16, cudaStream_t stream) {
-  if (p.paper)  // one split per sequence, rarely used for serving: no packed-rows variant
-    return f16 ? launch_typed<true, false, true>(p, batch, stream) : launch_typed<false, false, true>(p, batch, stream);
-  if (packs_rows(p))
-    return f16 ? launch_typed<true, true, false>(p, batch, stream) : launch_typed<false, true, false>(p, batch, stream);
-  return f16 ? launch_typed<true, false, false>(p, batch, stream) : launch_typed<false, false, false>(p, batch, stream);
+  if (!decode_head_dim_supported(p.head_dim)) return cudaErrorInvalidValue;  // api.cu checks first
+  return p.head_dim == 64 ? launch_dim<64>(p, batch, f16, stream) : launch_dim<128>(p, batch, f16, stream);
 }
 
 }  // namespace attnqat::decode

@@ -8,7 +8,8 @@
 // tests/cpp/cuda_decode).
 //
 // Arch: portable sm_89+ (mma.sync m16n8k16 f16, movmatrix, cp.async, the E4M3 converts); built
-// for 90a;100a;120a, tested on sm_90. D = 128.
+// for 90a;100a;120a, tested on sm_90. Head dims D = 128 and 64 (template parameter; the numbers
+// below are for 128, Layout<D> has both).
 //
 // Work decomposition. CTA = 4 warps = one (split, KV head, row group, sequence). A row group is up
 // to kRows = 8 query rows (the n8 of the MMAs): row R = head_in_group * nq + query index. A split
@@ -23,11 +24,12 @@
 // fp32.
 //
 // Channel permutations. A dot product does not depend on the order of its terms, so the QK MMA
-// uses a channel order in which each thread's 16 bytes of a key (channels [32t, 32t+32)) become
-// its A fragments with no data movement (k-step s, fragment half r, element h: channel
-// 32t + 8(s>>1) + 4(s&1) + 2r + h); Q^T's B fragments are built with the same order. For PV, the
-// output channel order is permuted likewise (thread g reads channels [16g, 16g+16), one NVFP4
-// block, of four keys): m-tile c, half hf holds channel 16g + 8(c>>2) + (c&3) + 4hf; the
+// uses a channel order in which each thread's 16 bytes of a key (channels [32t, 32t+32); D = 64:
+// 8 bytes, [16t, 16t+16)) become its A fragments with no data movement (k-step s, fragment half
+// r, element h: channel (D/4) t + 8(s>>1) + 4(s&1) + 2r + h); Q^T's B fragments are built with the
+// same order. For PV, the output channel order is permuted likewise (thread g reads channels
+// [16g, 16g+16), one NVFP4 block, of four keys; D = 64: [8g, 8g+8), half a block): m-tile c, half
+// hf holds channel (D/8) g + 8(c>>2) + (c&3) + 4hf; the
 // epilogue writes each channel where it belongs.
 //
 // FP4 decode to fp16 (per 8 codes, no tables in memory; cuda/common/fp4_unpack.cuh): PRMT looks the 3-bit
@@ -80,7 +82,6 @@ namespace attnqat::decode {
 
 // ---- Configuration -------------------------------------------------------------------------------
 
-constexpr int kHeadDim = 128;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kRows = 8;                            // query rows per CTA: the n8 of the MMAs
@@ -88,30 +89,46 @@ constexpr int kTileKeys = 16;                       // one m16 MMA tile = one P 
 constexpr int kStepKeys = 32;                       // keys per warp step (2 tiles)
 constexpr int kCtaStepKeys = kWarps * kStepKeys;    // 128: the paper-mode tile
 constexpr int kStages = 2;                          // steps in a warp's cp.async ring
-constexpr int kKeyBytes = kHeadDim / 2;             // 64 bytes of codes per key
-constexpr int kKeyScaleBytes = kHeadDim / 16;       // 8 E4M3 scales per key
-constexpr int kTileDataBytes = kTileKeys * kKeyBytes;        // 1024
-constexpr int kTileScaleBytes = kTileKeys * kKeyScaleBytes;  // 128
-// One tile in shared memory: K codes, V codes, K scales, V scales.
-constexpr int kOffKData = 0;
-constexpr int kOffVData = kTileDataBytes;
-constexpr int kOffKScales = 2 * kTileDataBytes;
-constexpr int kOffVScales = kOffKScales + kTileScaleBytes;
-constexpr int kTileBytes = kOffVScales + kTileScaleBytes;  // 2304
-constexpr int kStepBytes = 2 * kTileBytes;
-constexpr int kWarpRingBytes = kStages * kStepBytes;        // 13,824
-constexpr int kOffRing = 0;
-constexpr int kOffQ = kOffRing + kWarps * kWarpRingBytes;   // Q^ [kRows, D] fp16
-constexpr int kOffRed = kOffQ + kRows * kHeadDim * 2;       // paper: [2][kWarps][kRows] floats
-constexpr int kSmemBytes = kOffRed + 2 * kWarps * kRows * 4;
-// The end-of-CTA merge reuses the ring: per warp [kRows][kOPitch] floats, then m_ref and l.
-constexpr int kOPitch = kHeadDim + 4;
-constexpr int kMergeBytes = kWarps * kRows * kOPitch * 4 + 2 * kWarps * kRows * 4;
-static_assert(kMergeBytes <= kWarps * kWarpRingBytes, "the merge buffers must fit in the ring");
-static_assert(kTileBytes % 16 == 0 && kWarpRingBytes % 16 == 0, "16-byte cp.async alignment");
-// 4 CTAs (16 warps) per SM: registers <= 128 per thread, shared memory 4 x 40 KB.
+// 4 CTAs (16 warps) per SM: registers <= 128 per thread.
 constexpr int kMinBlocksPerSm = 4;
 static_assert(kCtaStepKeys == 128, "paper mode needs the reference's 128-key tiles");
+
+// The layout of one head dim D (64 or 128). Per key: D/2 bytes of codes, D/16 E4M3 scales. In QK,
+// thread t of a quad owns channels [t D/4, (t+1) D/4) of a key: kQWords 32-bit words of codes
+// (D/32), blocks t D/64 ... ; in PV, thread g owns channels [g D/8, (g+1) D/8) of 4 keys: kVWords
+// words per key (D/64; D = 64: half a block, 8 channels).
+template <int D>
+struct Layout {
+  static_assert(D == 64 || D == 128, "the decode kernel is built for head dims 64 and 128");
+  static constexpr int kHeadDim = D;
+  static constexpr int kKeyBytes = D / 2;                        // codes of one key
+  static constexpr int kKeyScaleBytes = D / 16;                  // E4M3 scales of one key
+  static constexpr int kQWords = D / 32;                         // QK: words per key per thread
+  static constexpr int kVWords = D / 64;                         // PV: words per key per thread
+  static constexpr int kKSteps = D / 16;                         // QK: k16 MMAs per tile
+  static constexpr int kMTiles = D / 16;                         // PV: m16 MMAs per tile
+  static constexpr int kTileDataBytes = kTileKeys * kKeyBytes;   // 1024 / 512
+  static constexpr int kTileScaleBytes = kTileKeys * kKeyScaleBytes;  // 128 / 64
+  static constexpr int kScaleChunks = kTileScaleBytes / 16;      // 16-byte copies of one scale run
+  // One tile in shared memory: K codes, V codes, K scales, V scales.
+  static constexpr int kOffKData = 0;
+  static constexpr int kOffVData = kTileDataBytes;
+  static constexpr int kOffKScales = 2 * kTileDataBytes;
+  static constexpr int kOffVScales = kOffKScales + kTileScaleBytes;
+  static constexpr int kTileBytes = kOffVScales + kTileScaleBytes;  // 2304 / 1152
+  static constexpr int kStepBytes = 2 * kTileBytes;
+  static constexpr int kWarpRingBytes = kStages * kStepBytes;      // 9,216 / 4,608
+  static constexpr int kOffRing = 0;
+  static constexpr int kOffQ = kOffRing + kWarps * kWarpRingBytes;  // Q^ [kRows, D] fp16
+  static constexpr int kOffRed = kOffQ + kRows * D * 2;           // paper: [2][kWarps][kRows] floats
+  static constexpr int kSmemBytes = kOffRed + 2 * kWarps * kRows * 4;
+  // The end-of-CTA merge reuses the ring: per warp [kRows][kOPitch] floats, then m_ref and l.
+  static constexpr int kOPitch = D + 4;
+  static constexpr int kMergeBytes = kWarps * kRows * kOPitch * 4 + 2 * kWarps * kRows * 4;
+  static_assert(kMergeBytes <= kWarps * kWarpRingBytes, "the merge buffers must fit in the ring");
+  static_assert(kTileBytes % 16 == 0 && kWarpRingBytes % 16 == 0, "16-byte cp.async alignment");
+  static_assert(kTileDataBytes / 16 % 32 == 0, "whole warps of 16-byte copies per tile");
+};
 
 constexpr float kLn2 = 0.693147180559945309417f;
 constexpr uint32_t kNegInfBits = 0xff800000u;
@@ -270,13 +287,19 @@ __device__ __forceinline__ void quantize_p_tile(const float (&p)[4], const PCons
 
 // ---- Shared-memory layout of a tile's K/V codes ------------------------------------------------
 //
-// Key k's 64 bytes go to row smem_row(k), its 16-byte chunk c to chunk c ^ smem_chunk_xor(k).
-// Reads: K — lane (g, t) reads chunk t of keys g and g+8 (quarter-warp phases hit 2 rows of
-// different parity: conflict-free); V — lane (g, t) reads 8 bytes (chunk g/2, half g%2) of keys
-// 2t, 2t+1, 2t+8, 2t+9: keys {0,2,4,6} land on rows {0,2,5,7} (two of each parity) with the
-// chunk XOR separating rows 0 and 2: the 16 lanes of a phase hit 32 distinct banks.
+// Key k's D/2 bytes go to row smem_row(k), its 16-byte chunk c to chunk c ^ smem_chunk_xor(k).
+// D = 128 (64-byte rows). Reads: K — lane (g, t) reads chunk t of keys g and g+8 (quarter-warp
+// phases hit 2 rows of different parity: conflict-free); V — lane (g, t) reads 8 bytes (chunk
+// g/2, half g%2) of keys 2t, 2t+1, 2t+8, 2t+9: keys {0,2,4,6} land on rows {0,2,5,7} (two of
+// each parity) with the chunk XOR separating rows 0 and 2: the 16 lanes of a phase hit 32
+// distinct banks.
+// D = 64 (32-byte rows, no chunk XOR). K — lane (g, t) reads bytes [8t, 8t+8) of keys g and g+8:
+// each half-warp phase reads rows {0..3} or {4..7} (+8), 128 contiguous bytes; V — lane (g, t)
+// reads bytes [4g, 4g+4) of keys 2t, 2t+1, 2t+8, 2t+9: keys {0,2,4,6} land on rows {0,2,5,7},
+// bank groups {0,16,8,24}, so the 32 lanes hit 32 distinct banks (likewise the other key sets).
 __device__ __forceinline__ int smem_row(int k) { return k ^ ((k >> 2) & 1); }
-__device__ __forceinline__ int smem_chunk_xor(int k) { return 2 * ((k >> 1) & 1); }
+template <int D>
+__device__ __forceinline__ int smem_chunk_xor(int k) { return D == 128 ? 2 * ((k >> 1) & 1) : 0; }
 
 // ---- The kernel --------------------------------------------------------------------------------
 
@@ -308,8 +331,12 @@ __device__ __forceinline__ float exact_pow2(float e) {
 // the softmax and the P quantization run on 4 values per thread per step instead of 8 (half of
 // them padding rows otherwise). See "Packed rows" in the file comment.
 // kPaper: p_quant = paper (p.paper; the launcher instantiates it without kPack).
-template <bool kF16In, bool kPack, bool kPaper>
+template <int D, bool kF16In, bool kPack, bool kPaper>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const DecodeParams p) {
+  using Lay = Layout<D>;
+  constexpr int kKeyBytes = Lay::kKeyBytes, kKeyScaleBytes = Lay::kKeyScaleBytes, kTileBytes = Lay::kTileBytes;
+  constexpr int kOffKData = Lay::kOffKData, kOffVData = Lay::kOffVData, kOffKScales = Lay::kOffKScales,
+                kOffVScales = Lay::kOffVScales, kStepBytes = Lay::kStepBytes, kOPitch = Lay::kOPitch;
   extern __shared__ __align__(128) uint8_t smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int split = blockIdx.x;
@@ -335,35 +362,40 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   // paper: every warp runs every 128-key tile (barriers); anchored: only its own steps.
   const int n_iter = kPaper ? (n_steps + kWarps - 1) / kWarps
                              : (n_steps > warp ? (n_steps - warp + kWarps - 1) / kWarps : 0);
-  uint8_t* ring = smem + kOffRing + warp * kWarpRingBytes;
+  uint8_t* ring = smem + Lay::kOffRing + warp * Lay::kWarpRingBytes;
   const uint32_t ring_u32 = smem_u32(ring);
 
   auto step_key0 = [&](int it) { return k_begin + kStepKeys * (warp + kWarps * it); };
 
   // Issues the cp.async copies of step `it` into its ring slot (tiles past k_end are skipped:
   // they are masked), then commits a group (possibly empty: the group count stays uniform).
-  // Per tile, lane l copies 16-byte chunks l and l + 32 of the K codes and of the V codes (key
-  // c >> 2, chunk c & 3: key l/4 + 8 lands 8 rows and 512 bytes after key l/4, with the same
-  // chunk XOR), and lanes 0-15 the 256 bytes of K and V scales (contiguous in the tile). All
-  // per-lane offsets are loop constants. Steps start at multiples of 32 keys, so when page_size
-  // is a multiple of 32 both tiles of a step lie in one page: one page-table read and one address
+  // Per tile, lane l copies 16-byte chunks l (and l + 32 at D = 128) of the K codes and of the V
+  // codes (key l / kChunks, chunk l % kChunks: the second pass lands 512 bytes further in both),
+  // and lanes below 2 kScaleChunks the K and V scales (contiguous in the tile). All per-lane
+  // offsets are loop constants. Steps start at multiples of 32 keys, so when page_size is a
+  // multiple of 32 both tiles of a step lie in one page: one page-table read and one address
   // computation per step (the second tile is 16 rows further); otherwise one per tile.
-  const uint32_t lane_dst = smem_row(lane >> 2) * kKeyBytes + (((lane & 3) ^ smem_chunk_xor(lane >> 2)) * 16);
+  constexpr int kChunks = kKeyBytes / 16;           // 16-byte chunks per key
+  constexpr int kPasses = Lay::kTileDataBytes / 512;  // warp-wide 16-byte copies per tile
+  const int copy_key = lane / kChunks, copy_chunk = lane % kChunks;
+  const uint32_t lane_dst = smem_row(copy_key) * kKeyBytes + ((copy_chunk ^ smem_chunk_xor<D>(copy_key)) * 16);
   const uint32_t lane_src = lane * 16;
-  const uint8_t* scale_base = lane < 8 ? p.k_scales : p.v_scales;
-  const uint32_t scale_src = (lane & 7) * 16;
+  const uint8_t* scale_base = lane < Lay::kScaleChunks ? p.k_scales : p.v_scales;
+  const uint32_t scale_src = (lane % Lay::kScaleChunks) * 16;
   const bool step_in_page = (p.page_size & 31) == 0;
   // The cp.async copies of tile `tt` of the step whose first key sits in cache row row0.
   auto copy_tile = [&](uint32_t slot_u32, int tt, int64_t row0) {
     const uint32_t tile = slot_u32 + tt * kTileBytes;
     const uint8_t* kp = p.k_data + row0 * kKeyBytes + lane_src;
     const uint8_t* vp = p.v_data + row0 * kKeyBytes + lane_src;
-    cp_async16(tile + kOffKData + lane_dst, kp);
-    cp_async16(tile + kOffKData + lane_dst + 8 * kKeyBytes, kp + 32 * 16);
-    cp_async16(tile + kOffVData + lane_dst, vp);
-    cp_async16(tile + kOffVData + lane_dst + 8 * kKeyBytes, vp + 32 * 16);
-    static_assert(kOffVScales == kOffKScales + 8 * 16, "K then V scales, 8 chunks each");
-    if (lane < 16) cp_async16(tile + kOffKScales + lane * 16, scale_base + row0 * kKeyScaleBytes + scale_src);
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      cp_async16(tile + kOffKData + lane_dst + pass * 512, kp + pass * 512);
+      cp_async16(tile + kOffVData + lane_dst + pass * 512, vp + pass * 512);
+    }
+    static_assert(Lay::kOffVScales == Lay::kOffKScales + Lay::kScaleChunks * 16, "K then V scales");
+    if (lane < 2 * Lay::kScaleChunks)
+      cp_async16(tile + kOffKScales + lane * 16, scale_base + row0 * kKeyScaleBytes + scale_src);
   };
   // Cache row of key `key` (page lookup; it == 0: the page id read above), or -1 for a page id
   // out of range (never dereferenced, see api.cu).
@@ -403,9 +435,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   for (int i = 0; i < kStages - 1; ++i) load_step(i);
 
   // ---- Q^ = phi_nv(q; 1) per 16 channels into shared memory (fp16, exact) -----------------------
-  __half* s_q = reinterpret_cast<__half*>(smem + kOffQ);  // [kRows, D]
-  if (threadIdx.x < kRows * (kHeadDim / 16)) {
-    const int r = threadIdx.x / (kHeadDim / 16), blk = threadIdx.x % (kHeadDim / 16);
+  __half* s_q = reinterpret_cast<__half*>(smem + Lay::kOffQ);  // [kRows, D]
+  if (threadIdx.x < kRows * (D / 16)) {
+    const int r = threadIdx.x / (D / 16), blk = threadIdx.x % (D / 16);
     const int R = rg * kRows + r;
     float x[16];
     if (R < p.rows) {
@@ -421,17 +453,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       for (int e = 0; e < 16; ++e) x[e] = 0.0f;
     }
 #pragma unroll
-    for (int e = 0; e < 16; ++e) s_q[r * kHeadDim + blk * 16 + e] = __float2half_rn(x[e]);
+    for (int e = 0; e < 16; ++e) s_q[r * D + blk * 16 + e] = __float2half_rn(x[e]);
   }
   __syncthreads();
 
-  // Q^T B fragments of the 8 k-steps: step s, half r, element h = channel 32t + 8(s>>1) +
+  // Q^T B fragments of the D/16 k-steps: step s, half r, element h = channel (D/4) t + 8(s>>1) +
   // 4(s&1) + 2r + h of row g (kPack: of row g & 3, so columns 4-7 repeat rows 0-3).
-  uint32_t qb[8][2];
+  uint32_t qb[Lay::kKSteps][2];
   {
-    const uint32_t* qrow = reinterpret_cast<const uint32_t*>(s_q + (kPack ? g & 3 : g) * kHeadDim + 32 * t);
+    const uint32_t* qrow = reinterpret_cast<const uint32_t*>(s_q + (kPack ? g & 3 : g) * D + (D / 4) * t);
 #pragma unroll
-    for (int s = 0; s < 8; ++s)
+    for (int s = 0; s < Lay::kKSteps; ++s)
 #pragma unroll
       for (int r = 0; r < 2; ++r) qb[s][r] = qrow[(8 * (s >> 1) + 4 * (s & 1) + 2 * r) / 2];
   }
@@ -449,24 +481,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   const int mask_from = max(0, L - p.nq + 1);  // steps reaching this key need masking
 
   // Fragment read offsets (bytes within a tile), constant per thread.
-  const int off_k0 = smem_row(g) * kKeyBytes + ((t ^ smem_chunk_xor(g)) * 16);
+  // D = 128: 16 bytes (chunk t) of key g; D = 64: 8 bytes [8t, 8t+8).
+  const int off_k0 = smem_row(g) * kKeyBytes + (D == 128 ? ((t ^ smem_chunk_xor<D>(g)) * 16) : 8 * t);
   const int off_k1 = off_k0 + 8 * kKeyBytes;  // key g + 8: same row pattern, 8 rows further
   int off_v[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int k = 2 * t + i;
-    off_v[i] = smem_row(k) * kKeyBytes + (((g >> 1) ^ smem_chunk_xor(k)) * 16) + (g & 1) * 8;
+    // D = 128: 8 bytes (chunk g/2, half g%2) of key k; D = 64: 4 bytes [4g, 4g+4).
+    off_v[i] = smem_row(k) * kKeyBytes + (D == 128 ? (((g >> 1) ^ smem_chunk_xor<D>(k)) * 16) + (g & 1) * 8 : 4 * g);
   }
 
   const PConsts pc = p_consts(kPaper);
   const float c2 = p.c2;
-  float o_acc[8][4];  // O^T m-tile c: (ch pi(c, g), rows 2t, 2t+1), (ch pi(c, g+8), rows 2t, 2t+1)
+  float o_acc[Lay::kMTiles][4];  // O^T m-tile c: (ch pi(c, g), rows 2t, 2t+1), (ch pi(c, g+8), ...)
 #pragma unroll
-  for (int c = 0; c < 8; ++c)
+  for (int c = 0; c < Lay::kMTiles; ++c)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o_acc[c][e] = 0.0f;
   float m[2] = {neg_inf(), neg_inf()}, m_ref[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
-  float* red = reinterpret_cast<float*>(smem + kOffRed);  // paper: [2][kWarps][kRows]
+  float* red = reinterpret_cast<float*>(smem + Lay::kOffRed);  // paper: [2][kWarps][kRows]
 
   const uint32_t lut0 = pinned_lut0(static_cast<uint32_t>(p.heads_kv) >> 31);  // heads_kv >= 0
   for (int it = 0; it < n_iter; ++it) {
@@ -482,16 +516,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
 #pragma unroll
     for (int tt = 0; tt < 2; ++tt) {
       const uint8_t* tile = step + tt * kTileBytes;
-      const uint4 kw0 = *reinterpret_cast<const uint4*>(tile + kOffKData + off_k0);
-      const uint4 kw1 = *reinterpret_cast<const uint4*>(tile + kOffKData + off_k1);
-      const uint32_t ks0 = *reinterpret_cast<const uint16_t*>(tile + kOffKScales + g * kKeyScaleBytes + 2 * t);
-      const uint32_t ks1 = *reinterpret_cast<const uint16_t*>(tile + kOffKScales + (g + 8) * kKeyScaleBytes + 2 * t);
+      uint32_t w0[Lay::kQWords], w1[Lay::kQWords], ks0, ks1;
+      if constexpr (D == 128) {
+        const uint4 kw0 = *reinterpret_cast<const uint4*>(tile + kOffKData + off_k0);
+        const uint4 kw1 = *reinterpret_cast<const uint4*>(tile + kOffKData + off_k1);
+        w0[0] = kw0.x, w0[1] = kw0.y, w0[2] = kw0.z, w0[3] = kw0.w;
+        w1[0] = kw1.x, w1[1] = kw1.y, w1[2] = kw1.z, w1[3] = kw1.w;
+        // The scales of blocks 2t, 2t+1 of keys g and g+8.
+        ks0 = *reinterpret_cast<const uint16_t*>(tile + kOffKScales + g * kKeyScaleBytes + 2 * t);
+        ks1 = *reinterpret_cast<const uint16_t*>(tile + kOffKScales + (g + 8) * kKeyScaleBytes + 2 * t);
+      } else {
+        const uint2 kw0 = *reinterpret_cast<const uint2*>(tile + kOffKData + off_k0);
+        const uint2 kw1 = *reinterpret_cast<const uint2*>(tile + kOffKData + off_k1);
+        w0[0] = kw0.x, w0[1] = kw0.y;
+        w1[0] = kw1.x, w1[1] = kw1.y;
+        // The scale of block t of keys g and g+8.
+        ks0 = tile[kOffKScales + g * kKeyScaleBytes + t];
+        ks1 = tile[kOffKScales + (g + 8) * kKeyScaleBytes + t];
+      }
       const uint32_t ss0 = e4m3x2_to_f16x2(ks0), ss1 = e4m3x2_to_f16x2(ks1);
-      const uint32_t w0[4] = {kw0.x, kw0.y, kw0.z, kw0.w}, w1[4] = {kw1.x, kw1.y, kw1.z, kw1.w};
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        // Words 0-1 are channels [32t, 32t+16): block 2t; words 2-3: block 2t+1.
+      for (int i = 0; i < Lay::kQWords; ++i) {
+        // D = 128: words 0-1 are channels [32t, 32t+16): block 2t; words 2-3: block 2t+1.
+        // D = 64: words 0-1 are block t.
         const uint32_t sel = i < 2 ? 0x1010u : 0x3232u;
         uint32_t a[4], bk[4];
         fp4_word_to_f16x2(w0[i], prmt(ss0, ss0, sel), lut0, a);
@@ -612,12 +660,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       const uint8_t* tile = step + tt * kTileBytes;
       const uint32_t pb0 = pb[tt][0], pb1 = pb[tt][1];
 
-      // V of keys 2t, 2t+1 (pair a) and 2t+8, 2t+9 (pair b), channels [16g, 16g+16) = block g.
-      const uint2 va0 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[0]);
-      const uint2 va1 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[1]);
-      const uint2 vb0 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[0] + 8 * kKeyBytes);
-      const uint2 vb1 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[1] + 8 * kKeyBytes);
-      const uint8_t* vs = tile + kOffVScales + g;
+      // V of keys 2t, 2t+1 (pair a) and 2t+8, 2t+9 (pair b), channels [(D/8) g, (D/8)(g+1)):
+      // block g (D = 128) or half of block g/2 (D = 64).
+      uint32_t wa0[Lay::kVWords], wa1[Lay::kVWords], wb0[Lay::kVWords], wb1[Lay::kVWords];
+      if constexpr (D == 128) {
+        const uint2 va0 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[0]);
+        const uint2 va1 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[1]);
+        const uint2 vb0 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[0] + 8 * kKeyBytes);
+        const uint2 vb1 = *reinterpret_cast<const uint2*>(tile + kOffVData + off_v[1] + 8 * kKeyBytes);
+        wa0[0] = va0.x, wa0[1] = va0.y, wa1[0] = va1.x, wa1[1] = va1.y;
+        wb0[0] = vb0.x, wb0[1] = vb0.y, wb1[0] = vb1.x, wb1[1] = vb1.y;
+      } else {
+        wa0[0] = *reinterpret_cast<const uint32_t*>(tile + kOffVData + off_v[0]);
+        wa1[0] = *reinterpret_cast<const uint32_t*>(tile + kOffVData + off_v[1]);
+        wb0[0] = *reinterpret_cast<const uint32_t*>(tile + kOffVData + off_v[0] + 8 * kKeyBytes);
+        wb1[0] = *reinterpret_cast<const uint32_t*>(tile + kOffVData + off_v[1] + 8 * kKeyBytes);
+      }
+      const uint8_t* vs = tile + kOffVScales + (g * D) / 128;  // this thread's block
       uint32_t sa0 = vs[(2 * t) * kKeyScaleBytes], sa1 = vs[(2 * t + 1) * kKeyScaleBytes];
       uint32_t sb0 = vs[(2 * t + 8) * kKeyScaleBytes], sb1 = vs[(2 * t + 9) * kKeyScaleBytes];
       if (masked) {  // keys past the sequence: scale 0, so stale codes decode to 0 (never NaN)
@@ -629,10 +688,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       }
       const uint32_t ssa = e4m3x2_to_f16x2(sa0 | (sa1 << 8));
       const uint32_t ssb = e4m3x2_to_f16x2(sb0 | (sb1 << 8));
-      const uint32_t wa0[2] = {va0.x, va0.y}, wa1[2] = {va1.x, va1.y};
-      const uint32_t wb0[2] = {vb0.x, vb0.y}, wb1[2] = {vb1.x, vb1.y};
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < Lay::kVWords; ++i) {
         uint32_t va[8], vb[8];
         fp4_pair_to_f16x2(wa0[i], wa1[i], ssa, lut0, va);
         fp4_pair_to_f16x2(wb0[i], wb1[i], ssb, lut0, vb);
@@ -655,14 +712,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
 
   // ---- Merge the 4 warps (shared memory), then write the output or the split's partial --------
   __syncthreads();  // every warp is done with its ring: reuse it
-  float* s_o = reinterpret_cast<float*>(smem + kOffRing);  // [kWarps][kRows][kOPitch]
-  float* s_m = s_o + kWarps * kRows * kOPitch;              // [kWarps][kRows]
+  float* s_o = reinterpret_cast<float*>(smem + Lay::kOffRing);  // [kWarps][kRows][kOPitch]
+  float* s_m = s_o + kWarps * kRows * kOPitch;                   // [kWarps][kRows]
   float* s_l = s_m + kWarps * kRows;
 #pragma unroll
-  for (int c = 0; c < 8; ++c)
+  for (int c = 0; c < Lay::kMTiles; ++c)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int ch = 16 * g + 8 * (c >> 2) + (c & 3) + 4 * (e >> 1);
+      const int ch = (D / 8) * g + 8 * (c >> 2) + (c & 3) + 4 * (e >> 1);
       const int row = 2 * t + (e & 1);
       s_o[(warp * kRows + row) * kOPitch + ch] = o_acc[c][e];
     }
@@ -675,9 +732,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   }
   __syncthreads();
 
-  const int d = threadIdx.x;  // one output channel per thread
+  // One output channel per thread, kThreads / D rows at a time (a loop of constant trip count).
+  constexpr int kRowsAtOnce = kThreads / D;
+  const int d = threadIdx.x % D;
   const int unit = (b * p.heads_kv + kvh) * p.row_groups + rg;
-  for (int r = 0; r < kRows; ++r) {
+  for (int rr = 0; rr < kRows / kRowsAtOnce; ++rr) {
+    const int r = kRowsAtOnce == 1 ? rr : rr * kRowsAtOnce + static_cast<int>(threadIdx.x) / D;
     const int R = rg * kRows + r;
     if (R >= p.rows) break;
     float M = neg_inf();
@@ -705,12 +765,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
     if (p.num_splits == 1) {
       const bool empty = !(lsum > 0.0f);
       const float out = empty ? 0.0f : acc * (1.0f / lsum);
-      static_cast<uint16_t*>(p.o)[row_out * kHeadDim + d] = to_half_bits<kF16In>(out);
+      static_cast<uint16_t*>(p.o)[row_out * D + d] = to_half_bits<kF16In>(out);
       if (p.lse != nullptr && d == 0)
         p.lse[row_out] = empty ? neg_inf() : kLn2 * (M + __log2f(lsum));
     } else {
       const int64_t prow = (static_cast<int64_t>(unit) * p.num_splits + split) * kRows + r;
-      p.part_o[prow * kHeadDim + d] = acc;
+      p.part_o[prow * D + d] = acc;
       if (d == 0) {
         p.part_ml[2 * prow] = M;
         p.part_ml[2 * prow + 1] = lsum;
@@ -720,8 +780,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
 }
 
 // Merges the splits of one (unit, row): O = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s with
-// M = max m_s (anchored: every weight an exact power of two). Grid (units, kRows), kHeadDim
-// threads = 4 warps. Warp w takes the splits w, w + 4, ...: each lane loads the split's m, l and
+// M = max m_s (anchored: every weight an exact power of two). Grid (units, kRows), 128 threads =
+// 4 warps. Warp w takes the splits w, w + 4, ...: each lane below D/4 loads the split's m, l and
 // 4 channels of O (float4) for up to kCombineBatch splits at once (independent loads: one memory
 // latency for a whole batch), then folds them into a running (M, l, O) — rescaling by 2^(M_old -
 // M_new) is exact, so the sum is the two-pass sum up to the order of fp32 additions. The 4 warps
@@ -745,11 +805,14 @@ __device__ __forceinline__ void fold_split(float ms, float ls, const float4& os,
   l = fmaf(w, ls, l);
 }
 
-template <bool kF16Out>
-__global__ void __launch_bounds__(kHeadDim) combine_kernel(const DecodeParams p) {
-  static_assert(kHeadDim == 4 * 32, "one float4 of channels per lane");
-  __shared__ float4 s_o[kHeadDim / 32][32];
-  __shared__ float s_ml[kHeadDim / 32][2];
+constexpr int kCombineThreads = 128;
+
+template <int D, bool kF16Out>
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodeParams p) {
+  static_assert(D <= 4 * 32, "at most one float4 of channels per lane");
+  constexpr int kWarpsC = kCombineThreads / 32;
+  __shared__ float4 s_o[kWarpsC][32];
+  __shared__ float s_ml[kWarpsC][2];
   const int unit = blockIdx.x, r = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rg = unit % p.row_groups, kvh = (unit / p.row_groups) % p.heads_kv;
   const int b = unit / (p.row_groups * p.heads_kv);
@@ -759,7 +822,7 @@ __global__ void __launch_bounds__(kHeadDim) combine_kernel(const DecodeParams p)
   const int64_t prow0 = static_cast<int64_t>(unit) * p.num_splits * kRows + r;
   float M = neg_inf(), l = 0.0f;
   float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  constexpr int kWarpsC = kHeadDim / 32;
+  const bool has_channels = lane < D / 4;
   for (int s0 = warp; s0 < p.num_splits; s0 += kWarpsC * kCombineBatch) {
     float ms[kCombineBatch], ls[kCombineBatch];
     float4 os[kCombineBatch];
@@ -770,7 +833,8 @@ __global__ void __launch_bounds__(kHeadDim) combine_kernel(const DecodeParams p)
         const int64_t prow = prow0 + static_cast<int64_t>(s) * kRows;
         ms[j] = p.part_ml[2 * prow];
         ls[j] = p.part_ml[2 * prow + 1];
-        os[j] = reinterpret_cast<const float4*>(p.part_o + prow * kHeadDim)[lane];
+        os[j] = has_channels ? reinterpret_cast<const float4*>(p.part_o + prow * D)[lane]
+                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       } else {
         ms[j] = neg_inf();
       }
@@ -786,6 +850,7 @@ __global__ void __launch_bounds__(kHeadDim) combine_kernel(const DecodeParams p)
   __syncthreads();
   // Thread d finishes channel d: fold the 4 warps' partial sums of its channel.
   const int d = threadIdx.x;
+  if (d >= D) return;
   float Mt = neg_inf(), lt = 0.0f;
   float4 at = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
@@ -796,7 +861,7 @@ __global__ void __launch_bounds__(kHeadDim) combine_kernel(const DecodeParams p)
   const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
   const int64_t row_out = (static_cast<int64_t>(b) * p.heads_q + h) * p.nq + qi;
   const bool empty = !(lt > 0.0f);
-  static_cast<uint16_t*>(p.o)[row_out * kHeadDim + d] = to_half_bits<kF16Out>(empty ? 0.0f : at.x * (1.0f / lt));
+  static_cast<uint16_t*>(p.o)[row_out * D + d] = to_half_bits<kF16Out>(empty ? 0.0f : at.x * (1.0f / lt));
   if (p.lse != nullptr && d == 0) p.lse[row_out] = empty ? neg_inf() : kLn2 * (Mt + __log2f(lt));
 }
 

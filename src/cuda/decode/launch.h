@@ -8,12 +8,15 @@
 
 namespace attnqat::decode {
 
+// The head dims the decode kernel is built for (64 and 128).
+bool decode_head_dim_supported(int head_dim);
+
 // Dynamic shared memory of decode_kernel and the CTAs of it that fit on one SM (0 on error).
-int decode_smem_bytes();
-cudaError_t decode_occupancy(bool f16, int* blocks_per_sm);
+int decode_smem_bytes(int head_dim);
+cudaError_t decode_occupancy(bool f16, int head_dim, int* blocks_per_sm);
 
 // decode_kernel on grid (num_splits, Hkv * row_groups, B), then combine_kernel when
-// num_splits > 1. `f16`: q/o are fp16 (else bf16).
+// num_splits > 1; p.head_dim picks the instantiation. `f16`: q/o are fp16 (else bf16).
 cudaError_t launch_decode(const DecodeParams& p, int batch, bool f16, cudaStream_t stream);
 
 // dtype: 0 fp32, 1 fp16, 2 bf16 (of k_new and v_new).

@@ -29,6 +29,7 @@ struct DecodeParams {
   int nq;          // query tokens per sequence
   int rows;        // group * nq: query rows that share one KV head
   int row_groups;  // ceil(rows / kRows)
+  int head_dim;    // D: 64 or 128
   int num_splits;  // CTAs along the keys of one (sequence, KV head, row group)
   int split_keys;  // keys per split, a multiple of kCtaStepKeys
   float c2;        // RN(c * RN(log2 e))

@@ -51,6 +51,7 @@ struct Case {
   int num_splits = 0;     // 0: automatic
   int64_t chunk = 61;     // tokens per append call
   DType append_dt = DType::kBFloat16;
+  int64_t d = kD;         // head dim (the kernel is built for 64 and 128)
 };
 
 // The device copy of a HostCache: same shapes, same poison pattern.
@@ -104,7 +105,7 @@ void round_to(std::vector<float>& x, DType dt) {
 // of the whole sequence viewed with strides [H*L*D, L*D, D, 1].
 void append_on_gpu(DeviceCache& dc, HostCache& h, const test::SeqKV& seqs, const std::vector<int64_t>& lens,
                    int64_t chunk, DType dt) {
-  const int64_t H = h.heads;
+  const int64_t H = h.heads, D = h.D;
   std::vector<int32_t> cur(h.B, 0);
   for (int64_t b = 0; b < h.B; ++b) {
     if (lens[b] == 0) continue;
@@ -112,9 +113,9 @@ void append_on_gpu(DeviceCache& dc, HostCache& h, const test::SeqKV& seqs, const
     for (int64_t t0 = 0; t0 < lens[b]; t0 += chunk) {
       const int64_t n = std::min(chunk, lens[b] - t0);
       auto strided = [&](const DeviceBuffer& buf, const char* name) {
-        TensorView t = cuda_view(static_cast<uint8_t*>(buf.get()) + t0 * kD * dtype_size(dt), dt, {1, H, n, kD}, name);
-        t.stride[0] = H * lens[b] * kD;
-        t.stride[1] = lens[b] * kD;
+        TensorView t = cuda_view(static_cast<uint8_t*>(buf.get()) + t0 * D * dtype_size(dt), dt, {1, H, n, D}, name);
+        t.stride[0] = H * lens[b] * D;
+        t.stride[1] = lens[b] * D;
         return t;
       };
       cuda_check(cudaMemcpy(static_cast<int32_t*>(dc.lens.get()) + b, &cur[b], 4, cudaMemcpyHostToDevice), "lens");
@@ -145,12 +146,13 @@ class DecodeCuda : public Sm90Test, public ::testing::WithParamInterface<Case> {
 
 TEST_P(DecodeCuda, MatchesReference) {
   const Case c = GetParam();
+  const int64_t D = c.d;  // this case's head dim
   const int64_t B = static_cast<int64_t>(c.lens.size()), H = c.hkv, Hq = H * c.group, nq = c.nq;
   int64_t max_len = 1;
   for (int64_t l : c.lens) max_len = std::max(max_len, l);
-  HostCache host(B, max_len, H, kD, c.page_size, 101);
+  HostCache host(B, max_len, H, D, c.page_size, 101);
   DeviceCache dev(host);
-  test::SeqKV seqs = test::random_seqs(c.lens, H, kD, 202);
+  test::SeqKV seqs = test::random_seqs(c.lens, H, D, 202);
   for (auto& k : seqs.k) round_to(k, c.append_dt);  // the values the GPU append reads
   for (auto& v : seqs.v) round_to(v, c.append_dt);
   test::fill_cache(host, seqs, c.lens, c.chunk);
@@ -169,10 +171,10 @@ TEST_P(DecodeCuda, MatchesReference) {
   }
 
   // 2. Decode.
-  auto qp = test::random_problem<float>(B, Hq, H, nq, 1, kD, 303);
+  auto qp = test::random_problem<float>(B, Hq, H, nq, 1, D, 303);
   round_to(qp.q, c.dt);
   const DeviceBuffer qd = upload_as(qp.q, c.dt);
-  DeviceBuffer od(B * Hq * nq * kD * 2), ld(B * Hq * nq * 4);
+  DeviceBuffer od(B * Hq * nq * D * 2), ld(B * Hq * nq * 4);
   od.poison();
   ld.poison();
   DecodeOptions opts;
@@ -181,30 +183,30 @@ TEST_P(DecodeCuda, MatchesReference) {
   const IndexView table = index_view(host.page_table, B, host.pages_per_seq, "page_table", Device::kCUDA,
                                      static_cast<const int32_t*>(dev.table.get()));
   const IndexView lens = index_view(host.lens, B, -1, "seq_lens", Device::kCUDA, static_cast<const int32_t*>(dev.lens.get()));
-  Status st = decode_attention(cuda_view(qd.get(), c.dt, {B, Hq, nq, kD}, "q"), dev.view, table, lens, opts,
-                               cuda_view(od.get(), c.dt, {B, Hq, nq, kD}, "out"),
+  Status st = decode_attention(cuda_view(qd.get(), c.dt, {B, Hq, nq, D}, "q"), dev.view, table, lens, opts,
+                               cuda_view(od.get(), c.dt, {B, Hq, nq, D}, "out"),
                                cuda_view(ld.get(), DType::kFloat32, {B, Hq, nq}, "lse"));
   ASSERT_TRUE(st.ok()) << st.message();
   cuda_check(cudaDeviceSynchronize(), "decode");
-  std::vector<uint16_t> o16(B * Hq * nq * kD);
+  std::vector<uint16_t> o16(B * Hq * nq * D);
   std::vector<float> lse(B * Hq * nq);
   od.download(o16.data(), o16.size() * 2);
   ld.download(lse.data(), lse.size() * 4);
   const std::vector<float> o = from_half(o16, c.dt);
 
   // References on the CPU cache: fp32 contract rounded to the output dtype, and fp64.
-  KVCacheDims dims{host.num_pages, H, c.page_size, kD};
-  const TensorView q32 = make_view(qp.q.data(), DType::kFloat32, {B, Hq, nq, kD}, "q");
+  KVCacheDims dims{host.num_pages, H, c.page_size, D};
+  const TensorView q32 = make_view(qp.q.data(), DType::kFloat32, {B, Hq, nq, D}, "q");
   std::vector<uint16_t> r16(o16.size());
   std::vector<float> r64(o16.size()), lse64(lse.size()), lse32(lse.size());
   AttentionOptions base;
   st = reference::decode_attention(q32, host.view(), dims, host.table_view(), host.lens_view(), opts,
-                                   make_view(r16.data(), c.dt, {B, Hq, nq, kD}, "out"),
+                                   make_view(r16.data(), c.dt, {B, Hq, nq, D}, "out"),
                                    make_view(lse32.data(), DType::kFloat32, {B, Hq, nq}, "lse"), base);
   ASSERT_TRUE(st.ok()) << st.message();
   base.precision = Precision::kFloat64;
   st = reference::decode_attention(q32, host.view(), dims, host.table_view(), host.lens_view(), opts,
-                                   make_view(r64.data(), DType::kFloat32, {B, Hq, nq, kD}, "out"),
+                                   make_view(r64.data(), DType::kFloat32, {B, Hq, nq, D}, "out"),
                                    make_view(lse64.data(), DType::kFloat32, {B, Hq, nq}, "lse"), base);
   ASSERT_TRUE(st.ok()) << st.message();
   const std::vector<float> r32 = from_half(r16, c.dt);
@@ -216,13 +218,13 @@ TEST_P(DecodeCuda, MatchesReference) {
     if (!(std::fabs(o[i] - r64[i]) <= std::fabs(o[worst] - r64[worst]))) worst = i;
   EXPECT_LE(err_gpu, tol) << c.name << ": O rel L2 vs fp64 " << err_gpu << " (fp32 reference: " << err_ref
                           << "), GPU vs fp32 reference " << rel_l2(o, r32) << "; worst element (b, h, i, d) = ("
-                          << worst / (Hq * nq * kD) << ", " << worst / (nq * kD) % Hq << ", " << worst / kD % nq
-                          << ", " << worst % kD << "): " << o[worst] << " vs " << r64[worst];
+                          << worst / (Hq * nq * D) << ", " << worst / (nq * D) % Hq << ", " << worst / D % nq
+                          << ", " << worst % D << "): " << o[worst] << " vs " << r64[worst];
   int64_t lse_bad = 0;
   for (size_t i = 0; i < lse.size(); ++i) {
     if (std::isinf(lse64[i])) {
       lse_bad += !(std::isinf(lse[i]) && lse[i] < 0);
-      for (int64_t d = 0; d < kD; ++d) lse_bad += o[i * kD + d] != 0.0f;
+      for (int64_t d = 0; d < D; ++d) lse_bad += o[i * D + d] != 0.0f;
     } else {
       lse_bad += !(std::fabs(lse[i] - lse64[i]) <= 2e-5 * std::max(1.0f, std::fabs(lse64[i])));
     }
@@ -249,6 +251,15 @@ std::vector<Case> cases() {
       {"fp32_append_fp16_q", 2, 4, 1, 16, {333}},
       {"gqa2_nq2_packed_rows", 2, 2, 2, 32, {700, 3, 129}},  // rows = 4: the packed-rows kernel, causal
       {"gqa4_fp16_packed_rows", 3, 4, 1, 64, {2500, 31, 64}},
+      // Head dim 64 (the Llama-3.2-1B / Qwen2.5-0.5B class): packed rows, plain rows, paper,
+      // forced splits, mixed lengths and page sizes, fp16.
+      {"d64_len4095_gqa4_ps64", 2, 4, 1, 64, {4095}},
+      {"d64_mixed_batch_ps16", 2, 4, 1, 16, {4095, 1, 17, 300, 16, 1000, 15, 2048}},
+      {"d64_nq4_gqa8_two_row_groups", 1, 8, 4, 64, {513, 77}},
+      {"d64_len17_gqa8_ps48", 1, 8, 1, 48, {17, 4095}},
+      {"d64_paper_mixed", 2, 4, 1, 64, {4095, 17, 300}},
+      {"d64_forced_splits_7_fp16", 2, 4, 1, 128, {5000, 900}},
+      {"d64_len100k_gqa4_ps256", 1, 4, 1, 256, {100000}},
   };
   v[8].dt = DType::kFloat16;
   v[11].pq = PQuant::kPaper;
@@ -259,6 +270,11 @@ std::vector<Case> cases() {
   v[6].chunk = 4096;
   v[16].dt = DType::kFloat16;
   v[7].chunk = 16;
+  for (size_t i = 17; i < v.size(); ++i) v[i].d = 64;
+  v[21].pq = PQuant::kPaper;
+  v[22].num_splits = 7;
+  v[22].dt = DType::kFloat16;
+  v[23].chunk = 4096;
   return v;
 }
 
@@ -427,6 +443,22 @@ TEST_F(PackedErrors, DecodeRejectsFloat32Queries) {
                                      TensorView{});
   EXPECT_EQ(st.code(), StatusCode::kNotImplemented);
   EXPECT_NE(st.message().find("bfloat16 or float16"), std::string::npos) << st.message();
+}
+
+// Head dims other than 64 and 128: a clear error (the CPU reference takes them).
+TEST_F(PackedErrors, DecodeRejectsHeadDim96) {
+  constexpr int64_t D = 96;
+  HostCache h(1, 16, 1, D, 16, 1);
+  DeviceCache dev(h);
+  DeviceBuffer q(D * 2), o(D * 2);
+  const IndexView table = index_view(h.page_table, 1, h.pages_per_seq, "page_table", Device::kCUDA,
+                                     static_cast<const int32_t*>(dev.table.get()));
+  const IndexView lens = index_view(h.lens, 1, -1, "seq_lens", Device::kCUDA, static_cast<const int32_t*>(dev.lens.get()));
+  const Status st = decode_attention(cuda_view(q.get(), DType::kBFloat16, {1, 1, 1, D}, "q"), dev.view, table, lens,
+                                     DecodeOptions{}, cuda_view(o.get(), DType::kBFloat16, {1, 1, 1, D}, "out"),
+                                     TensorView{});
+  EXPECT_EQ(st.code(), StatusCode::kNotImplemented);
+  EXPECT_NE(st.message().find("head_dim 64 and 128"), std::string::npos) << st.message();
 }
 
 }  // namespace

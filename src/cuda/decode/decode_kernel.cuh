@@ -122,8 +122,9 @@ struct Layout {
   static constexpr int kOffQ = kOffRing + kWarps * kWarpRingBytes;  // Q^ [kRows, D] fp16
   static constexpr int kOffRed = kOffQ + kRows * D * 2;           // paper: [2][kWarps][kRows] floats
   static constexpr int kSmemBytes = kOffRed + 2 * kWarps * kRows * 4;
-  // The end-of-CTA merge reuses the ring: per warp [kRows][kOPitch] floats, then m_ref and l.
-  static constexpr int kOPitch = D + 4;
+  // The end-of-CTA merge reuses the ring: per warp [kRows][kOPitch] floats (columns swizzled,
+  // merge_col), then m_ref and l.
+  static constexpr int kOPitch = D;
   static constexpr int kMergeBytes = kWarps * kRows * kOPitch * 4 + 2 * kWarps * kRows * 4;
   static_assert(kMergeBytes <= kWarps * kWarpRingBytes, "the merge buffers must fit in the ring");
   static_assert(kTileBytes % 16 == 0 && kWarpRingBytes % 16 == 0, "16-byte cp.async alignment");
@@ -300,6 +301,16 @@ __device__ __forceinline__ void quantize_p_tile(const float (&p)[4], const PCons
 __device__ __forceinline__ int smem_row(int k) { return k ^ ((k >> 2) & 1); }
 template <int D>
 __device__ __forceinline__ int smem_chunk_xor(int k) { return D == 128 ? 2 * ((k >> 1) & 1) : 0; }
+
+// Column of channel ch of row `row` in the end-of-CTA merge buffer (rows of D floats). Writes: a
+// warp stores one (m-tile, element) of o_acc at a time, lane (g, t) channel (D/8) g + k of row
+// 2t + e, so unswizzled the 8 values of g would hit 2 (D = 128) or 4 (D = 64) banks; XOR-ing the
+// low 4 bits with 4 (ch >> 5) and with t spreads the 32 lanes over 32 banks. Reads (32
+// consecutive channels of one row per warp) stay conflict-free: within a 32-channel block the
+// XOR is a constant.
+__device__ __forceinline__ int merge_col(int row, int ch) {
+  return ch ^ (((ch >> 5) & 3) << 2) ^ ((row >> 1) & 3);
+}
 
 // ---- The kernel --------------------------------------------------------------------------------
 
@@ -721,7 +732,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
     for (int e = 0; e < 4; ++e) {
       const int ch = (D / 8) * g + 8 * (c >> 2) + (c & 3) + 4 * (e >> 1);
       const int row = 2 * t + (e & 1);
-      s_o[(warp * kRows + row) * kOPitch + ch] = o_acc[c][e];
+      s_o[(warp * kRows + row) * kOPitch + merge_col(row, ch)] = o_acc[c][e];
     }
   if (g == 0) {  // per column (kPack: columns c and c + 4 share m_ref)
 #pragma unroll
@@ -736,10 +747,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   constexpr int kRowsAtOnce = kThreads / D;
   const int d = threadIdx.x % D;
   const int unit = (b * p.heads_kv + kvh) * p.row_groups + rg;
+  // Rows past `rows` are skipped by a predicate (not a break), so that the unrolled rows' shared
+  // loads overlap.
+#pragma unroll
   for (int rr = 0; rr < kRows / kRowsAtOnce; ++rr) {
     const int r = kRowsAtOnce == 1 ? rr : rr * kRowsAtOnce + static_cast<int>(threadIdx.x) / D;
     const int R = rg * kRows + r;
-    if (R >= p.rows) break;
+    if (R >= p.rows) continue;
     float M = neg_inf();
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w * kRows + r]);
@@ -751,9 +765,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
         if (mw == neg_inf()) continue;
         // anchored: an exact power of two; paper: the warps share m, so the weight is 1.
         const float wgt = mw == M ? 1.0f : exact_pow2(mw - M);
-        float ow = s_o[(w * kRows + r) * kOPitch + d], lw = s_l[w * kRows + r];
+        float ow = s_o[(w * kRows + r) * kOPitch + merge_col(r, d)], lw = s_l[w * kRows + r];
         if constexpr (kPack) {  // row r's other tile: column r + 4
-          ow += s_o[(w * kRows + r + 4) * kOPitch + d];
+          ow += s_o[(w * kRows + r + 4) * kOPitch + merge_col(r + 4, d)];
           lw += s_l[w * kRows + r + 4];
         }
         acc = fmaf(wgt, ow, acc);

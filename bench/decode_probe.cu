@@ -290,27 +290,9 @@ void run(int B, int ctx, int page, int reps, double copy, int sms, int bps, int 
     max_rel = std::max(max_rel, double(std::fabs(a - b)));
   }
 
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < s.sets; ++i) CK(launch_decode(params(s, i, splits, split_keys), B, false, st));
-  CK(cudaStreamEndCapture(st, &graph));
-  CK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  std::vector<float> t;
-  for (int r = 0; r < reps + 3; ++r) {
-    CK(cudaEventRecord(e0, st));
-    CK(cudaGraphLaunch(exec, st));
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    if (r >= 3) t.push_back(ms / s.sets);
-  }
-  std::sort(t.begin(), t.end());
-  const double us = t[t.size() / 2] * 1e3;
+  const double us = graph_us(st, s.sets, reps, [&](int i) {
+    CK(launch_decode(params(s, i, splits, split_keys), B, false, st));
+  });
   const double gbs = s.fp4_bytes / (us * 1e-6) / 1e9;
   // The split kernel alone (no combine; the output is not the answer when splits > 1): how much
   // of the time the combine step adds.
@@ -327,8 +309,6 @@ void run(int B, int ctx, int page, int reps, double copy, int sms, int bps, int 
   std::printf("B=%-3d ctx=%-7d page=%-4d splits=%-4d split_keys=%-6d  %9.1f us  %7.0f GB/s  %5.1f%% of copy"
               "  (split kernel alone %.1f us) | split-invariance max|diff| %.3g (max|o| %.3g, nonfinite %d)\n",
               B, ctx, page, splits, split_keys, us, gbs, 100 * gbs / copy, split_only_us, max_rel, norm, nonfinite);
-  CK(cudaGraphExecDestroy(exec));
-  CK(cudaGraphDestroy(graph));
   for (auto* p : s.tables) CK(cudaFree(p));
   for (auto* p : s.qs) CK(cudaFree(p));
   for (void* p : {static_cast<void*>(s.kd), static_cast<void*>(s.vd), static_cast<void*>(s.ks), static_cast<void*>(s.vs),

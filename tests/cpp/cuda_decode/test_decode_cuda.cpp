@@ -431,32 +431,27 @@ INSTANTIATE_TEST_SUITE_P(Cases, PackedCuda, ::testing::ValuesIn(packed_cases()),
 
 class PackedErrors : public Sm90Test {};
 
-TEST_F(PackedErrors, DecodeRejectsFloat32Queries) {
-  HostCache h(1, 16, 1, kD, 16, 1);
+// decode_attention over an empty cache of head dim D, queries and output of `dt`.
+Status decode_one(int64_t D, DType dt) {
+  HostCache h(1, 16, 1, D, 16, 1);
   DeviceCache dev(h);
-  DeviceBuffer q(kD * 4), o(kD * 4);
+  DeviceBuffer q(D * dtype_size(dt)), o(D * dtype_size(dt));
   const IndexView table = index_view(h.page_table, 1, h.pages_per_seq, "page_table", Device::kCUDA,
                                      static_cast<const int32_t*>(dev.table.get()));
   const IndexView lens = index_view(h.lens, 1, -1, "seq_lens", Device::kCUDA, static_cast<const int32_t*>(dev.lens.get()));
-  const Status st = decode_attention(cuda_view(q.get(), DType::kFloat32, {1, 1, 1, kD}, "q"), dev.view, table, lens,
-                                     DecodeOptions{}, cuda_view(o.get(), DType::kFloat32, {1, 1, 1, kD}, "out"),
-                                     TensorView{});
+  return decode_attention(cuda_view(q.get(), dt, {1, 1, 1, D}, "q"), dev.view, table, lens, DecodeOptions{},
+                          cuda_view(o.get(), dt, {1, 1, 1, D}, "out"), TensorView{});
+}
+
+TEST_F(PackedErrors, DecodeRejectsFloat32Queries) {
+  const Status st = decode_one(kD, DType::kFloat32);
   EXPECT_EQ(st.code(), StatusCode::kNotImplemented);
   EXPECT_NE(st.message().find("bfloat16 or float16"), std::string::npos) << st.message();
 }
 
 // Head dims other than 64 and 128: a clear error (the CPU reference takes them).
 TEST_F(PackedErrors, DecodeRejectsHeadDim96) {
-  constexpr int64_t D = 96;
-  HostCache h(1, 16, 1, D, 16, 1);
-  DeviceCache dev(h);
-  DeviceBuffer q(D * 2), o(D * 2);
-  const IndexView table = index_view(h.page_table, 1, h.pages_per_seq, "page_table", Device::kCUDA,
-                                     static_cast<const int32_t*>(dev.table.get()));
-  const IndexView lens = index_view(h.lens, 1, -1, "seq_lens", Device::kCUDA, static_cast<const int32_t*>(dev.lens.get()));
-  const Status st = decode_attention(cuda_view(q.get(), DType::kBFloat16, {1, 1, 1, D}, "q"), dev.view, table, lens,
-                                     DecodeOptions{}, cuda_view(o.get(), DType::kBFloat16, {1, 1, 1, D}, "out"),
-                                     TensorView{});
+  const Status st = decode_one(96, DType::kBFloat16);
   EXPECT_EQ(st.code(), StatusCode::kNotImplemented);
   EXPECT_NE(st.message().find("head_dim 64 and 128"), std::string::npos) << st.message();
 }

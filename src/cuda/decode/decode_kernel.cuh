@@ -94,13 +94,13 @@ constexpr int kMinBlocksPerSm = 4;
 static_assert(kCtaStepKeys == 128, "paper mode needs the reference's 128-key tiles");
 
 // The layout of one head dim D (64 or 128). Per key: D/2 bytes of codes, D/16 E4M3 scales. In QK,
-// thread t of a quad owns channels [t D/4, (t+1) D/4) of a key: kQWords 32-bit words of codes
-// (D/32), blocks t D/64 ... ; in PV, thread g owns channels [g D/8, (g+1) D/8) of 4 keys: kVWords
-// words per key (D/64; D = 64: half a block, 8 channels).
+// thread t of a quad owns channels [t D/4, (t+1) D/4) of a key: kQWords = D/32 words of codes
+// (NVFP4 blocks 2t and 2t+1 at D = 128, block t at D = 64); in PV, thread g owns channels
+// [g D/8, (g+1) D/8) of 4 keys: kVWords = D/64 words per key (block g at D = 128, half of block
+// g/2 at D = 64).
 template <int D>
 struct Layout {
   static_assert(D == 64 || D == 128, "the decode kernel is built for head dims 64 and 128");
-  static constexpr int kHeadDim = D;
   static constexpr int kKeyBytes = D / 2;                        // codes of one key
   static constexpr int kKeyScaleBytes = D / 16;                  // E4M3 scales of one key
   static constexpr int kQWords = D / 32;                         // QK: words per key per thread

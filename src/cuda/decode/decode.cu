@@ -71,10 +71,6 @@ cudaError_t occupancy_dim(bool f16, int* blocks_per_sm) {
 
 bool decode_head_dim_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
-int decode_smem_bytes(int head_dim) {
-  return head_dim == 64 ? Layout<64>::kSmemBytes : Layout<128>::kSmemBytes;
-}
-
 cudaError_t decode_occupancy(bool f16, int head_dim, int* blocks_per_sm) {
   if (!decode_head_dim_supported(head_dim)) return cudaErrorInvalidValue;
   return head_dim == 64 ? occupancy_dim<64>(f16, blocks_per_sm) : occupancy_dim<128>(f16, blocks_per_sm);

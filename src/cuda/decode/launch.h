@@ -11,8 +11,7 @@ namespace attnqat::decode {
 // The head dims the decode kernel is built for (64 and 128).
 bool decode_head_dim_supported(int head_dim);
 
-// Dynamic shared memory of decode_kernel and the CTAs of it that fit on one SM (0 on error).
-int decode_smem_bytes(int head_dim);
+// The CTAs of decode_kernel that fit on one SM.
 cudaError_t decode_occupancy(bool f16, int head_dim, int* blocks_per_sm);
 
 // decode_kernel on grid (num_splits, Hkv * row_groups, B), then combine_kernel when

@@ -1,6 +1,6 @@
 """Attention backward: attnqat's modes against cuDNN BF16 attention backward, same process, same GPU.
 
-Shapes (issue 5, as the forward benchmark): head dims 128 and 64, N in {1k, 2k, 4k, 8k, 16k, 32k}
+Shapes (as the forward benchmark): head dims 128 and 64, N in {1k, 2k, 4k, 8k, 16k, 32k}
 with B*N = 32k tokens and H*D = 2048, causal and not. FLOPs = 2.5 x 4*B*H*N*N*D (halved for
 causal) for every implementation, whatever its kernels execute (FlashAttention's convention:
 attn_qat's backward does the same 5 GEMMs; drop_in_qat adds a statistics pass, counted as 0).

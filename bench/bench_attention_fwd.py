@@ -1,6 +1,6 @@
 """Attention forward: attnqat's modes against cuDNN BF16 attention, same process, same GPU.
 
-Shapes (issue): head dims 128 and 64, N in {1k, 2k, 4k, 8k, 16k, 32k} with B*N = 32k tokens and
+Shapes (the project's benchmark grid): head dims 128 and 64, N in {1k, 2k, 4k, 8k, 16k, 32k} with B*N = 32k tokens and
 H*D = 2048, causal and not. FLOPs = 4*B*H*N*N*D (halved for causal) for every mode, whatever the
 kernel executes (attn_qat's O' adds 50% matrix work that this convention does not count).
 
@@ -29,7 +29,7 @@ import common  # noqa: E402
 
 import attnqat  # noqa: E402
 
-TARGETS = {"fp4": 0.65, "attn_qat": 0.45, "bf16": 0.85}  # the issue's targets, at head dim 128
+TARGETS = {"fp4": 0.65, "attn_qat": 0.45, "bf16": 0.85}  # the project's targets (docs/results.md), at head dim 128
 
 
 def sdpa(backend):

@@ -1,4 +1,4 @@
-"""FP4 inference benchmarks (issue 8), same process, same GPU:
+"""FP4 inference benchmarks, same process, same GPU:
 
 1. Decode over the paged FP4 KV cache against BF16 decode through
    torch.nn.functional.scaled_dot_product_attention (cuDNN and flash backends; the faster counts),
@@ -272,7 +272,7 @@ def main():
                   f"err {r['rel_err_vs_sdpa_on_decoded']:.3f}  read-only floor {_us(r.get('read_floor_ms'))}"
                   + (f" ({100 * r['read_floor_bw_fraction']:4.1f}% of copy, speedup bound "
                      f"{r['speedup_bound_vs_bf16']:.2f}x)" if r.get("read_floor_ms") else ""), flush=True)
-    # Head dim 64 (the Llama-3.2-1B / Qwen2.5-0.5B class): not part of the issue's grid or the
+    # Head dim 64 (the Llama-3.2-1B / Qwen2.5-0.5B class): not part of the main grid or the
     # headline; next to BF16 SDPA and the previous CUDA path (a packed forward per sequence).
     for b in ([1, 8] if not args.quick else [1]):
         for ctx in ([8192, 32768] if not args.quick else [8192]):

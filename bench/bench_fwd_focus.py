@@ -1,6 +1,6 @@
 """Focused forward timing for kernel work: attnqat's bf16 / fp4 / attn_qat modes against cuDNN BF16
 attention (torch SDPA), same process, same GPU, CUDA-graph replay (bench/common.py), on the shapes
-the issue's targets are read at (N >= 4k, B x N = 32k tokens, H x D = 2048). A subset of
+the project's targets are read at (N >= 4k, B x N = 32k tokens, H x D = 2048). A subset of
 bench_attention_fwd.py, quick enough to run two builds back to back in one GPU call and compare.
 
     python bench/bench_fwd_focus.py [--tag NAME] [--out DIR] [--reps 10] [--set quick|full]

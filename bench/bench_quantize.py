@@ -4,7 +4,7 @@ For each tensor (256 MiB and more of bf16/fp32) it times (CUDA graphs of 10 call
 launch overhead is not counted; bench/common.py): a copy (torch's copy_, bytes read +
 written = 2x the tensor), quantize_nvfp4 (reads x, writes packed codes + scales), fake_quantize
 (reads x, writes x's dtype) and dequantize, and reports each one's effective bandwidth
-(bytes read + written / time) as a fraction of the copy's. Targets (issue): quantize and
+(bytes read + written / time) as a fraction of the copy's. Targets (docs/results.md): quantize and
 fake-quantize >= 0.8 of copy bandwidth.
 
     python bench/bench_quantize.py [--out DIR] [--quick]

@@ -1,4 +1,4 @@
-"""The reproduction study of Attn-QAT at small scale, in one command (issue 7).
+"""The reproduction study of Attn-QAT at small scale, in one command.
 
     python examples/reproduce/data.py                                  # once, on a CPU machine (apt)
     python examples/reproduce/run.py --preset gpu --out examples/reproduce/runs/gpu    # one H100/H200

@@ -13,6 +13,9 @@
 //     p~ = exp2(S2 - m_ref_new);  p_hat = phi_nv(p~ per 16 keys; g)
 //     l = l f + sum p~;  O = O f + p_hat V_hat;  O' = O' f + p~ V_hat
 //   O = O / l,  O' = O' / l,  LSE = ln2 (m_ref + log2 l)
+// Non-finite inputs (numerics section 3): the row maxima propagate NaN, so a NaN score makes
+// m, l, O and LSE of its row NaN; a row is empty (O = 0, LSE = -inf) only when the mask leaves it
+// no key, never because its running sum is not positive.
 // Backward: two passes, deterministic. dQ per query row; dK, dV per 64-key chunk summing over
 // every query row of every query head of the group (the P blocks of 16 keys never straddle a
 // chunk).
@@ -37,6 +40,12 @@ constexpr int kKeyChunk = 64;     // keys per work item of the dK/dV pass (a mul
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 bool quantizes(Mode m) { return m != Mode::kBF16; }
+
+// max that propagates NaN (std::max drops a NaN second argument): a NaN score poisons the row max.
+template <typename Acc>
+Acc max_nan(Acc a, Acc b) {
+  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<Acc>::quiet_NaN() : std::max(a, b);
+}
 
 // The switches the backward actually applies: bf16 mode quantizes nothing, so none applies.
 BackwardSwitches effective_switches(const AttentionOptions& o) {
@@ -246,9 +255,9 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
         Acc tile_max = -std::numeric_limits<Acc>::infinity();
         for (int64_t j = 0; j < n; ++j) {
           sr[j] = c2 * sr[j];  // S2, log2 units
-          tile_max = std::max(tile_max, sr[j]);
+          tile_max = max_nan(tile_max, sr[j]);
         }
-        const Acc m_new = std::max(m[r], tile_max);
+        const Acc m_new = max_nan(m[r], tile_max);
         const Acc m_ref_new = anchored ? std::ceil(m_new) : m_new;
         const Acc f = std::isinf(m[r]) ? Acc(0) : exp2_acc<Acc>(m_ref[r] - m_ref_new);
         Acc sum = 0;
@@ -280,16 +289,21 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
     for (int r = 0; r < nrows; ++r) {
       const int64_t i = i0 + r;
       const int64_t row_off = ((b * Hq + h) * Nq + i);
-      const bool empty = !(l[r] > 0);  // the row saw no key: O = 0, LSE = -inf
+      // Empty only by the mask (O = 0, LSE = -inf). A row that saw keys but has no positive
+      // sum (NaN, or every score -inf) is poisoned: O = O_acc / l and LSE come out NaN.
+      const bool empty = key_end(i, Nq, Nk, opts.causal) == 0;
+      const bool poisoned = !empty && !(l[r] > 0);
       for (int64_t d = 0; d < D; ++d) {
         const int64_t off = b * out.o.stride[0] + h * out.o.stride[1] + i * out.o.stride[2] + d;
-        store_from_double(out.o, off, empty ? 0.0 : static_cast<double>(o_acc[r * D + d] / l[r]));
+        const double nan = std::numeric_limits<double>::quiet_NaN();
+        store_from_double(out.o, off, empty ? 0.0 : poisoned ? nan : static_cast<double>(o_acc[r * D + d] / l[r]));
         if (want_hp)
           store_from_double(out.o_hp, off,
-                            empty ? 0.0 : static_cast<double>(o_hp_acc[r * D + d] / l[r]));
+                            empty ? 0.0 : poisoned ? nan : static_cast<double>(o_hp_acc[r * D + d] / l[r]));
       }
-      const Acc lse = empty ? -std::numeric_limits<Acc>::infinity()
-                            : ln2_of<Acc>() * (m_ref[r] + std::log2(l[r]));
+      const Acc lse = empty      ? -std::numeric_limits<Acc>::infinity()
+                      : poisoned ? std::numeric_limits<Acc>::quiet_NaN()
+                                 : ln2_of<Acc>() * (m_ref[r] + std::log2(l[r]));
       static_cast<float*>(out.lse.data)[row_off] = static_cast<float>(lse);
       if (want_stats) {
         static_cast<float*>(out.m_ref.data)[row_off] = empty ? kNegInf : static_cast<float>(m_ref[r]);
@@ -324,7 +338,7 @@ RowStats<Acc> recompute_stats(const Operands<Acc>& op, Acc c2, bool anchored, bo
     const Acc* qr = op.q_row(b, h, i);
     scores(&qr, 1, op.kt_head(b, hk), op.Nk, op.D, 0, end, s.data(), end);
     Acc m = -std::numeric_limits<Acc>::infinity();
-    for (int64_t j = 0; j < end; ++j) m = std::max(m, s[j] = c2 * s[j]);
+    for (int64_t j = 0; j < end; ++j) m = max_nan(m, s[j] = c2 * s[j]);
     if (end == 0) {
       st.lse2[row] = st.m_ref[row] = m;
       st.l[row] = 0;
@@ -335,7 +349,7 @@ RowStats<Acc> recompute_stats(const Operands<Acc>& op, Acc c2, bool anchored, bo
     for (int64_t j = 0; j < end; ++j) l += exp2_acc<Acc>(s[j] - mr);
     st.m_ref[row] = mr;
     st.l[row] = l;
-    st.lse2[row] = mr + std::log2(l);
+    st.lse2[row] = l > 0 ? mr + std::log2(l) : std::numeric_limits<Acc>::quiet_NaN();
   });
   return st;
 }
@@ -393,7 +407,8 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
     const Acc lse2 = st.lse2[row];
     for (int64_t j = 0; j < n; ++j) {
       s[j] = c2 * s[j];
-      p[j] = std::isinf(lse2) ? Acc(0) : exp2_acc<Acc>(s[j] - lse2);
+      // Only empty rows have LSE = -inf (and they have no visible key); NaN stays NaN.
+      p[j] = lse2 == -std::numeric_limits<Acc>::infinity() ? Acc(0) : exp2_acc<Acc>(s[j] - lse2);
     }
   };
 
@@ -456,9 +471,11 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
         } else if (use_p_f) {
           // Anchored: phi_nv(exp2(S2 - m_ref); 2^-11) / l, the forward's quantized P.
           const Acc mr = st.m_ref[row], l = st.l[row];
-          for (int64_t j = 0; j < nv; ++j) pt[j] = std::isinf(mr) ? Acc(0) : exp2_acc<Acc>(s[j] - mr);
+          // The row sees keys (nv > 0), so m_ref and l are its forward statistics: finite, or
+          // NaN for a poisoned row (which then poisons P_F and every dV it reaches).
+          for (int64_t j = 0; j < nv; ++j) pt[j] = exp2_acc<Acc>(s[j] - mr);
           quantize_p_row(pt, nv, g_p, pf);
-          for (int64_t j = 0; j < nv; ++j) pf[j] = l > 0 ? pf[j] / l : Acc(0);
+          for (int64_t j = 0; j < nv; ++j) pf[j] = pf[j] / l;
         } else {
           for (int64_t j = 0; j < nv; ++j) pf[j] = p[j];
         }

@@ -1,4 +1,4 @@
-// Reference FP4 inference paths (issue 8); see decode.h. Readable, not fast: the decode gathers
+// Reference FP4 inference paths; see decode.h. Readable, not fast: the decode gathers
 // each sequence's cache into contiguous fp32 K^, V^ and runs the reference forward on them.
 #include "reference/decode.h"
 

@@ -1,4 +1,4 @@
-// Reference (CPU) implementations of the FP4 inference entry points of issue 8: attention from
+// Reference (CPU) implementations of the FP4 inference entry points: attention from
 // packed NVFP4 tensors, the paged FP4 KV cache append, and decode attention over the cache.
 // Arguments are validated by the caller (src/api.cpp); these assume valid input.
 //

@@ -1,4 +1,4 @@
-// CPU tests of the FP4 inference paths (issue 8), label cpu: the paged FP4 KV cache append
+// CPU tests of the FP4 inference paths, label cpu: the paged FP4 KV cache append
 // (codes and scales bit-exact against quantize()), the decode reference (bit-identical to the
 // mode-fp4 forward on the raw K, V: the same operands and the same arithmetic), attention from
 // packed tensors (bit-identical to the forward on the fake-quantized tensors), and the errors

@@ -1,4 +1,4 @@
-"""FP4 inference (issue 8): attention from packed NVFP4 tensors, the paged FP4 KV cache, decode.
+"""FP4 inference: attention from packed NVFP4 tensors, the paged FP4 KV cache, decode.
 
 CPU tests (CI) check the reference paths bit for bit against ``attention(mode="fp4")`` on the raw
 tensors (the same quantized operands, the same arithmetic) and the errors of bad input. GPU

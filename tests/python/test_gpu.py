@@ -121,7 +121,7 @@ def test_attention_cuda_under_no_grad_and_graph(cuda):
     assert torch.equal(o, og)
 
 
-# ---- Attention backward on CUDA against the CPU reference (issue 5) ----------------------------
+# ---- Attention backward on CUDA against the CPU reference ----------------------------
 
 
 def _grads(q, k, v, do, device, **kw):
@@ -177,7 +177,7 @@ def test_attention_backward_cuda_deterministic_and_graph(cuda):
     assert all(torch.equal(a, b) for a, b in zip(step(True), eager[True]))
 
 
-# ---- Integration layer (issue 6): sdpa, Hugging Face, CUDA graphs, compile, autocast, merge ------
+# ---- Integration layer: sdpa, Hugging Face, CUDA graphs, compile, autocast, merge ------
 
 
 def _gpu_qkv(b, hq, hkv, nq, nk, d, dtype, cuda, seed=0):

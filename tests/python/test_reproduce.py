@@ -1,4 +1,4 @@
-"""CPU smoke test of the reproduction study (examples/reproduce, issue 7): data preparation on a
+"""CPU smoke test of the reproduction study (examples/reproduce): data preparation on a
 synthetic corpus, the tiny preset end to end (every arm, the FP4 evaluation of the BF16
 checkpoint), resuming, the time limit, and the table/report generation. No network, no
 matplotlib; the GPU study itself runs on the GPU machine (docs/reproduction.md)."""

@@ -4,16 +4,16 @@
 // Bit-exact twin of src/reference/codec.cpp (each function names the reference function it must
 // match); tests/cpp/cuda/codec_kernels.cu checks every one of them against the reference on the
 // GPU (every finite fp32 for the element rounding, every E4M3 byte, ...). Used by the quantize
-// kernels (src/cuda/quantize) and, later, the attention kernels.
+// kernels (src/cuda/quantize) and the attention and decode kernels.
 //
 // Arch: sm_89+ (the E4M3 convert `cvt.rn.satfinite.e4m3x2.f32`); the project builds sm_90a,
 // sm_100a and sm_120a. On sm_100a/sm_120a (family-specific targets 10x/11x/12x) the E2M1
 // rounding uses the hardware convert `cvt.rn.satfinite.e2m1x2.f32` (RNE + satfinite, identical
 // results by construction); that path is compiled in CI but cannot run on the Hopper test
-// machines. Everywhere else it is the exact software rounding of the design note
-// (hopper-fp4-attention.md section 3.2, "candidate A").
+// machines. Everywhere else it is the exact software rounding of
+// docs/hopper.md, section 5.4.
 //
-// Numerics hygiene (the note's pitfalls): every rounding step that the spec names is a single
+// Numerics hygiene (docs/hopper.md, section 4): every rounding step that the spec names is a single
 // IEEE fp32 operation. mul_rn / fma_rn are inline PTX without `.ftz`, so they are never contracted
 // with a neighbour, never flushed (the E4M3 and E8M0 decodes and the E2M1 code extraction go
 // through fp32 subnormals on purpose), whatever the compile flags. The amax uses `max.NaN` so a
@@ -79,7 +79,7 @@ __device__ __forceinline__ bool is_nonfinite_amax(float amax) { return !(amax <=
 // ---- E2M1 element rounding (numerics section 1) -----------------------------------------------
 //
 // The spec's table is "round to the nearest multiple of the binade's step (0.5 below 2, 1 in
-// [2, 4), 2 from 4), ties to even, saturate at 6". Candidate A of the note: with yc = min(a, 6)
+// [2, 4), 2 from 4), ties to even, saturate at 6". The magic-add rounding (docs/hopper.md, section 5.4): with yc = min(a, 6)
 // and P = 2^max(floor(log2 yc), 0) (the exponent bits of max(yc, 1)), M = P * 2^22 is a power of
 // two >= 2^22 > yc, so yc + M lies in [M, 2M) where the fp32 spacing is ulp(M) = P/2 = the step:
 // t = RN(yc + M) (one FMA; P * 2^22 is exact) rounds yc to the step with ties to even, and
@@ -265,7 +265,7 @@ __device__ __forceinline__ float nv_scale_quotient(float a, float g) {
 // inv = RN(1 / d) for any d: the IEEE reciprocal.
 __device__ __forceinline__ float rcp_rn(float d) { return __frcp_rn(d); }
 
-// Fast variants for the attention kernels (note section 4.1), with their domain:
+// Fast variants for the attention kernels (docs/hopper.md, section 5.3), with their domain:
 //
 // nv_scale_quotient_fast(a, six_g, rcp_six_g) with six_g = b = 6g and rcp_six_g = y = RN(1/b),
 // g a power of two in [2^-100, 2^100] (then y = RN(1/6) / g exactly):
@@ -279,8 +279,8 @@ __device__ __forceinline__ float rcp_rn(float d) { return __frcp_rn(d); }
 // Domain where t is bit-identical to the IEEE quotient: 2^-124 <= a and 2^-126 <= a/b < 2^127.
 // Outside it (tiny a or a subnormal quotient) t may differ in its last bits, but then
 // a/b < 2^-24 and e4m3(t) = 0 either way; above it the quotient overflows (t = NaN instead of
-// Inf). So the E4M3 byte is the reference's for every finite a >= 0 with a/(6g) < 2^127 — the
-// note's exhaustive CPU check for g in {1, 2^-11}; tests/cpp/cuda repeats it on the GPU for
+// Inf). So the E4M3 byte is the reference's for every finite a >= 0 with a/(6g) < 2^127 — an
+// exhaustive CPU check done at design time for g in {1, 2^-11}; tests/cpp/cuda repeats it on the GPU for
 // every fp32 a in [0, 1] with g in {1, 2^-11}. 3 instructions instead of ~10 and a branch.
 __device__ __forceinline__ float nv_scale_quotient_fast(float a, float six_g, float rcp_six_g) {
   const float q0 = mul_rn(a, rcp_six_g);
@@ -291,8 +291,8 @@ __device__ __forceinline__ float nv_scale_quotient_fast(float a, float six_g, fl
 // rcp_rn_fast(d) = RN(1/d) for d = s * g, s a positive finite E4M3 value and g a power of two in
 // [2^-100, 2^100] (d normal, four significant bits). r0 = rcp.approx.ftz (max error 1 ulp), one
 // Newton correction e = fma(-d, r0, 1), inv = fma(r0, e, r0). Exactness: d = 2^E * (1 + m/8)
-// (m = 0..7), every step scales exactly with 2^E, so the 8 mantissas cover all d; the note
-// enumerated them with every r0 within +-2 ulp of RN(1/d) (0 wrong), and tests/cpp/cuda checks
+// (m = 0..7), every step scales exactly with 2^E, so the 8 mantissas cover all d; a CPU
+// enumeration at design time checked them with every r0 within +-2 ulp of RN(1/d) (0 wrong), and tests/cpp/cuda checks
 // all 126 scales times g = 2^k, k = -100..100, against __frcp_rn on the GPU.
 __device__ __forceinline__ float rcp_rn_fast(float d) {
   float r0;

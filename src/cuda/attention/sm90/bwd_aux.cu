@@ -1,5 +1,5 @@
 // src/cuda/attention/sm90/bwd_aux.cu — the backward's two small kernels around bwd_kernel
-// (FlashAttention-3's preprocess and postprocess, design note 5.1):
+// (FlashAttention-3's preprocess and postprocess, docs/hopper.md, section 8):
 //   bwd_preprocess:  per query row, D = rowsum(dO * O') (Attn-QAT) or rowsum(dO * O) in fp32,
 //                    and the statistics the main kernel normalizes with, packed as one float4
 //                    {-LSE/ln 2, D, -m_ref, 1/l} (bwd_params.h). Must match backward_impl's
@@ -63,13 +63,15 @@ __global__ void bwd_preprocess_kernel(const PreParams p) {
     for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     const int64_t r = bh * p.seqlen_q + i;
     const float lse = p.lse[r];
-    if (lse != -INFINITY) {  // a row that sees no key keeps P = 0 (and D = 0: its O is 0)
+    // LSE = -inf only for a row that the mask leaves without keys: it keeps P = 0 (and D = 0,
+    // its O is 0). Every other row takes its statistics as they are, so a poisoned row (LSE,
+    // m_ref, l NaN) gives NaN probabilities and NaN gradients, never zeros.
+    if (lse != -INFINITY) {
       st.x = -__fdiv_rn(lse, kLn2);
       st.y = sum;
       if (p.m_ref != nullptr) {
-        const float m = p.m_ref[r], l = p.l[r];
-        st.z = m == -INFINITY ? -INFINITY : -m;
-        st.w = l > 0.0f ? __frcp_rn(l) : 0.0f;
+        st.z = -p.m_ref[r];
+        st.w = __frcp_rn(p.l[r]);
       }
     }
   }

@@ -2,7 +2,7 @@
 // (numerics section 5): tile sizes, roles, register budget and the shared-memory map, with the
 // static_asserts that keep them consistent. Host and device code.
 //
-// Structure (FlashAttention-3's backward, design note 5.1, with SdP_swapAB = false as note 5.2
+// Structure (FlashAttention-3's backward, docs/hopper.md section 8, with SdP_swapAB = false as section 5.2 of it
 // recommends, so that the forward's P quantizer is reused unchanged):
 //  - One CTA per (key block of kBlockN = 128 keys, KV head, batch). K and V are loaded once; the
 //    CTA loops over every query head of the GQA group and every query block of kBlockM = 64 rows

@@ -1,5 +1,5 @@
 // src/cuda/attention/sm90/bwd_kernel.cuh — the sm_90a backward kernel of numerics section 5
-// (FlashAttention-3's structure, design note 5.1-5.2, with the Attn-QAT P_F and the ablation
+// (FlashAttention-3's structure, docs/hopper.md, section 8, with the Attn-QAT P_F and the ablation
 // switches as runtime flags). Must match reference::attention_backward (src/reference/
 // attention.cpp, backward_impl): dQ, dK, dV of
 //   P = exp2(S2 - LSE / ln 2), P_F = phi_nv(P; 1) ("paper") or phi_nv(exp2(S2 - m_ref); 2^-11) / l
@@ -116,9 +116,9 @@ __device__ __forceinline__ uint32_t pack_rn(float lo, float hi) {
 // ---- The P_F quantizer -------------------------------------------------------------------------
 // phi_nv(x; g) of the 16-key P blocks of one k16 slab, in registers, built from the device codec
 // (src/cuda/common/codec.cuh) exactly as the forward's quantizer was when this kernel was written
-// (p_quant.cuh at the first sm90 forward; the forward's copy is being tuned separately, so the
+// (p_quant.cuh at the first sm90 forward; the forward reads the block scale from a shared-memory table instead, so the
 // backward keeps its own): both are bit-exact to numerics section 2, so P_F reproduces the
-// forward's P blocks for the same fp32 inputs. Layout (design note 2.3): the thread's slab values
+// forward's P blocks for the same fp32 inputs. Layout (docs/hopper.md, section 5.2): the thread's slab values
 // x[0..7] are rows g (x[0, 1, 4, 5]) and g + 8 (x[2, 3, 6, 7]); the 16 elements of a (row, block)
 // live in the 4 lanes of a quad.
 //   a = max.NaN of the block                        max_nan + 2 xor-shuffles

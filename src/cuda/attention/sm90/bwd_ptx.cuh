@@ -43,7 +43,7 @@ __device__ __forceinline__ void bulk_wait_all() {
 }
 
 // Orders this thread's earlier generic-proxy shared-memory writes before later async-proxy
-// accesses (wgmma operands, bulk copies) that a barrier makes wait for them (note 6).
+// accesses (wgmma operands, bulk copies) that a barrier makes wait for them (docs/hopper.md, section 4).
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }

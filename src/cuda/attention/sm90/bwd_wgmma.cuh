@@ -4,7 +4,7 @@
 //   kTransA = 0: A [64 x 16] K-major;  1: A MN-major (A = X^T of a tile X stored [K rows, M])
 //   kTransB = 0: B [N x 16] K-major;   1: B MN-major (B stored [K rows, N contiguous])
 // (PTX ISA wgmma.mma_async imm-trans-a / imm-trans-b; transposes exist for 16-bit types only.)
-// The accumulator layout is that of wgmma.cuh (design note 2.1). Every call sits between
+// The accumulator layout is that of wgmma.cuh (docs/hopper.md, section 5.1). Every call sits between
 // wgmma_fence() and wgmma_commit() (ptx.cuh). Generated code (one asm per shape and type):
 // the operand lists are written out in full.
 #pragma once

@@ -2,7 +2,7 @@
 // tile sizes, roles, register budget and the shared-memory map, with the static_asserts that
 // keep them consistent. Host and device code (the launcher reads kThreads and kSmemAlloc).
 //
-// Why these numbers (design note 1.5-1.6):
+// Why these numbers (docs/hopper.md, section 3):
 //  - kBlockM = 128 query rows per CTA: two consumer warpgroups, each owning 64 rows (one m64
 //    wgmma). Ping-pong between them hides one's softmax + P quantization behind the other's GEMMs.
 //  - kBlockN = 128 keys per tile, for both head dims: p_quant="paper" quantizes p~ relative to
@@ -92,7 +92,7 @@ struct FwdConfig {
   static constexpr uint32_t kBarSched = 1;
   static constexpr uint32_t kSchedThreads = 256;
 
-  // ---- Registers per consumer thread (note 1.6) ------------------------------------------------
+  // ---- Registers per consumer thread (docs/hopper.md, section 3) ------------------------------------------------
   static constexpr int kAccS = kBlockN / 2;       // S / p~ fp32 accumulator fragment
   static constexpr int kAccO = kHeadDim / 2;      // O (and O') fp32 accumulator fragment
   static constexpr int kPFragRegs = kBlockN / 4;  // one bf16/fp16 A-fragment set of P
@@ -105,7 +105,7 @@ struct FwdConfig {
   static constexpr bool kTightRegs = kRegPeak > 200;
 
   // Intra-warpgroup overlap of the softmax with the warpgroup's own PV GEMM (fwd_mainloop.cuh,
-  // consumer_mainloop_overlap): S + P + O live at once, which fits without O' only (note 1.6).
+  // consumer_mainloop_overlap): S + P + O live at once, which fits without O' only (docs/hopper.md, section 3).
   // Measured (H200, d = 128, N >= 4k): bf16 mode 4-5% faster, fp4 1.5-2.5%.
 #ifndef ATTNQAT_SM90_FWD_OVERLAP
 #define ATTNQAT_SM90_FWD_OVERLAP 1

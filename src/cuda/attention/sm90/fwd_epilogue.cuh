@@ -2,7 +2,10 @@
 // Reduces the row sums over the quad, normalizes O (and O') by 1/l, and writes O, O' (input
 // dtype) and the row statistics LSE, m_ref, l (fp32) of numerics 4 and 9.3:
 //   O = O_acc / l (as O_acc * RN(1/l), numerics 9.1), LSE = RN(RN(ln 2) * RN(m_ref + log2 l));
-//   a row that saw no key (l = 0): O = O' = 0, LSE = m_ref = -inf, l = 0.
+//   a row that the mask leaves without keys: O = O' = 0, LSE = m_ref = -inf, l = 0; a row
+//   that sees keys but whose sum is not positive (NaN, from a non-finite score, or 0 when every
+//   visible score is -inf) is poisoned: O, O' and LSE are NaN (numerics section 3). Emptiness
+//   comes from the mask, never from l, so a NaN row cannot pass for an empty one.
 // Direct 4-byte stores from the accumulator fragment (row 16w + g (+8), columns 8k + 2t, +1):
 // the outputs are contiguous (validate()), rows >= Nq are padding and are not written.
 #pragma once
@@ -18,9 +21,12 @@ namespace attnqat::sm90 {
 
 constexpr float kLn2 = 0.693147180559945309417f;  // RN(ln 2)
 
+// Row h's elements are acc * inv_l[h], or +0 for an empty row (its accumulator may hold 0 * NaN
+// from a masked position of the diagonal tile; an empty row's output is 0 regardless).
 template <bool kF16, int kD>
 __device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, bool valid0, bool valid1,
-                                           const float (&acc)[kD / 2], const float (&inv_l)[2]) {
+                                           const float (&acc)[kD / 2], const float (&inv_l)[2],
+                                           const bool (&empty)[2]) {
   uint32_t* base = static_cast<uint32_t*>(out);  // pairs of 16-bit elements
   const int t = threadIdx.x % 4;
 #pragma unroll
@@ -28,7 +34,8 @@ __device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, bool 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (!(h ? valid1 : valid0)) continue;
-      const float lo = acc[4 * k + 2 * h] * inv_l[h], hi = acc[4 * k + 2 * h + 1] * inv_l[h];
+      const float lo = empty[h] ? 0.0f : acc[4 * k + 2 * h] * inv_l[h];
+      const float hi = empty[h] ? 0.0f : acc[4 * k + 2 * h + 1] * inv_l[h];
       const uint32_t pair = kF16 ? pack_rn_f16x2(lo, hi) : pack_rn_bf16x2(lo, hi);
       const int64_t elem = row_offset0 + static_cast<int64_t>(8 * h) * kD + 8 * k + 2 * t;
       base[elem / 2] = pair;
@@ -37,33 +44,38 @@ __device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, bool 
 }
 
 // row0: the thread's first query row (16w + g of its warpgroup's 64); the second is row0 + 8.
-template <class Cfg>
+template <class Cfg, class Mask>
 __device__ __forceinline__ void store_o(const FwdParams& p, const float (&o)[Cfg::kAccO],
                                         const float (&o_hp)[Cfg::kWithOHp ? Cfg::kAccO : 1],
                                         RowState st, int b, int h, int row0) {
   float l[2], inv_l[2];
+  bool empty[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] = st.l[r] + __shfl_xor_sync(0xffffffffu, st.l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv_l[r] = l[r] > 0.0f ? __frcp_rn(l[r]) : 0.0f;
+    empty[r] = Mask::key_end(row0 + 8 * r, p.seqlen_q, p.seqlen_k) == 0;
+    inv_l[r] = l[r] > 0.0f ? __frcp_rn(l[r]) : __int_as_float(0x7fffffff);  // NaN: poisoned
   }
   const int64_t row_index0 = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + row0;
   const bool valid0 = row0 < p.seqlen_q, valid1 = row0 + 8 < p.seqlen_q;
-  store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o, row_index0 * Cfg::kHeadDim, valid0, valid1, o, inv_l);
+  store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o, row_index0 * Cfg::kHeadDim, valid0, valid1, o, inv_l,
+                                       empty);
   if constexpr (Cfg::kWithOHp)
     store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o_hp, row_index0 * Cfg::kHeadDim, valid0, valid1, o_hp,
-                                         inv_l);
+                                         inv_l, empty);
   if (threadIdx.x % 4 != 0) return;  // one lane per quad writes the row statistics
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!(r ? valid1 : valid0)) continue;
-    const bool seen = l[r] > 0.0f;
     const int64_t row = row_index0 + 8 * r;
-    p.lse[row] = seen ? __fmul_rn(kLn2, __fadd_rn(st.m_ref[r], log2f(l[r]))) : -INFINITY;
+    const float nan = __int_as_float(0x7fffffff);
+    p.lse[row] = empty[r]      ? -INFINITY
+                 : l[r] > 0.0f ? __fmul_rn(kLn2, __fadd_rn(st.m_ref[r], log2f(l[r])))
+                               : nan;
     if (p.m_ref != nullptr) {
-      p.m_ref[row] = seen ? st.m_ref[r] : -INFINITY;
-      p.l[row] = l[r];
+      p.m_ref[row] = empty[r] ? -INFINITY : l[r] > 0.0f ? st.m_ref[r] : nan;
+      p.l[row] = empty[r] ? 0.0f : l[r];
     }
   }
 }

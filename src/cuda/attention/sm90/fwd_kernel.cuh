@@ -4,7 +4,7 @@
 //
 // Grid (ceil(Nq / 128), Hq, B), 384 threads, one CTA per SM (launch bounds (384, 1)):
 //   warpgroup 0: producer (setmaxnreg.dec to 24); one thread issues the TMA loads of Q and of
-//                the K/V rings (fwd_load.cuh); with kPacked (32 registers) all 128 threads
+//                the K/V rings (fwd_load.cuh); with kPacked (88 registers) all 128 threads
 //                stage and decode packed NVFP4 tiles instead (fwd_packed.cuh);
 //   warpgroups 1, 2: consumers (setmaxnreg.inc to 240), 64 query rows each (fwd_mainloop.cuh:
 //                consumer_mainloop_overlap without O' (intra-warpgroup overlap of the softmax

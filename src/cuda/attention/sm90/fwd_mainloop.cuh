@@ -2,7 +2,7 @@
 // over the key tiles, in the order of the reference (ascending keys): consumer_mainloop (configs
 // with O', below) and consumer_mainloop_overlap (configs without O', at the end of the file).
 //
-// Per tile n (design note 2.4: Br = Bc = 128, ping-pong, no intra-warpgroup overlap):
+// Per tile n (docs/hopper.md, section 2: Br = Bc = 128, ping-pong, no intra-warpgroup overlap):
 //   wait S_n (issued in the previous critical section); release K[n]
 //   apply_mask (tiles crossing Nk or the causal diagonal) -> online_softmax -> p~
 //   convert_p -> P^ and P~ fragments; O, O' *= f (skipped when no row of the warp changed
@@ -24,7 +24,7 @@
 // and after each of its sections but the last; warpgroup 0 arrives at warpgroup 1's barrier
 // after each of its sections. Both sides count T + 1, so nothing is left pending at exit.
 //
-// Register discipline (note 6, "wgmma ordering"): reg_fence() on every operand before
+// Register discipline (docs/hopper.md, section 4): reg_fence() on every operand before
 // wgmma_fence() (so the compiler finishes writing P and O first) and after wgmma_wait() (so it
 // neither reads accumulators nor reuses P's registers before the wait).
 #pragma once
@@ -125,7 +125,7 @@ __device__ __forceinline__ void consumer_mainloop(const FwdParams& p, const Smem
   for (int i = 0; i < (Cfg::kWithOHp ? Cfg::kAccO : 1); ++i) cs.o_hp[i] = 0.0f;
   cs.rows = row_state_init();
   if (n_tiles == 0) {  // no row of the CTA sees a key: O = 0, LSE = -inf (no barrier is used)
-    store_o<Cfg>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+    store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
     return;
   }
   const int end0 = Mask::key_end(row0, p.seqlen_q, p.seqlen_k);
@@ -153,11 +153,11 @@ __device__ __forceinline__ void consumer_mainloop(const FwdParams& p, const Smem
     consumer_tile<Cfg, Mask>(p, sm, cs, wg, n, n + 1 == n_tiles, wg_end, end0, end1, q_rows);
   wgmma_wait<0>();  // the dropped QK^T: its registers must not be reused while it runs
   reg_fence(cs.s);
-  store_o<Cfg>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
 }
 
 // ---- Intra-warpgroup overlap (configs without O': fp4, bf16) ---------------------------------
-// FlashAttention-3's fwd_step (design note 1.4) in ascending key order. Per tile n >= 1 of a
+// FlashAttention-3's fwd_step (docs/hopper.md, section 2) in ascending key order. Per tile n >= 1 of a
 // consumer warpgroup:
 //   wait K[n] and V[n-1] full
 //   -- critical section (ping-pong token) --
@@ -171,9 +171,9 @@ __device__ __forceinline__ void consumer_mainloop(const FwdParams& p, const Smem
 // straight-line code (the loop body always issues both GEMMs), so ptxas never sees a wgmma under
 // a data-dependent branch, and no QK^T is issued for nothing. Tensor work per critical section
 // is the same as without overlap (QK + PV), but a warpgroup now waits only for its QK^T before
-// its softmax, not for QK^T and PV: its instruction stream (issue-bound for fp4, note 4.3) runs
+// its softmax, not for QK^T and PV: its instruction stream (issue-bound for fp4, docs/hopper.md, section 7) runs
 // alongside the other warpgroup's for longer. Registers: S (Bc/2) + P (Bc/4) + O (d/2) live
-// during the PV: 64 + 32 + 64 at d = 128 (note 1.6: fits 240; would not with O').
+// during the PV: 64 + 32 + 64 at d = 128 (docs/hopper.md, section 3: fits 240; would not with O').
 // Token accounting as in consumer_mainloop: T + 1 critical sections per warpgroup (prologue,
 // T - 1 loop steps, epilogue); warpgroup 1 arrives once at the start and after every section but
 // the last, warpgroup 0 after every section.
@@ -191,7 +191,7 @@ template <class Cfg, class Mask>
 __device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
                                                           const SmemMap<Cfg>& sm, int wg,
                                                           int m_block, int h, int b, int n_tiles) {
-  static_assert(!Cfg::kWithOHp, "the overlapped mainloop has no O' (registers, note 1.6)");
+  static_assert(!Cfg::kWithOHp, "the overlapped mainloop has no O' (registers, docs/hopper.md, section 3)");
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int wg_row0 = m_block * Cfg::kBlockM + 64 * wg;
   const int row0 = wg_row0 + 16 * warp + lane / 4;  // this thread's rows: row0, row0 + 8
@@ -201,7 +201,7 @@ __device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
   cs.o_hp[0] = 0.0f;
   cs.rows = row_state_init();
   if (n_tiles == 0) {  // no row of the CTA sees a key: O = 0, LSE = -inf (no barrier is used)
-    store_o<Cfg>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+    store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
     return;
   }
   const int end0 = Mask::key_end(row0, p.seqlen_q, p.seqlen_k);
@@ -285,7 +285,7 @@ __device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
   reg_fence(cs.o);
   reg_fence(cs.p_hat);
   mbar_arrive(sm.v_empty(last));
-  store_o<Cfg>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
 }
 
 }  // namespace attnqat::sm90

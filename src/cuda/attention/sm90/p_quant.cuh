@@ -8,7 +8,7 @@
 //   pack_p_tilde_slab: P~ = p~ rounded to the input dtype (the operand of O' = p~ V, and of O
 //                      in mode bf16)
 //   convert_p:         both over a tile
-// Layout (design note 2.2/2.3): 16-key slab j of the tile is the A fragment a[j][0..3]:
+// Layout (docs/hopper.md, sections 5.1-5.2): 16-key slab j of the tile is the A fragment a[j][0..3]:
 //   a[j][0] = (p[8j],   p[8j+1])  row g,   keys 16j + 2t, +1
 //   a[j][1] = (p[8j+2], p[8j+3])  row g+8, keys 16j + 2t, +1
 //   a[j][2] = (p[8j+4], p[8j+5])  row g,   keys 16j + 8 + 2t, +1

@@ -6,8 +6,8 @@
 //   wgmma_rs_m64n{64,128}k16  O += P V:  A (P) from registers, B (V) from shared memory MN-major
 // The accumulator d[i] of thread T (warp w = T/32 of the warpgroup, g = lane/4, t = lane%4) is
 // element (16w + g + 8*((i>>1)&1), 8*(i>>2) + 2t + (i&1)) (PTX ISA "wgmma .m64nNk16 register
-// fragment layout for accumulator D"; design note 2.1); the A fragment a[0..3] holds the same
-// positions for 16 columns (note 2.2).
+// fragment layout for accumulator D"; docs/hopper.md, section 5.1); the A fragment a[0..3] holds the same
+// positions for 16 columns (docs/hopper.md, section 5.1).
 //
 // scale_d = 0 zero-initializes the accumulator (D = A B), 1 accumulates (D += A B). Every call
 // must sit between wgmma_fence() and wgmma_commit() (ptx.cuh); the results are readable after
@@ -90,7 +90,7 @@ __device__ __forceinline__ void wgmma_ss_m64n128k16(float (&d)[64], uint64_t des
 }
 
 // O[64 x 64] (+)= A[64 x 16] B[16 x 64]; A from registers (the accumulator-shaped fragment of
-// note 2.2), B from shared memory MN-major (imm-trans-b = 1).
+// docs/hopper.md, section 5.1), B from shared memory MN-major (imm-trans-b = 1).
 template <bool kF16>
 __device__ __forceinline__ void wgmma_rs_m64n64k16(float (&d)[32], const uint32_t (&a)[4],
                                                   uint64_t desc_b, int scale_d) {
@@ -122,7 +122,7 @@ __device__ __forceinline__ void wgmma_rs_m64n64k16(float (&d)[32], const uint32_
 }
 
 // O[64 x 128] (+)= A[64 x 16] B[16 x 128]; A from registers (the accumulator-shaped fragment of
-// note 2.2), B from shared memory MN-major (imm-trans-b = 1).
+// docs/hopper.md, section 5.1), B from shared memory MN-major (imm-trans-b = 1).
 template <bool kF16>
 __device__ __forceinline__ void wgmma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
                                                   uint64_t desc_b, int scale_d) {

@@ -574,5 +574,104 @@ TEST(AttentionPrequantized, SkippingTheInputQuantizationGivesTheSameBits) {
   }
 }
 
+// ---- Non-finite inputs (numerics section 3 and 9.7) ------------------------------------------
+// Written from the contract's table, not from the reference: a NaN in Q poisons its row (O and
+// LSE NaN, never 0), a NaN in K every row that sees the key, and the backward's dK, dV are NaN
+// wherever a poisoned row reaches them (the rows it does not reach stay finite), in every mode.
+// These are the checks the reference failed when it called a row with a NaN sum "empty".
+
+bool all_nan(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isnan(x[i])) return false;
+  return true;
+}
+bool all_finite(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
+TEST(AttentionNonFinite, NanInQPoisonsItsRowAndTheKeysItSees) {
+  constexpr int64_t N = 40, D = 32, i0 = 17;
+  for (Mode mode : {Mode::kBF16, Mode::kFP4, Mode::kDropInQAT, Mode::kAttnQAT})
+    for (PQuant pq : {PQuant::kPaper, PQuant::kAnchored})
+      for (bool causal : {false, true}) {
+        SCOPED_TRACE(testing::Message() << "mode " << static_cast<int>(mode) << " pq "
+                                        << static_cast<int>(pq) << " causal " << causal);
+        Problem<float> p = random_problem<float>(1, 2, 1, N, N, D, 11);
+        p.q[(1 * N + i0) * D + 5] = NAN;  // head 1, row i0
+        auto opts = options(mode, pq, causal);
+        auto f = forward(p, opts);
+        for (int64_t h = 0; h < 2; ++h)
+          for (int64_t i = 0; i < N; ++i) {
+            const int64_t r = h * N + i;
+            const bool bad = h == 1 && i == i0;
+            EXPECT_EQ(std::isnan(f.lse[r]), bad) << "row " << r;
+            if (bad) {
+              EXPECT_TRUE(all_nan(&f.o[r * D], D)) << "the NaN row must not be 0";
+            } else {
+              EXPECT_TRUE(all_finite(&f.o[r * D], D)) << "row " << r;
+            }
+          }
+        if (mode == Mode::kFP4) continue;
+        std::vector<float> dout(p.q.size(), 0.5f);
+        auto g = backward(p, f, dout, opts);
+        const int64_t seen = visible_keys(i0, N, N, causal);
+        for (int64_t j = 0; j < N; ++j) {
+          // dV_j = sum_i P_F_ij dO_i and dK_j both read row i0's P when row i0 sees key j.
+          EXPECT_EQ(all_nan(&g.dv[j * D], D), j < seen) << "dv key " << j;
+          EXPECT_EQ(all_finite(&g.dv[j * D], D), j >= seen) << "dv key " << j;
+          EXPECT_EQ(all_nan(&g.dk[j * D], D), j < seen) << "dk key " << j;
+        }
+        for (int64_t i = 0; i < N; ++i) {
+          EXPECT_EQ(all_nan(&g.dq[(N + i) * D], D), i == i0) << "dq row " << i;
+          EXPECT_TRUE(all_finite(&g.dq[i * D], D)) << "dq head 0 row " << i;
+        }
+      }
+}
+
+TEST(AttentionNonFinite, InfInKPoisonsEveryRowThatSeesTheKey) {
+  constexpr int64_t N = 48, D = 16, j0 = 30;
+  for (Mode mode : {Mode::kFP4, Mode::kAttnQAT})
+    for (bool causal : {false, true}) {
+      Problem<float> p = random_problem<float>(1, 1, 1, N, N, D, 12);
+      p.k[j0 * D + 2] = INFINITY;  // FP4 modes: the block is poisoned, so Inf acts as NaN
+      auto f = forward(p, options(mode, PQuant::kAnchored, causal));
+      for (int64_t i = 0; i < N; ++i) {
+        const bool sees = visible_keys(i, N, N, causal) > j0;
+        EXPECT_EQ(std::isnan(f.lse[i]), sees) << "row " << i;
+        EXPECT_EQ(all_nan(&f.o[i * D], D), sees) << "row " << i;
+        if (!sees) {
+          EXPECT_TRUE(all_finite(&f.o[i * D], D)) << "row " << i;
+        }
+      }
+    }
+}
+
+TEST(AttentionNonFinite, MaskedPositionsAndEmptyRowsNeverPoison) {
+  // Causal, Nq = 24 > Nk = 8: rows 0-15 see no key. NaN in an empty row's Q and in a key that
+  // only the last row sees: empty rows stay O = 0, LSE = -inf with zero dQ; other rows finite.
+  constexpr int64_t Nq = 24, Nk = 8, D = 16;
+  Problem<float> p = random_problem<float>(1, 1, 1, Nq, Nk, D, 13);
+  p.q[3 * D + 1] = NAN;           // row 3: empty
+  p.k[(Nk - 1) * D + 4] = NAN;    // key 7: seen by row 23 only
+  auto opts = options(Mode::kAttnQAT, PQuant::kAnchored, true);
+  auto f = forward(p, opts);
+  for (int64_t i = 0; i < Nq; ++i) {
+    if (i < 16) {
+      EXPECT_EQ(f.lse[i], -kInf);
+      for (int64_t d = 0; d < D; ++d) EXPECT_EQ(f.o[i * D + d], 0.0f);
+    } else {
+      EXPECT_EQ(std::isnan(f.lse[i]), i == Nq - 1) << "row " << i;
+      EXPECT_EQ(all_finite(&f.o[i * D], D), i != Nq - 1) << "row " << i;
+    }
+  }
+  std::vector<float> dout(p.q.size(), 1.0f);
+  auto g = backward(p, f, dout, opts);
+  for (int64_t i = 0; i < 16; ++i)
+    for (int64_t d = 0; d < D; ++d) EXPECT_EQ(g.dq[i * D + d], 0.0f) << "empty row " << i;
+  for (int64_t i = 16; i < Nq - 1; ++i) EXPECT_TRUE(all_finite(&g.dq[i * D], D)) << "row " << i;
+}
+
 }  // namespace
 }  // namespace attnqat

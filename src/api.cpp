@@ -1,5 +1,6 @@
 // The public entry points: validate (src/common/validate.cpp), then dispatch on the device to
 // the CPU reference or the CUDA backend. The only place where the two backends meet.
+#include <cstring>
 #include <string>
 
 #include "attnqat/attnqat.h"
@@ -23,6 +24,12 @@ namespace {
   return Status::NotImplemented(std::string(op) +
                                 ": got CUDA tensors, but this build of attnqat has no CUDA kernels "
                                 "(built without a CUDA toolkit; see attnqat.build_info())");
+}
+
+// Zeros a validated (contiguous) output on the host.
+void zero_contiguous(const TensorView& t) {
+  if (t.data != nullptr && t.numel() > 0)
+    std::memset(t.data, 0, static_cast<size_t>(t.numel()) * static_cast<size_t>(dtype_size(t.dtype)));
 }
 
 }  // namespace
@@ -92,8 +99,13 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           const AttentionOptions& opts, const BackwardOutputs& grads,
                           void* stream) {
   ATTNQAT_RETURN_IF_ERROR(validate_attention_backward(dout, q, k, v, saved, opts, grads));
-  if (q.device == Device::kCPU)
+  if (q.device == Device::kCPU) {
+    if (q.numel() == 0 || k.numel() == 0) {  // no query row or no key: every gradient is 0
+      for (const TensorView* g : {&grads.dq, &grads.dk, &grads.dv}) zero_contiguous(*g);
+      return Status::Ok();
+    }
     return reference::attention_backward(dout, q, k, v, saved, opts, grads);
+  }
 #ifdef ATTNQAT_WITH_CUDA
   return cuda::attention_backward(dout, q, k, v, saved, opts, grads, stream);
 #else
@@ -102,7 +114,7 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
 #endif
 }
 
-// ---- FP4 inference (issue 8) ---------------------------------------------------------------
+// ---- FP4 inference -------------------------------------------------------------------------
 
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                                 const AttentionOptions& opts, const ForwardOutputs& out,

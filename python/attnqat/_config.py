@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextvars
 import threading
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import Optional, Tuple, Union
 
-from .attention import MODES, P_QUANT, PRECISIONS, V_BLOCKS
+from .attention import check_option
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class AttnQATConfig:
     bwd_high_precision_o: Optional[bool] = None
     precision: str = "fp32"
     deterministic: bool = False
+    qkv_scale: Union[None, str, Tuple[float, float, float]] = None
+    check_finite: bool = False
 
     def attention_kwargs(self) -> dict:
         """The options as keyword arguments of :func:`attnqat.attention`."""
@@ -46,8 +48,6 @@ class AttnQATConfig:
 
 
 OPTION_NAMES = tuple(f.name for f in fields(AttnQATConfig))
-_CHOICES = {"mode": MODES, "p_quant": P_QUANT, "v_blocks": V_BLOCKS, "precision": PRECISIONS}
-
 _GLOBAL = AttnQATConfig()
 _CONTEXT: contextvars.ContextVar = contextvars.ContextVar("attnqat_config", default=None)
 _LOCK = threading.Lock()
@@ -55,17 +55,19 @@ _LOCK = threading.Lock()
 _COMPILE_MIRROR = _GLOBAL
 
 
-def _check(options: dict) -> dict:
+def _check(options: dict, where: str = "attnqat.config") -> dict:
+    """The options of a config()/set_config() call (or fixed by the nn module / hf.register()),
+    validated by the one checker of attention options (attnqat.attention.check_option);
+    returns them normalized."""
+    out = {}
     for name, value in options.items():
         if name not in OPTION_NAMES:
-            raise TypeError(f"attnqat.config: unknown option {name!r}; expected one of {', '.join(OPTION_NAMES)}")
-        if name in _CHOICES and value not in _CHOICES[name]:
-            raise ValueError(f"{name}: expected one of {', '.join(map(repr, _CHOICES[name]))}, got {value!r}")
-        if name == "kv_tile" and (not isinstance(value, int) or value <= 0 or value % 16):
-            raise ValueError(f"kv_tile: expected a positive multiple of 16, got {value!r}")
-        if name.startswith("bwd_") and value is not None and not isinstance(value, bool):
-            raise ValueError(f"{name}: expected True, False or None (the mode's default), got {value!r}")
-    return options
+            raise TypeError(f"{where}: unknown option {name!r}; expected one of {', '.join(OPTION_NAMES)}")
+        try:
+            out[name] = check_option(name, value, one_of=True)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
+    return out
 
 
 def _is_compiling() -> bool:
@@ -91,7 +93,7 @@ def set_config(**options) -> AttnQATConfig:
     process-wide configuration.
     """
     global _GLOBAL, _COMPILE_MIRROR
-    _check(options)
+    options = _check(options)
     with _LOCK:
         _GLOBAL = replace(_GLOBAL, **options)
         _COMPILE_MIRROR = get_config()
@@ -116,7 +118,10 @@ class config:
     inner wins for the options it names); the setting is per thread / asyncio task (a
     ``ContextVar``). Options: ``mode``, ``p_quant``, ``v_blocks``, ``kv_tile``,
     ``bwd_quantized_qkv``, ``bwd_quant_p``, ``bwd_high_precision_o``, ``precision``,
-    ``deterministic`` (see :func:`attnqat.attention`). Also usable as a decorator.
+    ``deterministic``, ``qkv_scale``, ``check_finite`` (see :func:`attnqat.attention`; e.g.
+    ``attnqat.config(check_finite=True)`` raises naming the tensor and the index of its first
+    NaN/Inf instead of propagating it, at the cost of a device synchronization per call). Values
+    are checked when the block is created. Also usable as a decorator.
     """
 
     def __init__(self, **options):
@@ -149,7 +154,7 @@ class config:
 def resolve_options(explicit: dict) -> dict:
     """The attention options of one call: the effective configuration, overridden by the
     explicitly passed (non-None) keyword arguments."""
-    given = _check({k: v for k, v in explicit.items() if v is not None})
+    given = _check({k: v for k, v in explicit.items() if v is not None}, "attnqat.sdpa")
     base = get_config()
     opts = base.attention_kwargs()
     if "mode" in given and given["mode"] != base.mode:

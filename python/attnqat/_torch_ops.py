@@ -107,6 +107,7 @@ def _attention_fwd(
     bwd_high_precision_o: bool, precision: str, deterministic: bool, inputs_quantized: bool, need_o_hp: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # No O': a 1-D placeholder (an O' of an empty q is 4-D and empty, and still counts as given).
     o_hp = torch.empty(q.shape if need_o_hp else (0,), dtype=q.dtype, device=q.device)
     lse, m_ref, l = (torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(3))
     _C.attention_forward(q, k, v, o, o_hp if need_o_hp else None, lse, m_ref, l, mode, p_quant, v_blocks,
@@ -134,7 +135,7 @@ def _attention_bwd(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _C.attention_backward(_last_dim_contiguous(dout), q, k, v, o, o_hp if o_hp.numel() else None, lse,
+    _C.attention_backward(_last_dim_contiguous(dout), q, k, v, o, o_hp if o_hp.dim() == 4 else None, lse,
                           m_ref, l, dq, dk, dv, mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
                           bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision, inputs_quantized,
                           deterministic, stream=_stream(q))
@@ -175,28 +176,56 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cfg) -> Tuple[Tensor, Tensor]:
     """Runs the forward op; O' is computed only when autograd will call the backward.
 
     In the quantized modes Q, K, V are fake-quantized here first (the straight-through
-    fake_quantize op, memory from torch's caching allocator), so the forward and the backward
-    share the quantized copies; the drop-in backward (bwd_quantized_qkv off) needs the raw
-    inputs instead, and then the core quantizes them itself.
+    fake_quantize op, memory from torch's caching allocator, with the second-level scales of
+    ``cfg.qkv_scale``), so the forward and the backward share the quantized copies; the drop-in
+    backward (bwd_quantized_qkv off) needs the raw inputs instead, and then the core quantizes them
+    itself (with a qkv_scale: on x / g, see :func:`_attention_rescaled`).
     """
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
             raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got one on {t.device}")
+    if cfg.check_finite:
+        from .attention import first_non_finite
+
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            first_non_finite(name, t)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     need_o_hp = wants_grad and cfg.needs_o_hp
-    prequantize = cfg.mode != "bf16" and (cfg.bwd_quantized_qkv or not wants_grad) and _quantizable(q, k, v)
+    quantized_mode = cfg.mode != "bf16"
+    raw_backward = wants_grad and not cfg.bwd_quantized_qkv
+    scale = cfg.qkv_scale if quantized_mode else None
+    if scale is not None and (raw_backward or not _quantizable(q, k, v)):
+        return _attention_rescaled(q, k, v, cfg, scale)
+    prequantize = quantized_mode and not raw_backward and _quantizable(q, k, v)
     if prequantize:
         v_axis = "token" if cfg.v_blocks == "token" else "last"
-        q = torch.ops.attnqat.fake_quantize(q, "nvfp4", "last", 1.0, False)
-        k = torch.ops.attnqat.fake_quantize(k, "nvfp4", "last", 1.0, False)
-        v = torch.ops.attnqat.fake_quantize(v, "nvfp4", v_axis, 1.0, False)
+        compute = scale == "amax"
+        g_q, g_k, g_v = (1.0, 1.0, 1.0) if scale is None or compute else scale
+        q = torch.ops.attnqat.fake_quantize(q, "nvfp4", "last", g_q, compute)
+        k = torch.ops.attnqat.fake_quantize(k, "nvfp4", "last", g_k, compute)
+        v = torch.ops.attnqat.fake_quantize(v, "nvfp4", v_axis, g_v, compute)
     o, _, lse, _, _ = torch.ops.attnqat.attention_fwd(q, k, v, *cfg.as_args(), prequantize, need_o_hp)
     return o, lse
+
+
+def _attention_rescaled(q: Tensor, k: Tensor, v: Tensor, cfg, scale) -> Tuple[Tensor, Tensor]:
+    """Attention with second-level scales g where Q, K, V cannot be quantized up front: on
+    (q / g_q, k / g_k, v / g_v) with the softmax scale times g_q * g_k, O times g_v. Powers of two
+    commute with every rounding, so this is the result of quantizing with g; autograd sees the
+    raw inputs (what the drop-in backward reads)."""
+    from .attention import nvfp4_global_scale, rescaled_config
+
+    if scale == "amax":  # host values (a synchronization): the softmax scale is a float argument
+        scale = tuple(nvfp4_global_scale(float(t.detach().abs().amax())) if t.numel() and
+                      bool(torch.isfinite(t).all()) else 1.0 for t in (q, k, v))
+    inner = rescaled_config(cfg, q.shape[-1], scale)
+    o, lse = attention(q / scale[0], k / scale[1], v / scale[2], inner)
+    return o * scale[2], lse
 
 
 def _quantizable(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Inputs the quantizers accept (otherwise the attention op reports the error itself)."""
     ok = lambda t: t.dim() == 4 and t.shape[-1] % 16 == 0 and t.shape[-1] > 0 and t.dtype in (
-        torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    return all(ok(t) for t in (q, k, v)) and q.dtype != torch.float64
+        torch.float32, torch.float16, torch.bfloat16)
+    return all(ok(t) for t in (q, k, v)) and k.dtype == q.dtype and v.dtype == q.dtype

@@ -1,9 +1,18 @@
-"""attnqat.attention: FlashAttention-style attention with FP4 fake quantization (Attn-QAT)."""
+"""attnqat.attention: FlashAttention-style attention with FP4 fake quantization (Attn-QAT).
+
+This module also holds the one checker of attention options (:func:`check_option`,
+:func:`resolve_config`): :func:`attention`, :func:`attnqat.sdpa`, :func:`attnqat.config`, the nn
+module and the Hugging Face integration all validate through it, so every entry point raises the
+same message for the same bad value. Tensor arguments (dtypes, shapes, devices, strides) are
+checked once, by the C++ core (``src/common/validate.cpp``), for every backend.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import math
+import numbers
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -14,11 +23,140 @@ MODES = ("bf16", "fp4", "drop_in_qat", "attn_qat")
 P_QUANT = ("paper", "anchored")
 V_BLOCKS = ("channel", "token")
 PRECISIONS = ("fp32", "fp64", "bf16_operands")
+KV_TILE_MAX = 4096
+# The range of NVFP4 second-level scales (docs/numerics.md 9.2).
+GLOBAL_SCALE_MIN, GLOBAL_SCALE_MAX = 2.0**-100, 2.0**100
+# The largest magnitude an NVFP4 block represents with g = 1: E2M1 max (6) times E4M3 max (448).
+FP4_RANGE = 6.0 * 448.0
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+# ---- The option checker ------------------------------------------------------------------------
+
+
+def _describe(value) -> str:
+    """`value` for a message: its type and (short) repr."""
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def check_bool(name: str, value, *, allow_none: bool = False):
+    """True/False (python or numpy bool; None too when `allow_none`), else TypeError. Like torch,
+    strings and integers are refused: ``causal="no"`` must not run as causal."""
+    if value is None and allow_none:
+        return None
+    if _is_bool(value):
+        return bool(value)
+    accepted = "True, False or None (the mode's default)" if allow_none else "a bool (True or False)"
+    raise TypeError(f"{name}: expected {accepted}, got {_describe(value)}")
+
+
+def check_softmax_scale(name: str, value) -> float:
+    """None -> 0.0 (the core's "1/sqrt(head_dim)"); else a positive finite real number that is
+    also positive and finite in float32 (the core's type)."""
+    if value is None:
+        return 0.0
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number (float or int) or None for 1/sqrt(head_dim), "
+                        f"got {_describe(value)}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name}: expected a positive finite number, got {v}")
+    if v > _F32_MAX or float(np.float32(v)) == 0:
+        raise ValueError(f"{name}: expected a positive finite number in float32 range "
+                         f"[{float(np.finfo(np.float32).tiny):.3g}, {_F32_MAX:.3g}], got {v}")
+    return v
+
+
+def _alternatives(choices, one_of: bool = False) -> str:
+    quoted = [repr(c) for c in choices]
+    if len(quoted) == 2 and not one_of:
+        return f"{quoted[0]} or {quoted[1]}"
+    return "one of " + ", ".join(quoted)
+
+
+def check_choice(name: str, value, choices, *, one_of: bool = False) -> str:
+    """A string among `choices`; the message lists them (``one_of``: always as "one of ...")."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected {_alternatives(choices, one_of)}, got {value!r}")
+    return value
+
+
+def check_kv_tile(name: str, value) -> int:
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int (a positive multiple of 16 up to {KV_TILE_MAX}), "
+                        f"got {_describe(value)}")
+    v = int(value)
+    if v <= 0 or v % 16 or v > KV_TILE_MAX:
+        raise ValueError(f"{name}: expected a positive multiple of 16 up to {KV_TILE_MAX}, got {v}")
+    return v
+
+
+def _check_power_of_two(name: str, value) -> float:
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number (a power of two), got {_describe(value)}")
+    g = float(value)
+    if not (g > 0 and math.isfinite(g) and math.frexp(g)[0] == 0.5 and GLOBAL_SCALE_MIN <= g <= GLOBAL_SCALE_MAX):
+        raise ValueError(f"{name}: expected a power of two in [2^-100, 2^100] (so that decoded values are "
+                         f"exact), got {g}")
+    return g
+
+
+def check_qkv_scale(name: str, value):
+    """None, "amax" or three powers of two (g_q, g_k, g_v); see :func:`attention`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != "amax":
+            raise ValueError(f"{name}: expected None, 'amax' or a tuple (g_q, g_k, g_v) of powers of two, "
+                             f"got {value!r}")
+        return value
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name}: expected None, 'amax' or a tuple (g_q, g_k, g_v) of powers of two, "
+                        f"got {_describe(value)}")
+    if len(value) != 3:
+        raise ValueError(f"{name}: expected three scales (g_q, g_k, g_v), got {len(value)}")
+    return tuple(_check_power_of_two(f"{name}[{i}] ({part})", g) for i, (part, g) in enumerate(zip("qkv", value)))
+
+
+_BWD_SWITCHES = ("bwd_quantized_qkv", "bwd_quant_p", "bwd_high_precision_o")
+
+# One validator per option: value -> normalized value, raising TypeError (wrong type) or
+# ValueError (wrong value) with a message that names the option, what came and what is accepted.
+_CHOICES = {"mode": MODES, "p_quant": P_QUANT, "v_blocks": V_BLOCKS, "precision": PRECISIONS}
+_CHECKS = {
+    "causal": lambda n, v: check_bool(n, v),
+    "softmax_scale": check_softmax_scale,
+    "kv_tile": check_kv_tile,
+    "bwd_quantized_qkv": lambda n, v: check_bool(n, v, allow_none=True),
+    "bwd_quant_p": lambda n, v: check_bool(n, v, allow_none=True),
+    "bwd_high_precision_o": lambda n, v: check_bool(n, v, allow_none=True),
+    "deterministic": lambda n, v: check_bool(n, v),
+    "qkv_scale": check_qkv_scale,
+    "check_finite": lambda n, v: check_bool(n, v),
+}
+OPTIONS = tuple(_CHECKS) + tuple(_CHOICES)
+
+
+def check_option(name: str, value, *, one_of: bool = False):
+    """Validates one attention option (the rules every entry point shares); returns it normalized.
+    ``one_of`` lists the values of a choice option as "one of ..." even when there are two (the
+    style of :func:`attnqat.config`'s messages)."""
+    if name in _CHOICES:
+        return check_choice(name, value, _CHOICES[name], one_of=one_of)
+    return _CHECKS[name](name, value)
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Resolved options of one attention call (what the C++ core receives)."""
+    """Resolved options of one attention call (what the C++ core receives, plus the front end's
+    ``qkv_scale`` and ``check_finite``)."""
 
     causal: bool
     softmax_scale: float  # 0 means 1/sqrt(head_dim)
@@ -31,6 +169,8 @@ class AttentionConfig:
     bwd_high_precision_o: bool
     precision: str
     deterministic: bool = False
+    qkv_scale: Union[None, str, Tuple[float, float, float]] = None
+    check_finite: bool = False
 
     @property
     def needs_o_hp(self) -> bool:
@@ -48,33 +188,86 @@ class AttentionConfig:
 def resolve_config(
     *, causal=False, softmax_scale=None, mode="attn_qat", p_quant="paper", v_blocks="channel",
     kv_tile=128, bwd_quantized_qkv=None, bwd_quant_p=None, bwd_high_precision_o=None, precision="fp32",
-    deterministic=False,
+    deterministic=False, qkv_scale=None, check_finite=False,
 ) -> AttentionConfig:
-    """Checks the options and fills in the mode's defaults for the ablation switches."""
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    if p_quant not in P_QUANT:
-        raise ValueError(f"p_quant: expected 'paper' or 'anchored', got {p_quant!r}")
-    if v_blocks not in V_BLOCKS:
-        raise ValueError(f"v_blocks: expected 'channel' or 'token', got {v_blocks!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
-    if softmax_scale is None:
-        softmax_scale = 0.0
-    else:
-        softmax_scale = float(softmax_scale)
-        if not softmax_scale > 0 or softmax_scale == float("inf"):
-            raise ValueError(f"softmax_scale: expected a positive finite number, got {softmax_scale}")
-    switches = (bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o)
-    if mode in ("bf16", "fp4") and any(s is not None for s in switches):
+    """Checks every option (:func:`check_option`) and fills in the mode's defaults for the
+    ablation switches."""
+    given = dict(causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,
+                 kv_tile=kv_tile, bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
+                 bwd_high_precision_o=bwd_high_precision_o, precision=precision, deterministic=deterministic,
+                 qkv_scale=qkv_scale, check_finite=check_finite)
+    o = {name: check_option(name, value) for name, value in given.items()}
+    switches = [o[name] for name in _BWD_SWITCHES]
+    if o["mode"] in ("bf16", "fp4") and any(s is not None for s in switches):
         raise ValueError(
-            f"bwd_* switches: they select the backward of the QAT modes; mode {mode!r} takes none "
+            f"bwd_* switches: they select the backward of the QAT modes; mode {o['mode']!r} takes none "
             "(use mode='attn_qat' or 'drop_in_qat')"
         )
-    default = mode == "attn_qat"
-    resolved = [default if s is None else bool(s) for s in switches]
-    return AttentionConfig(bool(causal), softmax_scale, mode, p_quant, v_blocks, int(kv_tile), *resolved, precision,
-                           bool(deterministic))
+    default = o["mode"] == "attn_qat"
+    for name, s in zip(_BWD_SWITCHES, switches):
+        o[name] = default if s is None else s
+    return AttentionConfig(**o)
+
+
+# ---- Tensor arguments that only the front end sees --------------------------------------------------
+
+
+def _kind(t) -> str:
+    if is_torch_tensor(t):
+        return "a torch tensor"
+    if isinstance(t, np.ndarray):
+        return "a numpy array"
+    return f"a {type(t).__name__}"
+
+
+def check_same_kind(**tensors) -> bool:
+    """True when all are torch tensors, False when none is; mixing raises TypeError naming the
+    odd one (the first argument is the reference)."""
+    items = list(tensors.items())
+    ref_name, ref = items[0]
+    ref_torch = is_torch_tensor(ref)
+    for name, t in items[1:]:
+        if is_torch_tensor(t) != ref_torch:
+            raise TypeError(f"{name} is {_kind(t)} but {ref_name} is {_kind(ref)}: pass the same kind "
+                            "(all torch tensors or all numpy arrays)")
+    return ref_torch
+
+
+def first_non_finite(name: str, t) -> None:
+    """Raises ValueError naming `name` and the index of its first NaN/Inf element, if any (one
+    device synchronization for a CUDA tensor)."""
+    if is_torch_tensor(t):
+        import torch
+
+        if t.numel() == 0 or not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            return
+        bad = (~torch.isfinite(t)).nonzero()[0]
+        index = tuple(int(i) for i in bad)
+        value = float(t[index])
+    else:
+        a = np.asarray(t)
+        if a.size == 0 or a.dtype.kind not in "fc" or np.isfinite(a).all():
+            return
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        value = float(a[index])
+    what = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    raise ValueError(f"{name} contains {what} at index {index} (check_finite=True; leave it off to get the "
+                     "NaN propagation of docs/numerics.md instead of an error)")
+
+
+def nvfp4_global_scale(amax: float) -> float:
+    """The second-level scale "amax" picks (docs/numerics.md 9.2): the smallest power of two g with
+    amax <= 6 * 448 * g, its exponent clamped to [-100, 100]; 1 for an amax of 0 or not finite.
+    (The host twin of the C++ ``nvfp4_global_scale``.)"""
+    amax = float(np.float32(amax))
+    if not (amax > 0 and math.isfinite(amax)):
+        return 1.0
+    f, ex = math.frexp(amax)
+    e = ex - 12 if f <= 0.65625 else ex - 11  # 2688 = 0.65625 * 2^12
+    return 2.0 ** min(max(e, -100), 100)
+
+
+# ---- attention ---------------------------------------------------------------------------------------
 
 
 def attention(
@@ -82,17 +275,21 @@ def attention(
     p_quant: str = "paper", v_blocks: str = "channel", kv_tile: int = 128,
     bwd_quantized_qkv: Optional[bool] = None, bwd_quant_p: Optional[bool] = None,
     bwd_high_precision_o: Optional[bool] = None, return_lse: bool = False, precision: str = "fp32",
-    deterministic: bool = False,
+    deterministic: bool = False, qkv_scale=None, check_finite: bool = False,
 ):
     """Scaled dot-product attention with FP4 (NVFP4) fake quantization, as in Attn-QAT.
 
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (the layout of
             ``torch.nn.functional.scaled_dot_product_attention``). ``Hq`` must be a multiple of
-            ``Hkv`` (GQA/MQA), ``D`` a multiple of 16 up to 256. float32/float16/bfloat16 (and
-            float64 on the CPU); numpy arrays or torch tensors; any strides.
-        causal: bottom-right aligned causal mask (query i sees keys j <= i + Nk - Nq).
-        softmax_scale: default ``1/sqrt(D)``.
+            ``Hkv`` (GQA/MQA), ``D`` a multiple of 16 up to 256 on the CPU (the reference); the
+            CUDA kernels take ``D`` 64 and 128. float32/float16/bfloat16 (and float64 on the CPU);
+            all numpy arrays or all torch tensors; any strides (a last dimension that is not
+            contiguous is copied). Empty inputs (``B``, ``H``, ``Nq`` or ``Nk`` 0) give empty
+            results and zero gradients; a query row that sees no key gives ``O = 0`` and
+            ``LSE = -inf`` (so ``Nk = 0`` gives zeros, like torch's SDPA).
+        causal: bottom-right aligned causal mask (query i sees keys j <= i + Nk - Nq). A bool.
+        softmax_scale: a positive finite number; default ``1/sqrt(D)``.
         mode: ``"bf16"`` (ordinary attention), ``"fp4"`` (FP4 inference forward; no gradient),
             ``"drop_in_qat"`` (FP4 forward, the paper's naive high-precision backward),
             ``"attn_qat"`` (FP4 forward with O', the Attn-QAT backward).
@@ -110,36 +307,111 @@ def attention(
             ``"bf16_operands"`` (tensor-core operand rounding; used for tolerances in tests).
         deterministic: a backward with the same bits on every run (no floating-point atomics; the
             CPU reference always is). Slower on CUDA.
+        qkv_scale: the NVFP4 second-level (per-tensor) scale ``g`` of Q, K and V in the FP4
+            modes (numerics section 2: ``x_hat = e2m1 * e4m3_scale * g``). ``None`` (the paper's
+            setting): ``g = 1``, so a 16-element block whose largest magnitude exceeds
+            ``6 * 448 = 2688`` saturates: its E4M3 scale clamps to 448 and its elements to
+            ``+-2688`` (values below keep their E2M1 grid of that block). ``"amax"``: each of Q, K,
+            V gets the smallest power of two with ``amax <= 2688 * g`` (computed per call, on the
+            device; no block saturates). ``(g_q, g_k, g_v)``: three powers of two in
+            ``[2^-100, 2^100]``. ``g`` is always a power of two, so ``x_hat`` is exactly the
+            two-level phi_nv of the numerics and exact in bf16. Q, K, V are fake-quantized with
+            their ``g`` and the core runs on them (``inputs_quantized``); where the backward reads
+            the raw inputs (``bwd_quantized_qkv`` off: ``drop_in_qat``) or the quantizer cannot take
+            the dtype (float64), the call runs instead on ``x / g`` with the softmax scale times
+            ``g_q * g_k`` and multiplies O by ``g_v``, the same result (powers of two commute with
+            rounding); there ``"amax"`` reads the amax on the host (a device synchronization).
+            Ignored in mode ``bf16`` (nothing is quantized).
+        check_finite: raise ``ValueError`` naming the tensor and the index of its first NaN/Inf
+            (e.g. ``"q contains NaN at index (0, 1, 5, 3)"``) instead of propagating it. Costs an
+            ``isfinite`` pass per input and, on CUDA, a device synchronization (not usable inside
+            CUDA-graph capture; a graph break under ``torch.compile``).
 
     Returns:
         ``O`` with the shape and dtype of ``q`` (and the LSE when ``return_lse``). For torch
         tensors the result is differentiable (except in ``fp4`` mode), and O' is computed only
         when a gradient will be needed (``torch.no_grad()`` gives the plain inference forward).
+
+    Raises:
+        TypeError: an option of the wrong type (``causal="no"``, ``softmax_scale="0.1"``), or
+            numpy arrays mixed with torch tensors.
+        ValueError: an option or tensor the kernels do not accept; the message names the
+            argument, what it got and what is accepted.
     """
     cfg = resolve_config(
         causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,
         kv_tile=kv_tile, bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
         bwd_high_precision_o=bwd_high_precision_o, precision=precision, deterministic=deterministic,
+        qkv_scale=qkv_scale, check_finite=check_finite,
     )
-    if is_torch_tensor(q):
+    return_lse = check_bool("return_lse", return_lse)
+    if check_same_kind(q=q, k=k, v=v):
         o, lse = torch_ops().attention(q, k, v, cfg)
     else:
         o, lse = _attention_numpy(q, k, v, cfg)
     return (o, lse) if return_lse else o
 
 
+def rescaled_config(cfg: AttentionConfig, head_dim: int, g: Tuple[float, float, float]) -> AttentionConfig:
+    """The options of attention on (q / g_q, k / g_k, v / g_v): the softmax scale times g_q * g_k
+    (exact: powers of two), no qkv_scale."""
+    c = cfg.softmax_scale or float(np.float32(1.0 / math.sqrt(head_dim)))
+    c2 = float(np.float32(c)) * g[0] * g[1]
+    if not (0 < c2 <= _F32_MAX and float(np.float32(c2)) > 0):
+        raise ValueError(f"qkv_scale: softmax_scale {c} times g_q * g_k = {g[0] * g[1]} leaves the float32 range; "
+                         "use smaller scales")
+    return replace(cfg, softmax_scale=c2, qkv_scale=None, check_finite=False)
+
+
 def _attention_numpy(q, k, v, cfg: AttentionConfig):
-    q, k, v = (_last_dim_contiguous(np.asarray(t)) for t in (q, k, v))
+    arrays = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        a = np.asarray(t)
+        if a.dtype.kind not in "fiuc":
+            raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16 (or float64 on the CPU), "
+                             f"got {a.dtype} (a numpy array of non-numbers)")
+        arrays.append(_last_dim_contiguous(a))
+    q, k, v = arrays
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.ndim != 4:
             raise ValueError(f"{name}: expected a 4-D tensor [batch, heads, seq, head_dim], got shape {list(t.shape)}")
+    if cfg.check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            first_non_finite(name, t)
+    prequantized = False
+    if cfg.mode != "bf16" and cfg.qkv_scale is not None:
+        if q.dtype in (np.float32, np.float16) and k.dtype == q.dtype and v.dtype == q.dtype:
+            q, k, v = _fake_quantize_numpy(q, k, v, cfg)
+            prequantized = True
+        else:  # float64 (the quantizers take 32- and 16-bit floats): run on x / g
+            g = _numpy_scales(q, k, v, cfg.qkv_scale)
+            o, lse = _attention_numpy(q / g[0], k / g[1], v / g[2], rescaled_config(cfg, q.shape[-1], g))
+            return (o * g[2]).astype(q.dtype, copy=False), lse
     o = np.empty(q.shape, q.dtype)
     lse = np.empty(q.shape[:3], np.float32)
     _C.attention_forward(q, k, v, o, None, lse, None, None, cfg.mode, cfg.p_quant, cfg.v_blocks,
                          cfg.causal, cfg.softmax_scale, cfg.kv_tile, cfg.bwd_quantized_qkv,
-                         cfg.bwd_quant_p, cfg.bwd_high_precision_o, cfg.precision,
+                         cfg.bwd_quant_p, cfg.bwd_high_precision_o, cfg.precision, prequantized,
                          deterministic=cfg.deterministic)
     return o, lse
+
+
+def _numpy_scales(q, k, v, qkv_scale) -> Tuple[float, float, float]:
+    if qkv_scale != "amax":
+        return qkv_scale
+    return tuple(nvfp4_global_scale(np.abs(t).max(initial=0.0)) if np.isfinite(t).all() else 1.0 for t in (q, k, v))
+
+
+def _fake_quantize_numpy(q, k, v, cfg: AttentionConfig):
+    """Q, K, V fake-quantized with their second-level scales (the core then skips quantization)."""
+    amax = cfg.qkv_scale == "amax"
+    scales = (1.0, 1.0, 1.0) if amax else cfg.qkv_scale
+    out = []
+    for t, g, axis in zip((q, k, v), scales, ("last", "last", "token" if cfg.v_blocks == "token" else "last")):
+        r = np.empty(t.shape, t.dtype)
+        _C.fake_quantize(t, r, np.full((1,), g, np.float32), "nvfp4", axis, amax)
+        out.append(r)
+    return out
 
 
 def _last_dim_contiguous(a: np.ndarray) -> np.ndarray:

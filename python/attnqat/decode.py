@@ -24,13 +24,25 @@ are split, so the GPU kernel splits long contexts across many CTAs; ``"paper"`` 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import _C
 from ._util import is_torch_tensor
+from .attention import check_bool, check_choice, check_softmax_scale, P_QUANT
 from .formats import QuantizedTensor, quantize_nvfp4
 
 _NV_BLOCK = 16
+# Head dims the attention paths take (src/common/validate.cpp, src/cuda/decode): the CPU reference
+# any multiple of 16 up to 256, the CUDA decode kernel 64 and 128.
+CPU_MAX_HEAD_DIM = 256
+CUDA_HEAD_DIMS = (64, 128)
+
+
+def _head_dim_error(head_dim, device_type: str) -> str:
+    return (f"head_dim: expected a multiple of 16 up to {CPU_MAX_HEAD_DIM} on the CPU (the reference), or "
+            f"{' or '.join(map(str, CUDA_HEAD_DIMS))} on CUDA (the decode kernel); got {head_dim} for a "
+            f"{device_type} cache")
 
 
 # ---- Attention from packed NVFP4 tensors ---------------------------------------------------------
@@ -71,6 +83,9 @@ def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor,
     """
     if decode not in ("auto", "kernel", "temporary"):
         raise ValueError(f"decode: expected 'auto', 'kernel' or 'temporary', got {decode!r}")
+    causal = check_bool("causal", causal)
+    scale = check_softmax_scale("softmax_scale", softmax_scale)
+    p_quant = check_choice("p_quant", p_quant, P_QUANT)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, QuantizedTensor):
             raise TypeError(f"{name}: expected a QuantizedTensor (attnqat.quantize_nvfp4), got {type(t).__name__}")
@@ -82,7 +97,6 @@ def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor,
         raise ValueError("q, k: expected channel blocks (axis='last')")
     v_blocks = "token" if v.axis == "token" else "channel"
     dtype = q.dtype if dtype is None else dtype
-    scale = 0.0 if softmax_scale is None else float(softmax_scale)
     b, hq, nq, d = q.shape
     if is_torch_tensor(q.data):
         import torch
@@ -96,7 +110,7 @@ def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor,
         lse = np.empty((b, hq, nq), np.float32)
     _C.attention_forward_packed(q.data, q.scales, q.global_scale, k.data, k.scales, k.global_scale,
                                 v.data, v.scales, v.global_scale, o, lse, None, None, p_quant, v_blocks,
-                                bool(causal), scale, 128, decode, stream=_stream_of(q.data))
+                                causal, scale, 128, decode, stream=_stream_of(q.data))
     return (o, lse) if return_lse else o
 
 
@@ -145,13 +159,15 @@ def decode_attention(q, k_data, k_scales, v_data, v_scales, page_table, seq_lens
     table's capacity). Returns ``out`` (and ``lse``)."""
     import torch
 
+    scale = check_softmax_scale("softmax_scale", softmax_scale)
+    p_quant = check_choice("p_quant", p_quant, P_QUANT)
     if check and page_table.is_cuda:
         _check_pages(page_table, seq_lens, 0, int(k_data.shape[0]), int(k_data.shape[2]))
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
     _C.decode_attention(q, k_data, k_scales, v_data, v_scales, page_table, seq_lens, out, lse,
-                        0.0 if softmax_scale is None else float(softmax_scale), p_quant, int(num_splits),
+                        scale, p_quant, int(num_splits),
                         int(max_seq_len), stream=_stream_of(q))
     return (out, lse) if return_lse else out
 
@@ -165,8 +181,9 @@ class FP4KVCache:
     Args:
         num_pages: pages in the pool (shared by all sequences and layers' page lists).
         page_size: tokens per page, a positive multiple of 16.
-        num_kv_heads, head_dim: of the model's attention (head_dim a multiple of 16). On CUDA
-            the decode kernel takes 64 and 128; others run on CPU only.
+        num_kv_heads, head_dim: of the model's attention: head_dim a multiple of 16 up to 256 for a
+            CPU cache (the reference), 64 or 128 for a CUDA cache (the decode kernel); others raise
+            ``ValueError`` here rather than at the first attend.
         device: where the pages live (``"cpu"`` runs the reference implementation).
         num_layers: layers sharing the page lists (a token occupies the same page slot in every
             layer; each layer has its own K/V storage and lengths).
@@ -179,16 +196,23 @@ class FP4KVCache:
                  num_layers: int = 1):
         import torch
 
+        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
         if page_size <= 0 or page_size % _NV_BLOCK:
             raise ValueError(f"page_size: expected a positive multiple of 16 (P blocks of 16 keys never "
                              f"straddle a page), got {page_size}")
-        if head_dim <= 0 or head_dim % _NV_BLOCK:
-            raise ValueError(f"head_dim: expected a positive multiple of 16 (the NVFP4 block), got {head_dim}")
-        if num_pages <= 0 or num_kv_heads <= 0 or num_layers <= 0:
-            raise ValueError("num_pages, num_kv_heads, num_layers: expected positive values")
+        device = torch.device(device)
+        if head_dim <= 0 or head_dim % _NV_BLOCK or head_dim > CPU_MAX_HEAD_DIM or (
+                device.type == "cuda" and head_dim not in CUDA_HEAD_DIMS):
+            raise ValueError(_head_dim_error(head_dim, device.type))
+        for name, value in (("num_pages", num_pages), ("num_kv_heads", num_kv_heads), ("num_layers", num_layers)):
+            if value <= 0:
+                raise ValueError(f"{name}: expected a positive number, got {value}")
         self.num_pages, self.page_size = int(num_pages), int(page_size)
         self.num_kv_heads, self.head_dim, self.num_layers = int(num_kv_heads), int(head_dim), int(num_layers)
-        self.device = torch.device(device)
+        self.device = device
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N"
             self.device = torch.device("cuda", torch.cuda.current_device())
         shape = (num_layers, num_pages, num_kv_heads, page_size)
@@ -305,18 +329,32 @@ class FP4KVCache:
     def attend(self, q, seq_ids: Sequence[int], layer: int = 0, *, softmax_scale: Optional[float] = None,
                p_quant: str = "anchored", num_splits: int = 0, return_lse: bool = False):
         """Decode attention of ``q`` ``[B, Hq, nq, D]`` (the sequences' last nq tokens, already
-        appended) over the cached keys of ``seq_ids`` in ``layer``."""
+        appended) over the cached keys of ``seq_ids`` in ``layer``. ``nq`` larger than every
+        sequence's cached length raises ``ValueError`` (the K, V of the queries are missing); in a
+        batch of ragged lengths, query rows of a shorter sequence that see no key give O = 0 and
+        LSE = -inf."""
         import torch
 
         seq_ids = list(seq_ids)
+        check_softmax_scale("softmax_scale", softmax_scale)
+        check_choice("p_quant", p_quant, P_QUANT)
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
         if q.dim() != 4 or q.shape[0] != len(seq_ids):
             raise ValueError(f"q: expected shape [{len(seq_ids)}, heads, n_query, {self.head_dim}], got {list(q.shape)}")
+        nq = int(q.shape[2])
         for sid in seq_ids:
             if self.length(sid, layer) < 1:
                 raise ValueError(f"sequence {sid}: empty in layer {layer}; append the query tokens' K and V first")
         lens = [self.length(s, layer) for s in seq_ids]
+        if lens and nq > max(lens):
+            # No sequence holds the nq query tokens: their K and V were not appended. (In a batch of
+            # ragged lengths a shorter sequence may have fewer: its first rows see no key, O = 0.)
+            longest = max(range(len(lens)), key=lambda i: lens[i])
+            raise ValueError(f"q: {nq} query tokens, but sequence {seq_ids[longest]} has only {lens[longest]} cached "
+                             f"tokens in layer {layer}{' (the longest of the batch)' if len(lens) > 1 else ''}; the "
+                             "queries are the last tokens of their sequences: append their K and V first")
+        q = q if q.stride(-1) == 1 else q.contiguous()
         return decode_attention(q, *self.layer_tensors(layer), self.page_table(seq_ids), self._lengths(seq_ids, layer),
                                 softmax_scale=softmax_scale, p_quant=p_quant, num_splits=num_splits,
                                 max_seq_len=max(lens), return_lse=return_lse, check=False)

@@ -21,6 +21,7 @@ sdpa accepts beyond that is mapped *exactly* onto such calls, or rejected with a
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Optional, Sequence, Tuple
 
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ._config import resolve_options
-from .attention import attention
+from .attention import _is_bool, attention, check_bool, check_softmax_scale, first_non_finite
 
 # A plan: for each group of batch elements with the same mask structure, the calls to make.
 # (batch indices or None for all, key start, key end, causal rows r: rows [0, r) bottom-right
@@ -125,6 +126,10 @@ def _run_segment(q, k, v, s, e, r, opts, softmax_scale):
     """Attention of q (all rows) over keys [s, e): rows [0, r) bottom-right causal, the rest not."""
     nq = q.shape[2]
     if e <= s:  # no visible key: O = 0, LSE = -inf (numerics section 3)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            # Through attention on no key: a grad_fn and zero gradients, as torch's SDPA gives.
+            return attention(q, k[:, :, s:s], v[:, :, s:s], causal=False, softmax_scale=softmax_scale,
+                             return_lse=True, **opts)
         o = q.new_zeros(q.shape[:3] + (v.shape[-1],))
         lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
         return o, lse
@@ -133,7 +138,7 @@ def _run_segment(q, k, v, s, e, r, opts, softmax_scale):
     if r > 0:
         parts.append(attention(q if r == nq else q[:, :, :r], ks, vs, causal=True, softmax_scale=softmax_scale,
                                return_lse=True, **opts))
-    if r < nq:
+    if r < nq or not parts:  # (nq == 0: one call on the empty rows, for the shapes and the grad_fn)
         parts.append(attention(q if r == 0 else q[:, :, r:], ks, vs, causal=False, softmax_scale=softmax_scale,
                                return_lse=True, **opts))
     if len(parts) == 1:
@@ -171,7 +176,8 @@ def sdpa(
     mode: Optional[str] = None, p_quant: Optional[str] = None, v_blocks: Optional[str] = None,
     kv_tile: Optional[int] = None, bwd_quantized_qkv: Optional[bool] = None, bwd_quant_p: Optional[bool] = None,
     bwd_high_precision_o: Optional[bool] = None, precision: Optional[str] = None,
-    deterministic: Optional[bool] = None, causal_alignment: str = "top_left",
+    deterministic: Optional[bool] = None, qkv_scale=None, check_finite: Optional[bool] = None,
+    causal_alignment: str = "top_left",
 ) -> Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` with attnqat's FP4 attention.
 
@@ -187,13 +193,17 @@ def sdpa(
             Float (additive) masks, per-head masks and other patterns raise.
         dropout_p: must be 0 (attnqat has no attention dropout).
         is_causal: causal mask, aligned as ``causal_alignment`` says; not together with
-            ``attn_mask`` (as in torch).
-        scale: softmax scale, default ``1/sqrt(D)``.
+            ``attn_mask`` (as in torch). A bool (``TypeError`` otherwise, as in torch).
+        scale: softmax scale, a positive finite number; default ``1/sqrt(D)``.
         enable_gqa: must be True when ``Hq != Hkv`` (as in torch); GQA runs natively, without
             repeating K and V.
         mode, p_quant, v_blocks, kv_tile, bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o,
-            precision, deterministic: attnqat's options (see :func:`attnqat.attention`); ``None``
-            takes the value of the enclosing :func:`attnqat.config` (default mode ``attn_qat``).
+            precision, deterministic, qkv_scale, check_finite: attnqat's options (see
+            :func:`attnqat.attention`); ``None`` takes the value of the enclosing
+            :func:`attnqat.config` (default mode ``attn_qat``). ``check_finite`` names
+            ``query``, ``key`` or ``value`` and the index of the first NaN/Inf (a device
+            synchronization); ``qkv_scale="amax"`` is computed per attention call (with a padding
+            mask: per group of sequences with the same padding).
         causal_alignment: ``"top_left"`` (torch's SDPA: query ``i`` sees keys ``j <= i``) or
             ``"bottom_right"`` (attnqat's and FlashAttention's: ``j <= i + Nk - Nq``, what decoding
             with a KV cache needs). They differ only when ``Nq != Nk``.
@@ -205,13 +215,18 @@ def sdpa(
     opts = resolve_options(dict(mode=mode, p_quant=p_quant, v_blocks=v_blocks, kv_tile=kv_tile,
                                 bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
                                 bwd_high_precision_o=bwd_high_precision_o, precision=precision,
-                                deterministic=deterministic))
+                                deterministic=deterministic, qkv_scale=qkv_scale, check_finite=check_finite))
     o, _ = _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, opts, causal_alignment)
     return o
 
 
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, opts, causal_alignment):
     """sdpa with resolved options; returns (O, LSE)."""
+    is_causal = check_bool("is_causal", is_causal)
+    enable_gqa = check_bool("enable_gqa", enable_gqa)
+    scale = check_softmax_scale("scale", scale) or None
+    if _is_bool(dropout_p) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"attnqat.sdpa: dropout_p: expected a float (0.0), got {type(dropout_p).__name__} {dropout_p!r}")
     if dropout_p != 0.0:
         raise ValueError(
             f"attnqat.sdpa: dropout_p={dropout_p}: attnqat has no attention dropout; pass dropout_p=0.0 "
@@ -221,9 +236,16 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     if causal_alignment not in ("top_left", "bottom_right"):
         raise ValueError(f"causal_alignment: expected 'top_left' or 'bottom_right', got {causal_alignment!r}")
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"attnqat.sdpa: {name}: expected a 4-D tensor [batch, heads, seq, head_dim], got {shape}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attnqat.sdpa: {name}: expected a torch.Tensor, got {type(t).__name__} "
+                            "(attnqat.attention takes numpy arrays)")
+        if t.dim() != 4:
+            raise ValueError(f"attnqat.sdpa: {name}: expected a 4-D tensor [batch, heads, seq, head_dim], "
+                             f"got {list(t.shape)}")
+    opts = dict(opts)
+    if opts.pop("check_finite", False):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            first_non_finite(name, t)
     b, hq, nq, _ = query.shape
     hkv, nk = key.shape[1], key.shape[2]
     if hq != hkv and not enable_gqa:
@@ -236,6 +258,9 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         if is_causal:
             raise ValueError("attnqat.sdpa: pass either attn_mask or is_causal=True, not both "
                              "(torch's SDPA rejects the combination too)")
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attnqat.sdpa: attn_mask: expected None or a boolean torch.Tensor, got "
+                            f"{type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool:
             raise ValueError(
                 f"attnqat.sdpa: attn_mask: a {attn_mask.dtype} mask is an additive bias, which attnqat cannot "

@@ -151,7 +151,7 @@ def register(name: str = NAME, **options) -> str:
     Returns:
         ``name``.
     """
-    _check(dict(options))
+    options = _check(dict(options), "attnqat.hf.register")
     from transformers import AttentionInterface
 
     fn = functools.partial(attention_forward, _attnqat_options=dict(options)) if options else attention_forward

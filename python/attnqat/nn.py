@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._config import _check
+from .attention import check_bool, check_softmax_scale
 from .functional import sdpa
 
 
@@ -24,7 +25,7 @@ class FP4Attention(torch.nn.Module):
         causal_alignment: ``"top_left"`` (torch's SDPA) or ``"bottom_right"`` (decoding with a KV
             cache); they differ only when ``Nq != Nk``.
         **options: attnqat options (``mode``, ``p_quant``, ``v_blocks``, ``kv_tile``, ``bwd_*``,
-            ``precision``, ``deterministic``); those not given come from the enclosing
+            ``precision``, ``deterministic``, ``qkv_scale``, ``check_finite``), checked here; those not given come from the enclosing
             :func:`attnqat.config` at call time. GQA is always enabled.
 
     Example::
@@ -39,10 +40,10 @@ class FP4Attention(torch.nn.Module):
         super().__init__()
         if causal_alignment not in ("top_left", "bottom_right"):
             raise ValueError(f"causal_alignment: expected 'top_left' or 'bottom_right', got {causal_alignment!r}")
-        self.is_causal = bool(is_causal)
-        self.scale = scale
+        self.is_causal = check_bool("is_causal", is_causal)
+        self.scale = check_softmax_scale("scale", scale) or None
         self.causal_alignment = causal_alignment
-        self.options = dict(_check(dict(options)))
+        self.options = _check(dict(options), "attnqat.nn.FP4Attention")
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         """Attention of ``q`` over ``k``, ``v``; ``attn_mask`` as in :func:`attnqat.sdpa` (then

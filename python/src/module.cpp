@@ -13,6 +13,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "attnqat/attnqat.h"
 
@@ -24,7 +25,40 @@ namespace {
 using AnyArray = nb::ndarray<>;
 using OptArray = std::optional<AnyArray>;
 
-DType dtype_of(const AnyArray& a, const char* name) {
+// The DLPack dtype of an array as numpy/torch spell it ("int32", "bool", "complex64", ...).
+std::string dlpack_dtype_name(const nb::dlpack::dtype& dt) {
+  using nb::dlpack::dtype_code;
+  std::string base;
+  switch (dt.code) {
+    case static_cast<uint8_t>(dtype_code::Int): base = "int"; break;
+    case static_cast<uint8_t>(dtype_code::UInt): base = "uint"; break;
+    case static_cast<uint8_t>(dtype_code::Float): base = "float"; break;
+    case static_cast<uint8_t>(dtype_code::Bfloat): base = "bfloat"; break;
+    case static_cast<uint8_t>(dtype_code::Complex): base = "complex"; break;
+    case static_cast<uint8_t>(dtype_code::Bool): return dt.lanes == 1 ? "bool" : "bool vector";
+    default:
+      return "an unsupported DLPack type (code " + std::to_string(dt.code) + ", " +
+             std::to_string(dt.bits) + " bits)";
+  }
+  std::string name = base + std::to_string(dt.bits);
+  if (dt.lanes != 1) name += " x" + std::to_string(dt.lanes);
+  return name;
+}
+
+// What an argument accepts, for the message of a dtype that has no DType at all (int32, bool,
+// ...). Dtypes that do have one (e.g. uint8 where a float is expected) reach the validation of
+// src/common/validate.cpp, which words its message the same way.
+enum class Accepts { kFloat, kFloat32, kUInt8 };
+
+const char* accepted_dtypes(Accepts a) {
+  switch (a) {
+    case Accepts::kFloat32: return "float32";
+    case Accepts::kUInt8: return "uint8";
+    default: return "float32, float16 or bfloat16 (or float64 on the CPU)";
+  }
+}
+
+DType dtype_of(const AnyArray& a, const char* name, Accepts accepts) {
   const nb::dlpack::dtype dt = a.dtype();
   using nb::dlpack::dtype_code;
   if (dt.lanes == 1) {
@@ -36,23 +70,26 @@ DType dtype_of(const AnyArray& a, const char* name) {
     if (dt.code == static_cast<uint8_t>(dtype_code::Bfloat) && dt.bits == 16) return DType::kBFloat16;
     if (dt.code == static_cast<uint8_t>(dtype_code::UInt) && dt.bits == 8) return DType::kUInt8;
   }
-  throw nb::value_error((std::string(name) + ": unsupported dtype (code " + std::to_string(dt.code) +
-                         ", " + std::to_string(dt.bits) + " bits)").c_str());
+  throw nb::value_error((std::string(name) + ": expected dtype " + accepted_dtypes(accepts) + ", got " +
+                         dlpack_dtype_name(dt)).c_str());
 }
 
-TensorView to_view(const AnyArray& a, const char* name) {
+Device device_of(int dev, const char* name) {
+  if (dev == nb::device::cpu::value) return Device::kCPU;
+  if (dev == nb::device::cuda::value) return Device::kCUDA;
+  throw nb::value_error((std::string(name) + ": expected a CPU or CUDA tensor, got DLPack device type " +
+                         std::to_string(dev)).c_str());
+}
+
+TensorView to_view(const AnyArray& a, const char* name, Accepts accepts = Accepts::kFloat) {
   TensorView t;
   t.name = name;
   if (a.ndim() > static_cast<size_t>(kMaxDims))
     throw nb::value_error((std::string(name) + ": expected at most " + std::to_string(kMaxDims) +
                            " dimensions, got " + std::to_string(a.ndim())).c_str());
   t.data = a.data();
-  t.dtype = dtype_of(a, name);
-  const int dev = a.device_type();
-  if (dev == nb::device::cpu::value) t.device = Device::kCPU;
-  else if (dev == nb::device::cuda::value) t.device = Device::kCUDA;
-  else throw nb::value_error((std::string(name) + ": expected a CPU or CUDA tensor, got DLPack device type " +
-                              std::to_string(dev)).c_str());
+  t.dtype = dtype_of(a, name, accepts);
+  t.device = device_of(a.device_type(), name);
   t.device_id = a.device_id();
   t.ndim = static_cast<int>(a.ndim());
   for (int i = 0; i < t.ndim; ++i) {
@@ -62,13 +99,13 @@ TensorView to_view(const AnyArray& a, const char* name) {
   return t;
 }
 
-TensorView opt_view(const OptArray& a, const char* name) {
+TensorView opt_view(const OptArray& a, const char* name, Accepts accepts = Accepts::kFloat) {
   if (!a) {
     TensorView t;
     t.name = name;
     return t;
   }
-  return to_view(*a, name);
+  return to_view(*a, name, accepts);
 }
 
 void check(const Status& st) {
@@ -82,38 +119,36 @@ void check(const Status& st) {
   }
 }
 
+// The one conversion of option strings to enums: `s` must be one of `choices`; the message lists
+// them. (Types and values of the options are checked by the Python front end and, for every
+// caller of the C++ API, by validate_attention_options() in src/common/validate.cpp.)
+template <typename E>
+E parse_choice(const char* name, const std::string& s,
+               std::initializer_list<std::pair<const char*, E>> choices) {
+  for (const auto& [text, value] : choices)
+    if (s == text) return value;
+  std::string list;
+  size_t i = 0;
+  for (const auto& c : choices) {
+    list += (i == 0 ? "" : (i + 1 == choices.size() ? (choices.size() == 2 ? " or " : ", or ") : ", "));
+    list += "'" + std::string(c.first) + "'";
+    ++i;
+  }
+  throw nb::value_error((std::string(name) + ": expected " + (choices.size() > 2 ? "one of " : "") +
+                         list + ", got '" + s + "'").c_str());
+}
+
 Format parse_format(const std::string& s) {
-  if (s == "nvfp4") return Format::kNVFP4;
-  if (s == "mxfp4") return Format::kMXFP4;
-  throw nb::value_error(("format: expected 'nvfp4' or 'mxfp4', got '" + s + "'").c_str());
+  return parse_choice<Format>("format", s, {{"nvfp4", Format::kNVFP4}, {"mxfp4", Format::kMXFP4}});
 }
 BlockAxis parse_axis(const std::string& s) {
-  if (s == "last") return BlockAxis::kLast;
-  if (s == "token") return BlockAxis::kToken;
-  throw nb::value_error(("axis: expected 'last' or 'token', got '" + s + "'").c_str());
-}
-Mode parse_mode(const std::string& s) {
-  if (s == "bf16") return Mode::kBF16;
-  if (s == "fp4") return Mode::kFP4;
-  if (s == "drop_in_qat") return Mode::kDropInQAT;
-  if (s == "attn_qat") return Mode::kAttnQAT;
-  throw nb::value_error(("mode: expected one of 'bf16', 'fp4', 'drop_in_qat', 'attn_qat', got '" + s + "'").c_str());
+  return parse_choice<BlockAxis>("axis", s, {{"last", BlockAxis::kLast}, {"token", BlockAxis::kToken}});
 }
 PQuant parse_p_quant(const std::string& s) {
-  if (s == "paper") return PQuant::kPaper;
-  if (s == "anchored") return PQuant::kAnchored;
-  throw nb::value_error(("p_quant: expected 'paper' or 'anchored', got '" + s + "'").c_str());
+  return parse_choice<PQuant>("p_quant", s, {{"paper", PQuant::kPaper}, {"anchored", PQuant::kAnchored}});
 }
 VBlocks parse_v_blocks(const std::string& s) {
-  if (s == "channel") return VBlocks::kChannel;
-  if (s == "token") return VBlocks::kToken;
-  throw nb::value_error(("v_blocks: expected 'channel' or 'token', got '" + s + "'").c_str());
-}
-Precision parse_precision(const std::string& s) {
-  if (s == "fp32") return Precision::kFloat32;
-  if (s == "fp64") return Precision::kFloat64;
-  if (s == "bf16_operands") return Precision::kBF16Operands;
-  throw nb::value_error(("precision: expected 'fp32', 'fp64' or 'bf16_operands', got '" + s + "'").c_str());
+  return parse_choice<VBlocks>("v_blocks", s, {{"channel", VBlocks::kChannel}, {"token", VBlocks::kToken}});
 }
 
 QuantizeOptions quant_opts(const std::string& format, const std::string& axis, bool compute) {
@@ -130,14 +165,17 @@ AttentionOptions attn_opts(const std::string& mode, const std::string& p_quant,
                            bool bwd_high_precision_o, const std::string& precision,
                            bool inputs_quantized, bool deterministic) {
   AttentionOptions o;
-  o.mode = parse_mode(mode);
+  o.mode = parse_choice<Mode>("mode", mode, {{"bf16", Mode::kBF16}, {"fp4", Mode::kFP4},
+                                             {"drop_in_qat", Mode::kDropInQAT}, {"attn_qat", Mode::kAttnQAT}});
   o.p_quant = parse_p_quant(p_quant);
   o.v_blocks = parse_v_blocks(v_blocks);
   o.causal = causal;
   o.softmax_scale = softmax_scale;
   o.kv_tile = kv_tile;
   o.bwd = BackwardSwitches{bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o};
-  o.precision = parse_precision(precision);
+  o.precision = parse_choice<Precision>("precision", precision,
+                                        {{"fp32", Precision::kFloat32}, {"fp64", Precision::kFloat64},
+                                         {"bf16_operands", Precision::kBF16Operands}});
   o.inputs_quantized = inputs_quantized;
   o.deterministic = deterministic;
   return o;
@@ -149,18 +187,14 @@ void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
 IndexView to_index(const AnyArray& a, const char* name) {
   const nb::dlpack::dtype dt = a.dtype();
   if (!(dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && dt.bits == 32 && dt.lanes == 1))
-    throw nb::value_error((std::string(name) + ": expected dtype int32, got a tensor of " +
-                           std::to_string(dt.bits) + "-bit type code " + std::to_string(dt.code)).c_str());
+    throw nb::value_error((std::string(name) + ": expected dtype int32, got " + dlpack_dtype_name(dt)).c_str());
   if (a.ndim() < 1 || a.ndim() > 2)
     throw nb::value_error((std::string(name) + ": expected 1 or 2 dimensions, got " +
                            std::to_string(a.ndim())).c_str());
   IndexView v;
   v.name = name;
   v.data = static_cast<const int32_t*>(a.data());
-  const int dev = a.device_type();
-  if (dev == nb::device::cpu::value) v.device = Device::kCPU;
-  else if (dev == nb::device::cuda::value) v.device = Device::kCUDA;
-  else throw nb::value_error((std::string(name) + ": expected a CPU or CUDA tensor").c_str());
+  v.device = device_of(a.device_type(), name);
   v.device_id = a.device_id();
   v.ndim = static_cast<int>(a.ndim());
   for (int i = 0; i < v.ndim; ++i) {
@@ -172,10 +206,10 @@ IndexView to_index(const AnyArray& a, const char* name) {
 
 PagedKVCache to_cache(const AnyArray& kd, const AnyArray& ks, const AnyArray& vd, const AnyArray& vs) {
   PagedKVCache c;
-  c.k_data = to_view(kd, "k_data");
-  c.k_scales = to_view(ks, "k_scales");
-  c.v_data = to_view(vd, "v_data");
-  c.v_scales = to_view(vs, "v_scales");
+  c.k_data = to_view(kd, "k_data", Accepts::kUInt8);
+  c.k_scales = to_view(ks, "k_scales", Accepts::kUInt8);
+  c.v_data = to_view(vd, "v_data", Accepts::kUInt8);
+  c.v_scales = to_view(vs, "v_scales", Accepts::kUInt8);
   return c;
 }
 
@@ -197,8 +231,9 @@ NB_MODULE(_C, m) {
   m.def("quantize",
         [](AnyArray x, AnyArray data, AnyArray scales, OptArray g, const std::string& format,
            const std::string& axis, bool compute_g, uintptr_t stream) {
-          const TensorView xv = to_view(x, "x"), dv = to_view(data, "data"), sv = to_view(scales, "scales"),
-                           gv = opt_view(g, "global_scale");
+          const TensorView xv = to_view(x, "x"), dv = to_view(data, "data", Accepts::kUInt8),
+                           sv = to_view(scales, "scales", Accepts::kUInt8),
+                           gv = opt_view(g, "global_scale", Accepts::kFloat32);
           const QuantizeOptions o = quant_opts(format, axis, compute_g);
           Status st;
           {
@@ -213,8 +248,9 @@ NB_MODULE(_C, m) {
   m.def("dequantize",
         [](AnyArray data, AnyArray scales, OptArray g, AnyArray out, const std::string& format,
            const std::string& axis, uintptr_t stream) {
-          const TensorView dv = to_view(data, "data"), sv = to_view(scales, "scales"),
-                           gv = opt_view(g, "global_scale"), ov = to_view(out, "out");
+          const TensorView dv = to_view(data, "data", Accepts::kUInt8),
+                           sv = to_view(scales, "scales", Accepts::kUInt8),
+                           gv = opt_view(g, "global_scale", Accepts::kFloat32), ov = to_view(out, "out");
           const QuantizeOptions o = quant_opts(format, axis, false);
           Status st;
           {
@@ -229,7 +265,8 @@ NB_MODULE(_C, m) {
   m.def("fake_quantize",
         [](AnyArray x, AnyArray out, OptArray g, const std::string& format, const std::string& axis,
            bool compute_g, uintptr_t stream) {
-          const TensorView xv = to_view(x, "x"), ov = to_view(out, "out"), gv = opt_view(g, "global_scale");
+          const TensorView xv = to_view(x, "x"), ov = to_view(out, "out"),
+                           gv = opt_view(g, "global_scale", Accepts::kFloat32);
           const QuantizeOptions o = quant_opts(format, axis, compute_g);
           Status st;
           {
@@ -254,9 +291,9 @@ NB_MODULE(_C, m) {
           ForwardOutputs out;
           out.o = to_view(o, "o");
           out.o_hp = opt_view(o_hp, "o_hp");
-          out.lse = to_view(lse, "lse");
-          out.m_ref = opt_view(m_ref, "m_ref");
-          out.l = opt_view(l, "l");
+          out.lse = to_view(lse, "lse", Accepts::kFloat32);
+          out.m_ref = opt_view(m_ref, "m_ref", Accepts::kFloat32);
+          out.l = opt_view(l, "l", Accepts::kFloat32);
           Status st;
           {
             nb::gil_scoped_release release;
@@ -284,9 +321,9 @@ NB_MODULE(_C, m) {
           ForwardState s;
           s.o = opt_view(o, "o");
           s.o_hp = opt_view(o_hp, "o_hp");
-          s.lse = to_view(lse, "lse");
-          s.m_ref = opt_view(m_ref, "m_ref");
-          s.l = opt_view(l, "l");
+          s.lse = to_view(lse, "lse", Accepts::kFloat32);
+          s.m_ref = opt_view(m_ref, "m_ref", Accepts::kFloat32);
+          s.l = opt_view(l, "l", Accepts::kFloat32);
           BackwardOutputs g;
           g.dq = to_view(dq, "dq");
           g.dk = to_view(dk, "dk");
@@ -305,21 +342,24 @@ NB_MODULE(_C, m) {
         nb::arg("bwd_high_precision_o"), nb::arg("precision") = "fp32", nb::arg("inputs_quantized") = false,
         nb::arg("deterministic") = false, nb::arg("stream") = 0);
 
-  // ---- FP4 inference (issue 8) ------------------------------------------------------------------
+  // ---- FP4 inference ------------------------------------------------------------------------------
 
   m.def("attention_forward_packed",
         [](AnyArray qd, AnyArray qs, AnyArray qg, AnyArray kd, AnyArray ks, AnyArray kg, AnyArray vd,
            AnyArray vs, AnyArray vg, AnyArray o, AnyArray lse, OptArray m_ref, OptArray l,
            const std::string& p_quant, const std::string& v_blocks, bool causal, float softmax_scale,
            int kv_tile, const std::string& decode, uintptr_t stream) {
-          PackedDecode where;
-          if (decode == "auto") where = PackedDecode::kAuto;
-          else if (decode == "kernel") where = PackedDecode::kInKernel;
-          else if (decode == "temporary") where = PackedDecode::kTemporary;
-          else throw nb::value_error(("decode: expected 'auto', 'kernel' or 'temporary', got '" + decode + "'").c_str());
-          PackedTensor q{to_view(qd, "q.data"), to_view(qs, "q.scales"), to_view(qg, "q.global_scale")};
-          PackedTensor k{to_view(kd, "k.data"), to_view(ks, "k.scales"), to_view(kg, "k.global_scale")};
-          PackedTensor v{to_view(vd, "v.data"), to_view(vs, "v.scales"), to_view(vg, "v.global_scale")};
+          const PackedDecode where = parse_choice<PackedDecode>(
+              "decode", decode, {{"auto", PackedDecode::kAuto}, {"kernel", PackedDecode::kInKernel},
+                                 {"temporary", PackedDecode::kTemporary}});
+          const auto packed = [](const AnyArray& d, const AnyArray& s, const AnyArray& g, const char* dn,
+                                 const char* sn, const char* gn) {
+            return PackedTensor{to_view(d, dn, Accepts::kUInt8), to_view(s, sn, Accepts::kUInt8),
+                                to_view(g, gn, Accepts::kFloat32)};
+          };
+          const PackedTensor q = packed(qd, qs, qg, "q.data", "q.scales", "q.global_scale");
+          const PackedTensor k = packed(kd, ks, kg, "k.data", "k.scales", "k.global_scale");
+          const PackedTensor v = packed(vd, vs, vg, "v.data", "v.scales", "v.global_scale");
           AttentionOptions opts;
           opts.mode = Mode::kFP4;
           opts.p_quant = parse_p_quant(p_quant);
@@ -329,9 +369,9 @@ NB_MODULE(_C, m) {
           opts.kv_tile = kv_tile;
           ForwardOutputs out;
           out.o = to_view(o, "o");
-          out.lse = to_view(lse, "lse");
-          out.m_ref = opt_view(m_ref, "m_ref");
-          out.l = opt_view(l, "l");
+          out.lse = to_view(lse, "lse", Accepts::kFloat32);
+          out.m_ref = opt_view(m_ref, "m_ref", Accepts::kFloat32);
+          out.l = opt_view(l, "l", Accepts::kFloat32);
           Status st;
           {
             nb::gil_scoped_release release;
@@ -367,7 +407,8 @@ NB_MODULE(_C, m) {
            AnyArray seq_lens, AnyArray out, OptArray lse, float softmax_scale,
            const std::string& p_quant, int num_splits, int max_seq_len, uintptr_t stream) {
           const PagedKVCache cache = to_cache(kd, ks, vd, vs);
-          const TensorView qv = to_view(q, "q"), ov = to_view(out, "out"), lv = opt_view(lse, "lse");
+          const TensorView qv = to_view(q, "q"), ov = to_view(out, "out"),
+                           lv = opt_view(lse, "lse", Accepts::kFloat32);
           const IndexView pt = to_index(page_table, "page_table"), sl = to_index(seq_lens, "seq_lens");
           DecodeOptions opts;
           opts.softmax_scale = softmax_scale;

@@ -16,7 +16,21 @@ std::string device_str(const TensorView& t) {
   return t.device == Device::kCPU ? std::string("cpu") : "cuda:" + std::to_string(t.device_id);
 }
 
+// A view whose dimensions make sense (from any caller of the C++ API: the binding builds only
+// such views, but a hand-made one may not).
+Status check_dims(const TensorView& t) {
+  if (t.ndim < 0 || t.ndim > kMaxDims)
+    return Status::Invalid(std::string(t.name) + ": expected 0 to " + std::to_string(kMaxDims) +
+                           " dimensions, got " + std::to_string(t.ndim));
+  for (int i = 0; i < t.ndim; ++i)
+    if (t.shape[i] < 0)
+      return Status::Invalid(std::string(t.name) + ": expected non-negative sizes, got shape " +
+                             t.shape_str());
+  return Status::Ok();
+}
+
 Status check_present(const TensorView& t) {
+  ATTNQAT_RETURN_IF_ERROR(check_dims(t));
   if (t.data == nullptr && t.numel() != 0)
     return Status::Invalid(std::string(t.name) + ": expected a tensor, got none");
   return Status::Ok();
@@ -63,7 +77,9 @@ Status check_same_device(const TensorView& ref, const TensorView& t) {
 }
 
 Status check_last_dim_contiguous(const TensorView& t) {
-  if (t.ndim > 0 && t.size(-1) > 1 && t.stride_of(-1) != 1)
+  // An empty tensor addresses nothing: any strides will do (torch gives expanded gradients of
+  // empty outputs stride 0).
+  if (t.ndim > 0 && t.size(-1) > 1 && t.stride_of(-1) != 1 && t.numel() != 0)
     return Status::Invalid(std::string(t.name) + ": expected the last dimension to be contiguous "
                            "(stride 1), got stride " + std::to_string(t.stride_of(-1)) +
                            "; call .contiguous() first");
@@ -72,6 +88,7 @@ Status check_last_dim_contiguous(const TensorView& t) {
 
 Status check_output(const TensorView& t, const TensorView& ref_device, DType dtype, int ndim,
                     const int64_t* shape) {
+  ATTNQAT_RETURN_IF_ERROR(check_dims(t));
   ATTNQAT_RETURN_IF_ERROR(check_dtype(t, dtype));
   ATTNQAT_RETURN_IF_ERROR(check_shape(t, ndim, shape));
   ATTNQAT_RETURN_IF_ERROR(check_same_device(ref_device, t));
@@ -104,8 +121,19 @@ Status check_global_scale(const TensorView& g, const TensorView& x, const Quanti
   return Status::Ok();
 }
 
+Status check_quantize_options(const QuantizeOptions& opts) {
+  if (opts.format != Format::kNVFP4 && opts.format != Format::kMXFP4)
+    return Status::Invalid("format: expected NVFP4 or MXFP4, got enum value " +
+                           std::to_string(static_cast<int>(opts.format)));
+  if (opts.axis != BlockAxis::kLast && opts.axis != BlockAxis::kToken)
+    return Status::Invalid("axis: expected last or token, got enum value " +
+                           std::to_string(static_cast<int>(opts.axis)));
+  return Status::Ok();
+}
+
 // The block axis of x: its length must be a multiple of the block size (channel blocks).
 Status check_block_axis(const TensorView& x, const QuantizeOptions& opts) {
+  ATTNQAT_RETURN_IF_ERROR(check_quantize_options(opts));
   if (opts.axis == BlockAxis::kToken) {
     if (opts.format != Format::kNVFP4)
       return Status::NotImplemented(std::string(x.name) +
@@ -202,12 +230,46 @@ float resolve_softmax_scale(const AttentionOptions& opts, int64_t head_dim) {
   return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
 }
 
+Status check_softmax_scale(float softmax_scale) {
+  if (!(softmax_scale >= 0.0f) || !std::isfinite(softmax_scale)) {
+    std::ostringstream os;
+    os << "softmax_scale: expected a positive finite number (or 0 for 1/sqrt(head_dim)), got "
+       << softmax_scale;
+    return Status::Invalid(os.str());
+  }
+  return Status::Ok();
+}
+
+Status validate_attention_options(const AttentionOptions& opts) {
+  const int mode = static_cast<int>(opts.mode), pq = static_cast<int>(opts.p_quant),
+            vb = static_cast<int>(opts.v_blocks), pr = static_cast<int>(opts.precision);
+  if (mode > static_cast<int>(Mode::kAttnQAT))
+    return Status::Invalid("mode: expected one of bf16, fp4, drop_in_qat, attn_qat; got enum value " +
+                           std::to_string(mode));
+  if (pq > static_cast<int>(PQuant::kAnchored))
+    return Status::Invalid("p_quant: expected paper or anchored, got enum value " + std::to_string(pq));
+  if (vb > static_cast<int>(VBlocks::kToken))
+    return Status::Invalid("v_blocks: expected channel or token, got enum value " + std::to_string(vb));
+  if (pr > static_cast<int>(Precision::kBF16Operands))
+    return Status::Invalid("precision: expected fp32, fp64 or bf16_operands, got enum value " +
+                           std::to_string(pr));
+  if (opts.kv_tile <= 0 || opts.kv_tile % kNvBlock != 0 || opts.kv_tile > kMaxKvTile)
+    return Status::Invalid("kv_tile: expected a positive multiple of 16 up to " +
+                           std::to_string(kMaxKvTile) + ", got " + std::to_string(opts.kv_tile));
+  return check_softmax_scale(opts.softmax_scale);
+}
+
 namespace {
 
-constexpr int kMaxHeadDim = 256;
+std::string head_dim_message(const char* name, int64_t d) {
+  return std::string(name) + ": expected head_dim a positive multiple of 16 up to " +
+         std::to_string(kMaxHeadDim) + " (the NVFP4 block; CPU reference: 16, 32, ..., " +
+         std::to_string(kMaxHeadDim) + "; CUDA kernels: 64 and 128), got " + std::to_string(d);
+}
 
 Status check_qkv(const TensorView& q, const TensorView& k, const TensorView& v,
                  const AttentionOptions& opts) {
+  ATTNQAT_RETURN_IF_ERROR(validate_attention_options(opts));
   for (const TensorView* t : {&q, &k, &v}) {
     ATTNQAT_RETURN_IF_ERROR(check_float_input(*t, q.device == Device::kCPU));
     if (t->ndim != 4)
@@ -221,9 +283,7 @@ Status check_qkv(const TensorView& q, const TensorView& k, const TensorView& v,
     return Status::Invalid(std::string("k, v: expected the dtype of q (") + dtype_name(q.dtype) +
                            "), got " + dtype_name(k.dtype) + " and " + dtype_name(v.dtype));
   const int64_t d = q.shape[3];
-  if (d <= 0 || d % kNvBlock != 0 || d > kMaxHeadDim)
-    return Status::Invalid("q: expected head_dim a positive multiple of 16 up to 256 (the NVFP4 "
-                           "block), got " + std::to_string(d));
+  if (d <= 0 || d % kNvBlock != 0 || d > kMaxHeadDim) return Status::Invalid(head_dim_message("q", d));
   if (k.shape[0] != q.shape[0] || v.shape[0] != q.shape[0])
     return Status::Invalid("k, v: expected batch " + std::to_string(q.shape[0]) +
                            " (the batch of q), got " + std::to_string(k.shape[0]) + " and " +
@@ -243,12 +303,6 @@ Status check_qkv(const TensorView& q, const TensorView& k, const TensorView& v,
   if (opts.causal && opts.v_blocks == VBlocks::kToken && opts.mode != Mode::kBF16)
     return Status::Invalid("v_blocks: 'token' cannot be used with causal attention (a token "
                            "block's scale would depend on future tokens); use v_blocks='channel'");
-  if (opts.kv_tile <= 0 || opts.kv_tile % kNvBlock != 0 || opts.kv_tile > 4096)
-    return Status::Invalid("kv_tile: expected a positive multiple of 16 up to 4096, got " +
-                           std::to_string(opts.kv_tile));
-  if (!(opts.softmax_scale >= 0.0f) || !std::isfinite(opts.softmax_scale))
-    return Status::Invalid("softmax_scale: expected a positive finite number (or 0 for "
-                           "1/sqrt(head_dim)), got " + std::to_string(opts.softmax_scale));
   return Status::Ok();
 }
 
@@ -330,7 +384,7 @@ Status validate_attention_backward(const TensorView& dout, const TensorView& q,
 
 }  // namespace attnqat
 
-// ---- FP4 inference (issue 8): packed attention, the paged FP4 KV cache, decode ----------------
+// ---- FP4 inference: packed attention, the paged FP4 KV cache, decode ----------------
 
 namespace attnqat {
 namespace {
@@ -462,9 +516,11 @@ Status validate_kv_cache(const PagedKVCache& cache, KVCacheDims* dims) {
     return Status::Invalid(std::string(kd.name) + ": expected a page size (dimension 2) that is a " +
                            "positive multiple of 16 (P blocks of 16 keys never straddle a page), got " +
                            std::to_string(d.page_size));
-  if (d.head_dim % kNvBlock != 0 || d.head_dim <= 0)
+  if (d.head_dim % kNvBlock != 0 || d.head_dim <= 0 || d.head_dim > kMaxHeadDim)
     return Status::Invalid(std::string(kd.name) + ": expected D/2 bytes per token with D a positive " +
-                           "multiple of 16, got " + std::to_string(kd.shape[3]) + " bytes");
+                           "multiple of 16 up to " + std::to_string(kMaxHeadDim) + " (CPU reference; " +
+                           "the CUDA decode kernel takes 64 and 128), got " +
+                           std::to_string(kd.shape[3]) + " bytes (D = " + std::to_string(d.head_dim) + ")");
   const int64_t sshape[4] = {d.num_pages, d.heads, d.page_size, d.head_dim / kNvBlock};
   ATTNQAT_RETURN_IF_ERROR(check_shape(cache.k_scales, 4, sshape));
   ATTNQAT_RETURN_IF_ERROR(check_shape(cache.v_data, 4, kd.shape));
@@ -554,6 +610,10 @@ Status validate_decode_attention(const TensorView& q, const PagedKVCache& cache,
                                  const IndexView& page_table, const IndexView& seq_lens,
                                  const DecodeOptions& opts, const TensorView& out,
                                  const TensorView& lse, KVCacheDims* dims) {
+  ATTNQAT_RETURN_IF_ERROR(check_softmax_scale(opts.softmax_scale));
+  if (static_cast<int>(opts.p_quant) > static_cast<int>(PQuant::kAnchored))
+    return Status::Invalid("p_quant: expected paper or anchored, got enum value " +
+                           std::to_string(static_cast<int>(opts.p_quant)));
   ATTNQAT_RETURN_IF_ERROR(validate_kv_cache(cache, dims));
   ATTNQAT_RETURN_IF_ERROR(check_float_input(q, q.device == Device::kCPU));
   if (q.ndim != 4)
@@ -577,11 +637,9 @@ Status validate_decode_attention(const TensorView& q, const PagedKVCache& cache,
     const int64_t shape[3] = {q.shape[0], q.shape[1], q.shape[2]};
     ATTNQAT_RETURN_IF_ERROR(check_output(lse, q, DType::kFloat32, 3, shape));
   }
-  if (!(opts.softmax_scale >= 0.0f) || !std::isfinite(opts.softmax_scale))
-    return Status::Invalid("softmax_scale: expected a positive finite number (or 0 for "
-                           "1/sqrt(head_dim)), got " + std::to_string(opts.softmax_scale));
   if (opts.num_splits < 0 || opts.max_seq_len < 0)
-    return Status::Invalid("num_splits, max_seq_len: expected non-negative values (0: automatic)");
+    return Status::Invalid("num_splits, max_seq_len: expected non-negative values (0: automatic), got " +
+                           std::to_string(opts.num_splits) + " and " + std::to_string(opts.max_seq_len));
   if (q.device == Device::kCPU) return validate_page_values(page_table, seq_lens, 0, *dims);
   return Status::Ok();
 }

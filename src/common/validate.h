@@ -7,6 +7,18 @@
 
 namespace attnqat {
 
+// What the backends take (messages list these): head dims, multiples of 16 up to kMaxHeadDim on
+// the CPU reference (64 and 128 in the CUDA kernels, which report that themselves), and the
+// online softmax's key tile.
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxKvTile = 4096;
+
+// The options of an attention call (enum values in range, kv_tile, softmax_scale); every
+// validate_attention_* calls it, so each option is checked in this one place.
+Status validate_attention_options(const AttentionOptions& opts);
+// softmax_scale: finite and >= 0 (0: 1/sqrt(head_dim)); shared by attention and decode.
+Status check_softmax_scale(float softmax_scale);
+
 // Shapes of the packed outputs of quantize() for an input of the given shape.
 struct PackedShapes {
   int ndim = 0;
@@ -30,7 +42,7 @@ Status validate_attention_backward(const TensorView& dout, const TensorView& q,
                                    const ForwardState& saved, const AttentionOptions& opts,
                                    const BackwardOutputs& grads);
 
-// ---- FP4 inference (issue 8) ---------------------------------------------------------------
+// ---- FP4 inference -------------------------------------------------------------------------
 
 // The logical shape of a packed NVFP4 tensor (what dequantize() would produce), or an error.
 // `axis` is the block axis of the packing (kToken only for V with token blocks).

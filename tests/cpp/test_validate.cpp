@@ -4,9 +4,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <vector>
 
 #include "attnqat/attnqat.h"
+#include "common/validate.h"
 
 namespace attnqat {
 namespace {
@@ -69,7 +71,8 @@ TEST_F(AttentionArgs, ShapeMismatches) {
 
 TEST_F(AttentionArgs, HeadDimNotAMultipleOfTheBlock) {
   q = make_view(b.q.data(), DType::kFloat32, {2, 4, 8, 24}, "q");
-  EXPECT_THAT(fwd_error(), HasSubstr("q: expected head_dim a positive multiple of 16 up to 256 (the NVFP4 block), got 24"));
+  EXPECT_THAT(fwd_error(), HasSubstr("q: expected head_dim a positive multiple of 16 up to 256 (the NVFP4 block; "
+                                     "CPU reference: 16, 32, ..., 256; CUDA kernels: 64 and 128), got 24"));
   q = make_view(b.q.data(), DType::kFloat32, {1, 1, 1, 272}, "q");
   EXPECT_THAT(fwd_error(), HasSubstr("got 272"));
 }
@@ -99,11 +102,62 @@ TEST_F(AttentionArgs, BadKvTileAndScale) {
 TEST_F(AttentionArgs, EmptyTensors) {
   // head_dim 0 is an error; zero batch, heads or length are valid and give empty outputs.
   q = make_view(nullptr, DType::kFloat32, {2, 4, 8, 0}, "q");
-  EXPECT_THAT(fwd_error(), HasSubstr("expected head_dim a positive multiple of 16 up to 256 (the NVFP4 block), got 0"));
+  EXPECT_THAT(fwd_error(), HasSubstr("expected head_dim a positive multiple of 16 up to 256 (the NVFP4 block; "));
+  EXPECT_THAT(fwd_error(), HasSubstr("got 0"));
   q = make_view(nullptr, DType::kFloat32, {2, 4, 0, 32}, "q");
   out.o = make_view(nullptr, DType::kFloat32, {2, 4, 0, 32}, "o");
   out.lse = make_view(nullptr, DType::kFloat32, {2, 4, 0}, "lse");
   EXPECT_TRUE(attention_forward(q, k, v, {}, out).ok());
+}
+
+TEST_F(AttentionArgs, EmptyTensorsAcceptAnyStrides) {
+  // torch hands the backward an expanded (stride 0) gradient of an empty output: nothing is
+  // addressed, so the strides must not matter.
+  q = make_view(nullptr, DType::kFloat32, {2, 4, 0, 32}, "q");
+  q.stride[3] = 0;
+  out.o = make_view(nullptr, DType::kFloat32, {2, 4, 0, 32}, "o");
+  out.lse = make_view(nullptr, DType::kFloat32, {2, 4, 0}, "lse");
+  EXPECT_TRUE(attention_forward(q, k, v, {}, out).ok());
+}
+
+TEST_F(AttentionArgs, NegativeSizesAndTooManyDims) {
+  q.shape[2] = -8;
+  EXPECT_THAT(fwd_error(), HasSubstr("q: expected non-negative sizes, got shape [2, 4, -8, 32]"));
+  q.shape[2] = 8;
+  q.ndim = 9;
+  EXPECT_THAT(fwd_error(), HasSubstr("q: expected 0 to 6 dimensions, got 9"));
+}
+
+TEST_F(AttentionArgs, OptionEnumsOutOfRange) {
+  AttentionOptions opts;
+  opts.mode = static_cast<Mode>(7);
+  EXPECT_THAT(fwd_error(opts), HasSubstr("mode: expected one of bf16, fp4, drop_in_qat, attn_qat; got enum value 7"));
+  opts = {};
+  opts.p_quant = static_cast<PQuant>(5);
+  EXPECT_THAT(fwd_error(opts), HasSubstr("p_quant: expected paper or anchored, got enum value 5"));
+  opts = {};
+  opts.v_blocks = static_cast<VBlocks>(2);
+  EXPECT_THAT(fwd_error(opts), HasSubstr("v_blocks: expected channel or token, got enum value 2"));
+  opts = {};
+  opts.precision = static_cast<Precision>(3);
+  EXPECT_THAT(fwd_error(opts), HasSubstr("precision: expected fp32, fp64 or bf16_operands, got enum value 3"));
+}
+
+TEST_F(AttentionArgs, SoftmaxScaleIsCheckedOnceForEveryEntryPoint) {
+  // The same check (validate_attention_options -> check_softmax_scale) for forward and backward.
+  AttentionOptions opts;
+  opts.softmax_scale = std::nanf("");
+  EXPECT_THAT(fwd_error(opts), HasSubstr("softmax_scale: expected a positive finite number (or 0 for 1/sqrt(head_dim)), got nan"));
+  opts.softmax_scale = INFINITY;
+  EXPECT_THAT(fwd_error(opts), HasSubstr("got inf"));
+  opts.mode = Mode::kBF16;
+  BackwardOutputs g;
+  ForwardState s;
+  EXPECT_THAT(attention_backward(q, q, k, v, s, opts, g).message(), HasSubstr("softmax_scale: expected a positive finite number"));
+  EXPECT_TRUE(validate_attention_options(AttentionOptions{}).ok());
+  opts = {};
+  opts.kv_tile = 8192;
+  EXPECT_THAT(validate_attention_options(opts).message(), HasSubstr("kv_tile: expected a positive multiple of 16 up to 4096, got 8192"));
 }
 
 TEST_F(AttentionArgs, MismatchedDevices) {
@@ -175,6 +229,45 @@ TEST(QuantizeArgs, BadInputs) {
   auto on_gpu = dv;
   on_gpu.device = Device::kCUDA;
   EXPECT_THAT(quantize(xv, on_gpu, sv, gv, {}).message(), HasSubstr("data: expected a tensor on cpu (the device of x), got one on cuda:0"));
+  QuantizeOptions bad_format;
+  bad_format.format = static_cast<Format>(3);
+  EXPECT_THAT(quantize(xv, dv, sv, gv, bad_format).message(), HasSubstr("format: expected NVFP4 or MXFP4, got enum value 3"));
+  auto f64 = xv;
+  f64.dtype = DType::kFloat64;
+  EXPECT_THAT(quantize(f64, dv, sv, gv, {}).message(), HasSubstr("x: expected dtype float32, float16 or bfloat16, got float64"));
+}
+
+// ---- The paged FP4 KV cache and decode -----------------------------------------------------
+
+TEST(DecodeCacheArgs, HeadDimAndScale) {
+  // head dim 512: D/2 = 256 bytes per token; the reference and attention stop at 256.
+  std::vector<uint8_t> kd(1 * 1 * 16 * 256), ks(1 * 1 * 16 * 32);
+  PagedKVCache c;
+  c.k_data = make_view(kd.data(), DType::kUInt8, {1, 1, 16, 256}, "k_data");
+  c.k_scales = make_view(ks.data(), DType::kUInt8, {1, 1, 16, 32}, "k_scales");
+  c.v_data = make_view(kd.data(), DType::kUInt8, {1, 1, 16, 256}, "v_data");
+  c.v_scales = make_view(ks.data(), DType::kUInt8, {1, 1, 16, 32}, "v_scales");
+  KVCacheDims dims;
+  EXPECT_THAT(validate_kv_cache(c, &dims).message(),
+              HasSubstr("k_data: expected D/2 bytes per token with D a positive multiple of 16 up to 256 (CPU "
+                        "reference; the CUDA decode kernel takes 64 and 128), got 256 bytes (D = 512)"));
+  std::vector<float> q(64), out(64);
+  std::vector<int32_t> pt{0}, lens{1};
+  IndexView ptv, lv;
+  ptv.data = pt.data();
+  ptv.ndim = 2;
+  ptv.shape[0] = ptv.shape[1] = 1;
+  ptv.stride[0] = ptv.stride[1] = 1;
+  ptv.name = "page_table";
+  lv.data = lens.data();
+  lv.ndim = 1;
+  lv.shape[0] = lv.stride[0] = 1;
+  lv.name = "seq_lens";
+  DecodeOptions o;
+  o.softmax_scale = -2.0f;
+  const Status st = decode_attention(make_view(q.data(), DType::kFloat32, {1, 1, 1, 64}, "q"), c, ptv, lv, o,
+                                     make_view(out.data(), DType::kFloat32, {1, 1, 1, 64}, "out"), TensorView{});
+  EXPECT_THAT(st.message(), HasSubstr("softmax_scale: expected a positive finite number (or 0 for 1/sqrt(head_dim)), got -2"));
 }
 
 }  // namespace

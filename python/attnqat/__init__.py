@@ -11,7 +11,8 @@ The public API (numpy arrays and torch tensors alike):
   Q, K, V), :class:`FP4KVCache` (a paged KV cache stored as packed NVFP4, with append and decode
   attention), :func:`kv_cache_append` and :func:`decode_attention` on explicit page tables.
 
-With torch installed, the integration layer (``docs/integration.md``):
+With torch installed, the integration layer (``docs/integration.md``; without torch these names
+raise ``ImportError``: install torch with ``pip install attnqat[torch]``):
 
 - :func:`sdpa` — a drop-in for ``torch.nn.functional.scaled_dot_product_attention``;
   :func:`config` / :func:`set_config` / :func:`get_config` — the options it and the modules use;
@@ -22,18 +23,45 @@ CPU inputs run the reference implementation of ``docs/numerics.md``; CUDA tensor
 kernels when the package was built with CUDA.
 """
 
-import importlib.util as _importlib_util
+import importlib.abc as _importlib_abc
+import sys as _sys
 
 from ._C import build_info as _build_info
+from ._util import torch_import_error as _torch_import_error
+from ._util import torch_missing_error as _torch_missing_error
 from .attention import attention
 from .decode import FP4KVCache, attention_packed, decode_attention, kv_cache_append
 from .formats import QuantizedTensor, dequantize, fake_quantize, quantize_mxfp4, quantize_nvfp4
 
-if _importlib_util.find_spec("torch") is not None:
+# The torch-only part of the API. Without torch (or with a torch that fails to import) these names
+# and modules raise ImportError("... install torch (pip install attnqat[torch])") on use, while the
+# numpy API above keeps working.
+_TORCH_ONLY_NAMES = ("config", "get_config", "hf", "merge_attention", "nn", "reset_config", "sdpa", "set_config")
+_TORCH_ONLY_MODULES = ("_torch_ops", "functional", "hf", "hf_cache", "nn")
+_TORCH_ERROR = _torch_import_error()
+
+if _TORCH_ERROR is None:
     from . import _torch_ops  # noqa: F401  (registers torch.ops.attnqat.*)
     from . import hf, nn  # noqa: F401  (hf imports transformers only in hf.register())
     from ._config import config, get_config, reset_config, set_config
     from .functional import merge_attention, sdpa
+else:
+
+    def __getattr__(name):
+        if name in _TORCH_ONLY_NAMES:
+            raise _torch_missing_error(f"attnqat.{name}", _TORCH_ERROR)
+        raise AttributeError(f"module 'attnqat' has no attribute {name!r}")
+
+    class _TorchOnlyModules(_importlib_abc.MetaPathFinder):
+        """Makes `import attnqat.nn` (etc.) raise the same error instead of 'No module named torch'."""
+
+        def find_spec(self, fullname, path=None, target=None):
+            prefix, _, sub = fullname.rpartition(".")
+            if prefix == __name__ and sub in _TORCH_ONLY_MODULES:
+                raise _torch_missing_error(fullname, _TORCH_ERROR)
+            return None
+
+    _sys.meta_path.insert(0, _TorchOnlyModules())
 
 __version__ = _build_info()["version"]
 
@@ -47,12 +75,7 @@ def build_info() -> dict:
     arrays).
     """
     info = dict(_build_info())
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        info["torch"] = None
+    info["torch"] = _sys.modules["torch"].__version__ if _TORCH_ERROR is None else None
     return info
 
 
@@ -69,5 +92,5 @@ __all__ = [
     "quantize_mxfp4",
     "quantize_nvfp4",
 ]
-if "sdpa" in globals():
-    __all__ += ["config", "get_config", "hf", "merge_attention", "nn", "reset_config", "sdpa", "set_config"]
+if _TORCH_ERROR is None:
+    __all__ += list(_TORCH_ONLY_NAMES)

@@ -98,7 +98,8 @@ def check_kv_tile(name: str, value) -> int:
     return v
 
 
-def _check_power_of_two(name: str, value) -> float:
+def check_power_of_two(name: str, value) -> float:
+    """An NVFP4 second-level scale: a power of two in [2^-100, 2^100] (docs/numerics.md 9.2)."""
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number (a power of two), got {_describe(value)}")
     g = float(value)
@@ -122,7 +123,7 @@ def check_qkv_scale(name: str, value):
                         f"got {_describe(value)}")
     if len(value) != 3:
         raise ValueError(f"{name}: expected three scales (g_q, g_k, g_v), got {len(value)}")
-    return tuple(_check_power_of_two(f"{name}[{i}] ({part})", g) for i, (part, g) in enumerate(zip("qkv", value)))
+    return tuple(check_power_of_two(f"{name}[{i}] ({part})", g) for i, (part, g) in enumerate(zip("qkv", value)))
 
 
 _BWD_SWITCHES = ("bwd_quantized_qkv", "bwd_quant_p", "bwd_high_precision_o")

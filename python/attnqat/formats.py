@@ -7,7 +7,6 @@ numpy arrays call the C++ core directly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from . import _C
 from ._util import is_torch_tensor, torch_ops
+from .attention import check_power_of_two
 
 _BLOCK = {"nvfp4": 16, "mxfp4": 32}
 
@@ -38,12 +38,7 @@ def _resolve_global_scale(global_scale: Union[None, float, str], format: str) ->
         if global_scale != "amax":
             raise ValueError(f"global_scale: expected a power of two, None or 'amax', got {global_scale!r}")
         return 1.0, True
-    g = float(global_scale)
-    if not (g > 0 and math.isfinite(g) and math.frexp(g)[0] == 0.5 and 2.0**-100 <= g <= 2.0**100):
-        raise ValueError(
-            f"global_scale: expected a power of two in [2^-100, 2^100] (so that decoded values are exact), got {g}"
-        )
-    return g, False
+    return check_power_of_two("global_scale", global_scale), False
 
 
 def packed_shapes(shape, format: str, axis: str):

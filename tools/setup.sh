@@ -232,6 +232,13 @@ if ! "$VENV/bin/python" -m pip install -v --no-build-isolation --no-deps . 2>&1 
   die "building attnqat failed (above: the end of the build log)"
 fi
 
+# The build choice, for a rebuild with this venv (`. "$VENV/.attnqat-build-env"` before pip install .):
+# the build directory keeps it too, but forgets it when another venv builds in the same checkout.
+{
+  echo "export ATTNQAT_CUDA=$ATTNQAT_CUDA"
+  [ -z "${CMAKE_ARGS:-}" ] || echo "export CMAKE_ARGS=$(printf '%q' "$CMAKE_ARGS")"
+} > "$VENV/.attnqat-build-env"
+
 step "checking the installation"
 "$VENV/bin/python" -c "import attnqat, json; print('attnqat installed:', json.dumps(attnqat.build_info()))"
 step_done

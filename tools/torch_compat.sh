@@ -8,6 +8,7 @@
 #   TORCH_VERSIONS="2.4.1 2.15.0" tools/torch_compat.sh
 #   TRANSFORMERS_2_4_1=4.57.6 tools/torch_compat.sh   # another transformers for one torch version
 #   WORK=/tmp/dir KEEP=1 LOG=path PYTHON=python3.X tools/torch_compat.sh
+#   APPEND=1 TORCH_VERSIONS=2.5.1 tools/torch_compat.sh   # add a run to an existing log
 #
 # Each venv gets torch with all its dependencies from PyPI (on Linux x86_64 that includes the CUDA
 # libraries, ~2.5-2.8 GB per version: `pip install torch --no-deps` does not import without them)
@@ -22,7 +23,7 @@ LOG=${LOG:-bench/results/torch_compat_cpu_$(date -u +%Y-%m-%d).log}
 OTHER_PINS="numpy==2.2.6 pytest==8.4.2 hypothesis==6.140.2 nanobind==2.9.2 scikit-build-core==0.11.6 ninja==1.13.0 cmake==4.1.2"
 TRANSFORMERS_DEFAULT=${TRANSFORMERS:-5.24.0}
 mkdir -p "$WORK" "$(dirname "$LOG")"
-: > "$LOG"
+[ "${APPEND:-0}" = 1 ] || : > "$LOG"
 log() { echo "$*" | tee -a "$LOG"; }
 
 if [ -z "${TORCH_VERSIONS:-}" ]; then
@@ -34,6 +35,7 @@ if [ -z "${TORCH_VERSIONS:-}" ]; then
   TORCH_VERSIONS="$OLDEST $NEWEST"
 fi
 
+[ "${APPEND:-0}" = 1 ] && log "" && log "# appended run"
 log "# attnqat torch compatibility, CPU only (pytest tests/python -m \"not gpu\")"
 log "date:     $(date -u '+%Y-%m-%d %H:%M UTC')"
 log "commit:   $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- python tests pyproject.toml CMakeLists.txt src include || echo ' + uncommitted changes in python/tests/src')"

@@ -233,8 +233,12 @@ def test_gpu_bad_input_errors(cuda):
         attnqat.decode_attention(q.float(), k_data, k_scales, v_data, v_scales,
                                  torch.tensor([[0]], dtype=torch.int32, device=cuda),
                                  torch.tensor([3], dtype=torch.int32, device=cuda))
-    odd = FP4KVCache(4, 16, 2, 96, cuda)  # head dims other than 64 and 128: the CPU reference only
+    # Head dims other than 64 and 128: the CPU reference only. The cache refuses them on CUDA; the
+    # decode entry point on explicit tensors does too.
+    with pytest.raises(ValueError, match="head_dim"):
+        FP4KVCache(4, 16, 2, 96, cuda)
+    odd = [t.to(cuda) for t in FP4KVCache(4, 16, 2, 96, "cpu").layer_tensors()]
     with pytest.raises(NotImplementedError, match="head_dim 64 and 128"):
-        attnqat.decode_attention(torch.zeros(1, 8, 1, 96, device=cuda, dtype=torch.bfloat16), *odd.layer_tensors(),
+        attnqat.decode_attention(torch.zeros(1, 8, 1, 96, device=cuda, dtype=torch.bfloat16), *odd,
                                  torch.tensor([[0]], dtype=torch.int32, device=cuda),
                                  torch.tensor([3], dtype=torch.int32, device=cuda))

@@ -871,8 +871,9 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
         ls[j] = p.part_ml[2 * prow + 1];
         os[j] = has_channels ? reinterpret_cast<const float4*>(p.part_o + prow * D)[lane]
                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      } else {
+      } else {  // past the last split: an empty partial (m = -inf, l = 0) that the fold skips
         ms[j] = neg_inf();
+        ls[j] = 0.0f;
       }
     }
 #pragma unroll

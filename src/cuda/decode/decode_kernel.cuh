@@ -332,28 +332,6 @@ __device__ __forceinline__ uint16_t to_half_bits(float x) {
 }
 
 // A power of two 2^e for an integer-valued e <= 0 (exact; 0 below 2^-126), for anchored rescales.
-// ---- Non-finite inputs (numerics section 3) ----------------------------------------------------
-// A row is empty only by the mask: query qi of nq (the last nq tokens of a sequence of L keys)
-// sees keys [0, L - nq + qi], none when L - nq + qi + 1 <= 0. An empty row gives O = 0 and
-// LSE = -inf; any other row whose sum is not positive is poisoned (NaN), never 0.
-__device__ __forceinline__ bool row_is_empty(int L, int nq, int qi) { return L - nq + qi + 1 <= 0; }
-__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
-__device__ __forceinline__ float normalized(float acc, float l, bool empty) {
-  return empty ? 0.0f : l > 0.0f ? acc * (1.0f / l) : nan_f();
-}
-__device__ __forceinline__ float row_lse(float m, float l, bool empty) {
-  return empty ? neg_inf() : l > 0.0f ? kLn2 * (m + __log2f(l)) : nan_f();
-}
-// Whether a partial (m, l) of a warp or split adds nothing to a merge. Its maximum ignores NaN
-// scores (fmaxf), so m = -inf means that no finite score was seen: an empty partial has l = 0
-// and is skipped; one with l != 0 saw only NaN scores (l is NaN) and poisons the merged
-// acc and sum.
-__device__ __forceinline__ bool merge_skips(float m, float l, float& acc, float& lsum) {
-  if (m != neg_inf()) return false;
-  if (l != 0.0f) acc = lsum = nan_f();
-  return true;
-}
-
 __device__ __forceinline__ float exact_pow2(float e) {
   const int ei = static_cast<int>(e);
   return ei < -126 ? 0.0f : __int_as_float((127 + ei) << 23);
@@ -759,7 +737,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   if (g == 0) {  // per column (kPack: columns c and c + 4 share m_ref)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      s_m[warp * kRows + 2 * t + i] = m_ref[i];
+      // Non-finite inputs (numerics 9.7): the row maxima drop NaN scores (fmaxf), so a warp that
+      // saw only NaN scores of a row has m_ref = -inf but l = NaN. It must not pass for a warp
+      // with no visible key (l = 0), which the merges skip: it is stored with reference 0, so its
+      // NaN l and O flow into every merge (NaN times any weight is NaN).
+      s_m[warp * kRows + 2 * t + i] = m_ref[i] == neg_inf() && l[i] != 0.0f ? 0.0f : m_ref[i];
       s_l[warp * kRows + 2 * t + i] = l[i];
     }
   }
@@ -780,26 +762,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w * kRows + r]);
     float acc = 0.0f, lsum = 0.0f;
+    if (M != neg_inf()) {
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float mw = s_m[w * kRows + r];
-      float ow = s_o[(w * kRows + r) * kOPitch + merge_col(r, d)], lw = s_l[w * kRows + r];
-      if constexpr (kPack) {  // row r's other tile: column r + 4
-        ow += s_o[(w * kRows + r + 4) * kOPitch + merge_col(r + 4, d)];
-        lw += s_l[w * kRows + r + 4];
+      for (int w = 0; w < kWarps; ++w) {
+        const float mw = s_m[w * kRows + r];
+        if (mw == neg_inf()) continue;
+        // anchored: an exact power of two; paper: the warps share m, so the weight is 1.
+        const float wgt = mw == M ? 1.0f : exact_pow2(mw - M);
+        float ow = s_o[(w * kRows + r) * kOPitch + merge_col(r, d)], lw = s_l[w * kRows + r];
+        if constexpr (kPack) {  // row r's other tile: column r + 4
+          ow += s_o[(w * kRows + r + 4) * kOPitch + merge_col(r + 4, d)];
+          lw += s_l[w * kRows + r + 4];
+        }
+        acc = fmaf(wgt, ow, acc);
+        lsum = fmaf(wgt, lw, lsum);
       }
-      if (merge_skips(mw, lw, acc, lsum)) continue;
-      // anchored: an exact power of two; paper: the warps share m, so the weight is 1.
-      const float wgt = mw == M ? 1.0f : exact_pow2(mw - M);
-      acc = fmaf(wgt, ow, acc);
-      lsum = fmaf(wgt, lw, lsum);
     }
     const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
     const int64_t row_out = (static_cast<int64_t>(b) * p.heads_q + h) * p.nq + qi;
     if (p.num_splits == 1) {
-      const bool empty = row_is_empty(L, p.nq, qi);
-      static_cast<uint16_t*>(p.o)[row_out * D + d] = to_half_bits<kF16In>(normalized(acc, lsum, empty));
-      if (p.lse != nullptr && d == 0) p.lse[row_out] = row_lse(M, lsum, empty);
+      // Empty: no warp saw a visible key (l = 0 exactly: FP4 scores are finite or NaN, and the
+      // row maximum contributes p~ >= 1/2). A NaN sum is a poisoned row: O and LSE come out NaN.
+      const bool empty = lsum == 0.0f;
+      const float out = empty ? 0.0f : acc * (1.0f / lsum);
+      static_cast<uint16_t*>(p.o)[row_out * D + d] = to_half_bits<kF16In>(out);
+      if (p.lse != nullptr && d == 0)
+        p.lse[row_out] = empty ? neg_inf() : kLn2 * (M + __log2f(lsum));
     } else {
       const int64_t prow = (static_cast<int64_t>(unit) * p.num_splits + split) * kRows + r;
       p.part_o[prow * D + d] = acc;
@@ -824,11 +812,7 @@ constexpr int kCombineBatch = 16;
 
 __device__ __forceinline__ void fold_split(float ms, float ls, const float4& os, float& M, float& l,
                                            float4& acc) {
-  float poison = 0.0f;
-  if (merge_skips(ms, ls, poison, l)) {  // an empty split weighs 0; a poisoned one poisons
-    if (poison != 0.0f) acc = make_float4(poison, poison, poison, poison);
-    return;
-  }
+  if (ms == neg_inf()) return;  // an empty split (no visible key) weighs 0
   if (ms > M) {
     const float f = M == neg_inf() ? 0.0f : exact_pow2(M - ms);
     acc.x *= f, acc.y *= f, acc.z *= f, acc.w *= f;
@@ -871,9 +855,8 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
         ls[j] = p.part_ml[2 * prow + 1];
         os[j] = has_channels ? reinterpret_cast<const float4*>(p.part_o + prow * D)[lane]
                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      } else {  // past the last split: an empty partial (m = -inf, l = 0) that the fold skips
+      } else {
         ms[j] = neg_inf();
-        ls[j] = 0.0f;
       }
     }
 #pragma unroll
@@ -897,10 +880,9 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
   }
   const int h = kvh * p.group + R / p.nq, qi = R % p.nq;
   const int64_t row_out = (static_cast<int64_t>(b) * p.heads_q + h) * p.nq + qi;
-  const int capacity = p.pages_per_seq * p.page_size;
-  const bool empty = row_is_empty(max(0, min(p.seq_lens[b * p.lens_stride], capacity)), p.nq, qi);
-  static_cast<uint16_t*>(p.o)[row_out * D + d] = to_half_bits<kF16Out>(normalized(at.x, lt, empty));
-  if (p.lse != nullptr && d == 0) p.lse[row_out] = row_lse(Mt, lt, empty);
+  const bool empty = lt == 0.0f;  // as in decode_kernel: a NaN sum is poisoned, not empty
+  static_cast<uint16_t*>(p.o)[row_out * D + d] = to_half_bits<kF16Out>(empty ? 0.0f : at.x * (1.0f / lt));
+  if (p.lse != nullptr && d == 0) p.lse[row_out] = empty ? neg_inf() : kLn2 * (Mt + __log2f(lt));
 }
 
 }  // namespace attnqat::decode

@@ -6,8 +6,6 @@ autograd formulas. Outputs are allocated here and filled by the C++ core (``attn
 current CUDA stream; nothing synchronizes.
 """
 
-from __future__ import annotations
-
 from typing import List, Tuple
 
 import torch

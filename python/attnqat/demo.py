@@ -187,7 +187,7 @@ def main(argv=None):
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise SystemExit("attnqat.demo needs torch (pip install torch); the library itself works on numpy arrays")
+        raise SystemExit("attnqat.demo needs torch: install torch (pip install attnqat[torch]); the library itself works on numpy arrays")
     run(args)
 
 

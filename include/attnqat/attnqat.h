@@ -124,7 +124,7 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
 
 }  // namespace attnqat
 
-// ---- FP4 inference: packed NVFP4 attention and the paged FP4 KV cache (issue 8) ------------
+// ---- FP4 inference: packed NVFP4 attention and the paged FP4 KV cache ----------------------
 //
 // docs/decode.md describes the layouts and the numerics; every path below reproduces mode `fp4`
 // (numerics sections 3-4) on the same quantized operands.

@@ -184,7 +184,9 @@ __device__ __forceinline__ uint32_t decode_pair_sat(float v0, float v1, uint32_t
 
 // P^ fragment of one 16-key slab (the A fragment of one k16 step of the PV GEMM) from the
 // slab's eight p~ values x = p + 8 j (see the file header for their positions).
-// Arithmetic scale path (no table): used by the backward.
+// Arithmetic scale path (no table): the table-free twin of quantize_p_slab_table, with no caller
+// in the kernels today (the backward has its own variant, quantize_pf_slab in bwd_kernel.cuh,
+// which also multiplies by 1/l).
 template <bool kF16>
 __device__ __forceinline__ void quantize_p_slab(const float* x, const PQuantConsts& qc,
                                                 uint32_t (&p_hat)[4]) {

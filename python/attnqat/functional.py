@@ -326,7 +326,9 @@ def merge_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> Tuple[
                              f"{list(shape)} and {list(shape[:-1])}")
     lse_all = torch.stack([l.float() for l in lses])  # [C, B, H, Nq]
     lse = torch.logsumexp(lse_all, 0)
-    finite = torch.isfinite(lse)
-    w = torch.where(finite, torch.exp(lse_all - torch.where(finite, lse, 0.0)), 0.0)  # [C, B, H, Nq]
+    # A row is empty only when every chunk's LSE is -inf (weights 0, O = 0). A NaN LSE (a chunk
+    # that saw a NaN or Inf input, docs/numerics.md 9.7) makes the merged LSE, weights and O NaN.
+    empty = lse == float("-inf")
+    w = torch.where(empty, 0.0, torch.exp(lse_all - torch.where(empty, 0.0, lse)))  # [C, B, H, Nq]
     o = sum(w[i, ..., None] * outputs[i].float() for i in range(len(outputs)))
     return o.to(outputs[0].dtype), lse

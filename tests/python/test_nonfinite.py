@@ -264,6 +264,24 @@ def test_all_masked_rows_are_zero_not_nan_cpu():
     assert torch.isfinite(o).all() and torch.isfinite(q.grad).all()
 
 
+def test_merge_attention_keeps_nan_rows_nan():
+    """Context-parallel merging: a chunk whose row is poisoned (LSE NaN) poisons the merged row;
+    the other rows are the single call's (non-causal chunks: causal masks are per call)."""
+    q, k, v, _ = _inputs(32, 64, torch.float32, "cpu")
+    k = _poison(k, Bad("k", math.nan, 0, 0, 40, 1))  # chunk 2 (keys 32-63), KV head 0
+    with torch.no_grad():
+        parts = [attnqat.attention(q, k[:, :, s], v[:, :, s], mode="bf16", return_lse=True)
+                 for s in (slice(0, 32), slice(32, 64))]
+        o, lse = attnqat.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+        ref, ref_lse = attnqat.attention(q, k, v, mode="bf16", return_lse=True)
+    bad = torch.zeros(B, HQ, 32, dtype=torch.bool)  # every row of the query heads of KV head 0
+    bad[:, :GROUP] = True
+    assert torch.isnan(lse[bad]).all() and torch.isnan(o[bad]).all()
+    assert torch.isnan(ref_lse[bad]).all()
+    torch.testing.assert_close(o[~bad], ref[~bad], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse[~bad], ref_lse[~bad], rtol=1e-5, atol=1e-6)
+
+
 # ---- Packed NVFP4 attention and the FP4 KV cache -------------------------------------------------
 
 

@@ -7,7 +7,8 @@
 #
 # BENCH names bench/bench_<name>.py; each writes its JSON and merges bench/results/headline.json
 # (a copy in OUTDIR). Environment: SKIP_TESTS=1 (benchmarks only), SANITIZE_QUANT_FILTER,
-# SANITIZE_ATTN_FILTER and SANITIZE_DECODE_FILTER (gtest filters of the compute-sanitizer runs),
+# SANITIZE_ATTN_FILTER, SANITIZE_BWD_FILTER and SANITIZE_DECODE_FILTER (gtest filters of the
+# compute-sanitizer runs),
 # JOBS (default 16).
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR [BENCH ...]}
@@ -55,6 +56,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for tool in memcheck racecheck synccheck; do
     run_step "compute-sanitizer $tool (attention)" "$OUT/tests.log" \
       compute-sanitizer --tool "$tool" --error-exitcode 1 "$AB" --gtest_filter="$AF"
+  done
+  BB=build/cuda/tests/cpp/cuda_attention_bwd/attnqat_attention_bwd_gpu_tests
+  BF=${SANITIZE_BWD_FILTER:-'*seq1*:*q1_k17*:*nq_gt_nk*:*deterministic_small*'}
+  for tool in memcheck racecheck; do
+    run_step "compute-sanitizer $tool (attention backward)" "$OUT/tests.log" \
+      compute-sanitizer --tool "$tool" --error-exitcode 1 "$BB" --gtest_filter="$BF"
   done
   DB=build/cuda/tests/cpp/cuda_decode/attnqat_decode_gpu_tests
   DF=${SANITIZE_DECODE_FILTER:-'*PackedCuda*bf16_d128_pow2*:*PackedCuda*fp16_d64_causal*:*PackedCuda*bf16_d128_slow_g*:*DecodeCuda*/mixed_batch_ps16:*DecodeCuda*d64_mixed_batch_ps16:*DecodeCuda*d64_nq4*:*DecodeCuda*d64_paper*'}

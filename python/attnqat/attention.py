@@ -68,7 +68,9 @@ def check_softmax_scale(name: str, value) -> float:
     v = float(value)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name}: expected a positive finite number, got {v}")
-    if v > _F32_MAX or float(np.float32(v)) == 0:
+    # v <= 2^-150 rounds to float32 zero (the core would read it as "use the default"); plain
+    # float comparisons, so that torch.compile traces this check.
+    if v > _F32_MAX or v <= 2.0 ** -150:
         raise ValueError(f"{name}: expected a positive finite number in float32 range "
                          f"[{float(np.finfo(np.float32).tiny):.3g}, {_F32_MAX:.3g}], got {v}")
     return v

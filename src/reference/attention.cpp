@@ -290,20 +290,18 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
       const int64_t i = i0 + r;
       const int64_t row_off = ((b * Hq + h) * Nq + i);
       // Empty only by the mask (O = 0, LSE = -inf). A row that saw keys but has no positive
-      // sum (NaN, or every score -inf) is poisoned: O = O_acc / l and LSE come out NaN.
+      // sum (NaN, or 0 when every score is -inf) is poisoned: its divisor is NaN, so O, O' and
+      // LSE come out NaN.
       const bool empty = key_end(i, Nq, Nk, opts.causal) == 0;
-      const bool poisoned = !empty && !(l[r] > 0);
+      const Acc l_div = l[r] > 0 ? l[r] : std::numeric_limits<Acc>::quiet_NaN();
       for (int64_t d = 0; d < D; ++d) {
         const int64_t off = b * out.o.stride[0] + h * out.o.stride[1] + i * out.o.stride[2] + d;
-        const double nan = std::numeric_limits<double>::quiet_NaN();
-        store_from_double(out.o, off, empty ? 0.0 : poisoned ? nan : static_cast<double>(o_acc[r * D + d] / l[r]));
+        store_from_double(out.o, off, empty ? 0.0 : static_cast<double>(o_acc[r * D + d] / l_div));
         if (want_hp)
-          store_from_double(out.o_hp, off,
-                            empty ? 0.0 : poisoned ? nan : static_cast<double>(o_hp_acc[r * D + d] / l[r]));
+          store_from_double(out.o_hp, off, empty ? 0.0 : static_cast<double>(o_hp_acc[r * D + d] / l_div));
       }
-      const Acc lse = empty      ? -std::numeric_limits<Acc>::infinity()
-                      : poisoned ? std::numeric_limits<Acc>::quiet_NaN()
-                                 : ln2_of<Acc>() * (m_ref[r] + std::log2(l[r]));
+      const Acc lse = empty ? -std::numeric_limits<Acc>::infinity()
+                            : ln2_of<Acc>() * (m_ref[r] + std::log2(l_div));
       static_cast<float*>(out.lse.data)[row_off] = static_cast<float>(lse);
       if (want_stats) {
         static_cast<float*>(out.m_ref.data)[row_off] = empty ? kNegInf : static_cast<float>(m_ref[r]);

@@ -118,14 +118,14 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
 
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                                 const AttentionOptions& opts, const ForwardOutputs& out,
-                                void* stream, PackedDecode decode) {
+                                void* stream, PackedUnpack unpack) {
   ATTNQAT_RETURN_IF_ERROR(validate_attention_forward_packed(q, k, v, opts, out));
   if (out.o.device == Device::kCPU) return reference::attention_forward_packed(q, k, v, opts, out);
 #ifdef ATTNQAT_WITH_CUDA
-  return cuda::attention_forward_packed(q, k, v, opts, out, stream, decode);
+  return cuda::attention_forward_packed(q, k, v, opts, out, stream, unpack);
 #else
   (void)stream;
-  (void)decode;
+  (void)unpack;
   return no_cuda("attention_forward_packed");
 #endif
 }

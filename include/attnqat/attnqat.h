@@ -154,11 +154,11 @@ struct PackedTensor {
 //   kAuto      kInKernel where it is the faster one (few query blocks per KV head, see
 //              docs/decode.md), kTemporary otherwise.
 // Ignored on the CPU.
-enum class PackedDecode : uint8_t { kAuto, kInKernel, kTemporary };
+enum class PackedUnpack : uint8_t { kAuto, kInKernel, kTemporary };
 
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                                 const AttentionOptions& opts, const ForwardOutputs& out,
-                                void* stream = nullptr, PackedDecode decode = PackedDecode::kAuto);
+                                void* stream = nullptr, PackedUnpack unpack = PackedUnpack::kAuto);
 
 // A paged FP4 KV cache (one layer). Pages hold `page_size` tokens (a multiple of 16) of every KV
 // head; K and V are stored as packed NVFP4 with channel blocks (16 channels per E4M3 scale, g = 1

@@ -349,9 +349,9 @@ NB_MODULE(_C, m) {
            AnyArray vs, AnyArray vg, AnyArray o, AnyArray lse, OptArray m_ref, OptArray l,
            const std::string& p_quant, const std::string& v_blocks, bool causal, float softmax_scale,
            int kv_tile, const std::string& decode, uintptr_t stream) {
-          const PackedDecode where = parse_choice<PackedDecode>(
-              "decode", decode, {{"auto", PackedDecode::kAuto}, {"kernel", PackedDecode::kInKernel},
-                                 {"temporary", PackedDecode::kTemporary}});
+          const PackedUnpack where = parse_choice<PackedUnpack>(
+              "decode", decode, {{"auto", PackedUnpack::kAuto}, {"kernel", PackedUnpack::kInKernel},
+                                 {"temporary", PackedUnpack::kTemporary}});
           const auto packed = [](const AnyArray& d, const AnyArray& s, const AnyArray& g, const char* dn,
                                  const char* sn, const char* gn) {
             return PackedTensor{to_view(d, dn, Accepts::kUInt8), to_view(s, sn, Accepts::kUInt8),

@@ -21,6 +21,7 @@
 #include "cuda/common/device_guard.h"
 #include "attnqat/attnqat.h"
 #include "cuda/common/workspace.h"
+#include "common/mask.h"
 #include "common/validate.h"
 #include "cuda/attention/api.h"
 #include "cuda/attention/sm90/bwd_launch.h"
@@ -92,30 +93,39 @@ Status with_o_hp(bool with, F&& f) {
 }
 
 template <class F>
-Status with_mask(bool causal, F&& f) {
-  return causal ? f(sm90::CausalMask{}) : f(sm90::NoMask{});
+Status with_mask(MaskKind kind, F&& f) {
+  switch (kind) {
+    case MaskKind::kCausal:
+      return f(CausalMask{});
+    default:
+      return f(NoMask{});
+  }
 }
 
-Status dispatch(const sm90::FwdArgs& args, bool causal) {
+MaskKind mask_kind(const AttentionOptions& opts) {
+  return opts.causal ? MaskKind::kCausal : MaskKind::kNone;
+}
+
+Status dispatch(const sm90::FwdArgs& args, MaskKind mask) {
   return with_dtype(args.q.dtype, [&](auto f16) {
     return with_head_dim(args.q.shape[3], [&](auto head_dim) {
       return with_o_hp(args.out.o_hp.data != nullptr, [&](auto o_hp) {
-        return with_mask(causal, [&](auto mask) {
+        return with_mask(mask, [&](auto mask_policy) {
           using Cfg = sm90::FwdConfig<decltype(f16)::value, decltype(head_dim)::value,
                                       decltype(o_hp)::value>;
-          return sm90::launch_fwd<Cfg, decltype(mask)>(args);
+          return sm90::launch_fwd<Cfg, decltype(mask_policy)>(args);
         });
       });
     });
   });
 }
 
-Status dispatch_packed(const sm90::FwdArgs& args, bool causal) {
+Status dispatch_packed(const sm90::FwdArgs& args, MaskKind mask) {
   return with_dtype(args.q.dtype, [&](auto f16) {
     return with_head_dim(args.q.shape[3], [&](auto head_dim) {
-      return with_mask(causal, [&](auto mask) {
+      return with_mask(mask, [&](auto mask_policy) {
         using Cfg = sm90::FwdConfig<decltype(f16)::value, decltype(head_dim)::value, false, true>;
-        return sm90::launch_fwd<Cfg, decltype(mask)>(args);
+        return sm90::launch_fwd<Cfg, decltype(mask_policy)>(args);
       });
     });
   });
@@ -203,7 +213,7 @@ sm90::FwdArgs forward_args(const TensorView& q, const TensorView& k, const Tenso
   args.out = out;
   args.c2 = resolve_softmax_scale(opts, q.shape[3]) * kLog2e;
   args.quantize_p = quantized_mode;
-  args.anchored = opts.p_quant == PQuant::kAnchored;
+  args.p_quant = opts.p_quant;
   args.stream = stream;
   return args;
 }
@@ -215,12 +225,12 @@ Status bwd_error(const char* what, cudaError_t err) {
                       " failed: " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
 }
 
-Status dispatch_bwd(const sm90::BwdArgs& args, bool causal) {
+Status dispatch_bwd(const sm90::BwdArgs& args, MaskKind mask) {
   return with_dtype(args.q.dtype, [&](auto f16) {
     return with_head_dim(args.q.shape[3], [&](auto head_dim) {
-      return with_mask(causal, [&](auto mask) {
+      return with_mask(mask, [&](auto mask_policy) {
         using Cfg = sm90::BwdConfig<decltype(f16)::value, decltype(head_dim)::value>;
-        return sm90::launch_bwd<Cfg, decltype(mask)>(args);
+        return sm90::launch_bwd<Cfg, decltype(mask_policy)>(args);
       });
     });
   });
@@ -238,8 +248,8 @@ Status zero_async(const TensorView& t, cudaStream_t stream) {
 // l (anchored: m_ref = ceil(m)). Costs one bf16 forward pass, including an O that is dropped.
 class RecomputedStats {
  public:
-  Status make(const TensorView& q, const TensorView& k, const TensorView& v, float c2, bool causal,
-              bool anchored, cudaStream_t stream) {
+  Status make(const TensorView& q, const TensorView& k, const TensorView& v, float c2, MaskKind mask,
+              PQuant p_quant, cudaStream_t stream) {
     const int64_t rows = q.shape[0] * q.shape[1] * q.shape[2];
     const size_t o_bytes = round_up(static_cast<size_t>(q.numel()) * dtype_size(q.dtype));
     const size_t row_bytes = round_up(static_cast<size_t>(rows) * sizeof(float));
@@ -261,9 +271,9 @@ class RecomputedStats {
     args.out.l = l_ = row_view(o_bytes + 2 * row_bytes, "l (recomputed)");
     args.c2 = c2;
     args.quantize_p = false;
-    args.anchored = anchored;
+    args.p_quant = p_quant;
     args.stream = stream;
-    return dispatch(args, causal);
+    return dispatch(args, mask);
   }
   const float* lse() const { return static_cast<const float*>(lse_.data); }
   const float* m_ref() const { return static_cast<const float*>(m_ref_.data); }
@@ -300,7 +310,7 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
     args.k = temps.k();
     args.v = temps.v();
   }
-  return dispatch(args, opts.causal);
+  return dispatch(args, mask_kind(opts));
 }
 
 // The packed producer (sm90/fwd_packed.cuh) copies rows of codes with 16-byte cp.async and rows
@@ -342,7 +352,7 @@ Status attention_forward_from_packed(const PackedTensor& q, const PackedTensor& 
   args.pk = k;
   args.pv = v;
   args.kv_tma = kv_decoded;
-  return dispatch_packed(args, opts.causal);
+  return dispatch_packed(args, mask_kind(opts));
 }
 
 // Backward of numerics section 5 (switches: section 6 and 9.4). Steps, all on `stream`:
@@ -392,7 +402,7 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   const float* l = need_m_l ? static_cast<const float*>(saved.l.data) : nullptr;
   RecomputedStats recomputed;
   if (quantized_mode && !sw.quantized_qkv) {
-    ATTNQAT_RETURN_IF_ERROR(recomputed.make(oq, ok, ov, c2, opts.causal, anchored, s));
+    ATTNQAT_RETURN_IF_ERROR(recomputed.make(oq, ok, ov, c2, mask_kind(opts), opts.p_quant, s));
     lse = recomputed.lse();
     if (need_m_l) m_ref = recomputed.m_ref(), l = recomputed.l();
   }
@@ -439,10 +449,10 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   args.c2 = c2;
   args.scale = scale;
   args.quant_p = sw.quant_p;
-  args.anchored = anchored;
+  args.p_quant = opts.p_quant;
   args.deterministic = opts.deterministic;
   args.stream = s;
-  ATTNQAT_RETURN_IF_ERROR(dispatch_bwd(args, opts.causal));
+  ATTNQAT_RETURN_IF_ERROR(dispatch_bwd(args, mask_kind(opts)));
   return sm90::launch_bwd_postprocess(dq_accum, grads.dq, static_cast<int>(m_blocks), scale, s);
 }
 

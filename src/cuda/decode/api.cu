@@ -127,7 +127,7 @@ bool in_kernel_decode_pays(int64_t nq, int64_t group) {
 
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                                 const AttentionOptions& opts, const ForwardOutputs& out,
-                                void* stream, PackedDecode decode) {
+                                void* stream, PackedUnpack unpack) {
   const DType dt = out.o.dtype;
   if (dt != DType::kBFloat16 && dt != DType::kFloat16)
     return Status::NotImplemented(std::string("o: the CUDA packed attention decodes Q, K, V into the "
@@ -147,13 +147,13 @@ Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, co
   // Channel-blocked operands with aligned rows (the quantize kernels' output and any slice of
   // it along B, H, N) can be decoded inside the sm90 kernel.
   const bool fusable = packed_forward_fusable(q, k, v, opts, out.o);
-  if (decode == PackedDecode::kInKernel && !fusable)
+  if (unpack == PackedUnpack::kInKernel && !fusable)
     return Status::Invalid(
         "decode: the in-kernel decode needs channel blocks for V (v_blocks 'channel'), head dim "
         "64 or 128, a bfloat16/float16 output and rows of codes and scales contiguous and aligned "
         "(16 bytes, d/16 bytes), as quantize() writes them; use decode 'auto' or 'temporary'");
-  if (fusable && (decode == PackedDecode::kInKernel ||
-                  (decode == PackedDecode::kAuto && in_kernel_decode_pays(Nq, Hq / Hkv))))
+  if (fusable && (unpack == PackedUnpack::kInKernel ||
+                  (unpack == PackedUnpack::kAuto && in_kernel_decode_pays(Nq, Hq / Hkv))))
     return attention_forward_from_packed(q, k, v, view(q.data.data, Hq, Nq, "q"),
                                          view(k.data.data, Hkv, Nk, "k"),
                                          view(v.data.data, Hkv, Nk, "v"), opts, out, stream);
@@ -318,7 +318,7 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   AttentionOptions scale_opts;
   scale_opts.softmax_scale = opts.softmax_scale;
   p.c2 = resolve_softmax_scale(scale_opts, dims.head_dim) * kLog2e;  // c2 = RN(c * RN(log2 e))
-  p.paper = paper;
+  p.p_quant = opts.p_quant;
   p.o = out.data;
   p.lse = static_cast<float*>(lse.data);
   p.heads_q = static_cast<int>(Hq);

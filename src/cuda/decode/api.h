@@ -12,7 +12,7 @@ namespace attnqat::cuda {
 // operands bit for bit either way); `decode` chooses (attnqat.h).
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
                                 const AttentionOptions& opts, const ForwardOutputs& out,
-                                void* stream, PackedDecode decode);
+                                void* stream, PackedUnpack unpack);
 
 Status kv_cache_append(const PagedKVCache& cache, const KVCacheDims& dims, const TensorView& k_new,
                        const TensorView& v_new, const IndexView& page_table,

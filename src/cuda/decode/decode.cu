@@ -49,7 +49,7 @@ cudaError_t launch_typed(const DecodeParams& p, int batch, cudaStream_t stream) 
 
 template <int D>
 cudaError_t launch_dim(const DecodeParams& p, int batch, bool f16, cudaStream_t stream) {
-  if (p.paper)  // one split per sequence, rarely used for serving: no packed-rows variant
+  if (p.p_quant == PQuant::kPaper)  // one split per sequence, rarely used for serving: no packed-rows variant
     return f16 ? launch_typed<D, true, false, true>(p, batch, stream) : launch_typed<D, false, false, true>(p, batch, stream);
   if (packs_rows(p))
     return f16 ? launch_typed<D, true, true, false>(p, batch, stream) : launch_typed<D, false, true, false>(p, batch, stream);

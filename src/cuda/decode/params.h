@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "attnqat/attnqat.h"  // PQuant
+
 namespace attnqat::decode {
 
 struct DecodeParams {
@@ -33,7 +35,7 @@ struct DecodeParams {
   int num_splits;  // CTAs along the keys of one (sequence, KV head, row group)
   int split_keys;  // keys per split, a multiple of kCtaStepKeys
   float c2;        // RN(c * RN(log2 e))
-  bool paper;      // p_quant: paper (m_ref = m, g = 1, one split) or anchored
+  PQuant p_quant;  // paper (m_ref = m, g = 1, one split) or anchored
   // Outputs: o [B, Hq, nq, D] (dtype of q) and lse [B, Hq, nq] fp32 (may be null), contiguous.
   void* o;
   float* lse;

@@ -377,8 +377,8 @@ TEST_P(PackedCuda, BitIdenticalToForwardOnDecodedTensors) {
   for (uint16_t x : b) nonzero += (x & 0x7FFF) != 0;
   EXPECT_GT(nonzero, static_cast<int64_t>(b.size()) / 2);
 
-  for (const PackedDecode where : {PackedDecode::kInKernel, PackedDecode::kTemporary, PackedDecode::kAuto}) {
-    const char* wname = where == PackedDecode::kInKernel ? "in-kernel" : where == PackedDecode::kTemporary ? "temporary" : "auto";
+  for (const PackedUnpack where : {PackedUnpack::kInKernel, PackedUnpack::kTemporary, PackedUnpack::kAuto}) {
+    const char* wname = where == PackedUnpack::kInKernel ? "in-kernel" : where == PackedUnpack::kTemporary ? "temporary" : "auto";
     DeviceBuffer o1(on * D * es), l1(on * 4);
     o1.poison();
     l1.poison();
@@ -386,7 +386,7 @@ TEST_P(PackedCuda, BitIdenticalToForwardOnDecodedTensors) {
     f1.o = cuda_view(o1.get(), c.dt, {B, Hq, Nq, D}, "o");
     f1.lse = cuda_view(l1.get(), DType::kFloat32, {B, Hq, Nq}, "lse");
     st = attention_forward_packed(q.t, k.t, v.t, opts, f1, nullptr, where);
-    if ((c.v_token || c.q_misaligned) && where == PackedDecode::kInKernel) {  // not fusable
+    if ((c.v_token || c.q_misaligned) && where == PackedUnpack::kInKernel) {  // not fusable
       EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
       EXPECT_NE(st.message().find("in-kernel decode needs"), std::string::npos) << st.message();
       continue;

@@ -25,7 +25,8 @@ struct BwdArgs {
   float* dq_accum;      // zeroed
   int* dq_sem;          // zeroed (deterministic)
   float c2, scale;
-  bool quant_p, anchored, deterministic;
+  bool quant_p, deterministic;
+  PQuant p_quant;  // paper or anchored (used when quant_p)
   cudaStream_t stream;
 };
 

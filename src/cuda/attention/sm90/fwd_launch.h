@@ -20,7 +20,7 @@ struct FwdArgs {
   ForwardOutputs out;  // validated: contiguous, o_hp used iff the config has kWithOHp
   float c2;            // RN(c * RN(log2 e))
   bool quantize_p;     // mode != bf16
-  bool anchored;       // p_quant == anchored
+  PQuant p_quant;      // paper or anchored (quantized modes)
   cudaStream_t stream;
 };
 

@@ -130,8 +130,8 @@ __device__ __forceinline__ void store16(void* base, int64_t off, const float* v)
 
 // kLanes consecutive lanes of a warp (an aligned group) that share one quantization block, each
 // owning one 16-byte chunk of it, so that a warp's 16-byte stores cover 512 contiguous bytes
-// (one thread per block would leave 64 or 128 bytes between neighbouring lanes, and such
-// stores ran at half the copy bandwidth on an H100). The lanes of a group are always active
+// (one thread per block would leave 64 or 128 bytes between neighbouring lanes, so every
+// 16-byte store of a warp would touch its own 32-byte sector). The lanes of a group are always active
 // together (the loop bounds are per block), so `mask` is a valid shuffle mask.
 template <int kLanes>
 struct LaneGroup {
@@ -151,6 +151,22 @@ struct LaneGroup {
     return static_cast<int64_t>(gridDim.x) * kPerCta;
   }
 };
+
+// The grid-stride loop of a lane-group kernel over a last-axis layout: body(b, group) for every
+// block b (of kBlock elements) that this lane's group owns, kBlock / kChunkElems<kDt> lanes per
+// block. The launch sizes its grid to match (launch_last_axis, LastAxisMapping::kLaneGroup).
+template <DType kDt, int kBlock, class Body>
+__device__ __forceinline__ void for_each_group_block(int64_t num_blocks, Body&& body) {
+  const LaneGroup<kBlock / kChunkElems<kDt>> group;
+  for (int64_t b = group.first_block(); b < num_blocks; b += group.block_step()) body(b, group);
+}
+
+// The NVFP4 second-level scale g of a last-axis kernel, read once per thread (kBlock 16); 1 for
+// MXFP4 (kBlock 32), which has none and whose p.g is nullptr.
+template <int kBlock>
+__device__ __forceinline__ float nvfp4_g(const LastAxisParams& p) {
+  return kBlock == kNvBlock ? *p.g : 1.0f;
+}
 
 // ---- one element ------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@
 // code bytes read as one 16- or 32-bit load, the scale byte read by every lane of the group (a
 // broadcast). 256 threads per CTA, grid-stride over blocks.
 #include "cuda/common/codec.cuh"
-#include "cuda/quantize/access.cuh"
+#include "cuda/quantize/launch.cuh"
 
 namespace attnqat::cuda {
 namespace {
@@ -26,10 +26,8 @@ __device__ __forceinline__ uint32_t load_codes(const uint8_t* data, int64_t byte
 template <DType kDt, int kBlock>
 __global__ void __launch_bounds__(kQuantThreads) dequantize_last_kernel(const LastAxisParams p) {
   constexpr int kPer = kChunkElems<kDt>;  // elements of this lane
-  constexpr int kLanes = kBlock / kPer;
-  const LaneGroup<kLanes> group;
-  const float g = kBlock == kNvBlock ? *p.g : 1.0f;
-  for (int64_t b = group.first_block(); b < p.num_blocks; b += group.block_step()) {
+  const float g = nvfp4_g<kBlock>(p);
+  for_each_group_block<kDt, kBlock>(p.num_blocks, [&](int64_t b, const auto& group) {
     const uint32_t codes = load_codes<kPer>(p.data, b * (kBlock / 2) + group.part * (kPer / 2));
     const uint8_t scale_byte = p.scales[b];
     float v[kPer];  // [4 or 8] fp32, registers
@@ -43,31 +41,11 @@ __global__ void __launch_bounds__(kQuantThreads) dequantize_last_kernel(const La
       for (int i = 0; i < kPer; ++i) v[i] = mx_dequant_element(codes >> (4 * i), scale);
     }
     store_chunk<kDt>(p.out, b * kBlock + group.part * kPer, v);
-  }
-}
-
-template <DType kDt>
-cudaError_t launch(Format format, const LastAxisParams& p, cudaStream_t stream) {
-  const int block = format == Format::kNVFP4 ? kNvBlock : kMxBlock;
-  const int64_t blocks_per_cta = kQuantThreads / (block / kChunkElems<kDt>);
-  const int grid = grid_for(p.num_blocks, blocks_per_cta);
-  if (format == Format::kNVFP4)
-    dequantize_last_kernel<kDt, kNvBlock><<<grid, kQuantThreads, 0, stream>>>(p);
-  else
-    dequantize_last_kernel<kDt, kMxBlock><<<grid, kQuantThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  });
 }
 
 }  // namespace
 
-cudaError_t launch_dequantize_last(DType dtype, Format format, const LastAxisParams& p,
-                                   cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch<DType::kFloat32>(format, p, stream);
-    case DType::kFloat16: return launch<DType::kFloat16>(format, p, stream);
-    case DType::kBFloat16: return launch<DType::kBFloat16>(format, p, stream);
-    default: return cudaErrorInvalidValue;  // unreachable: validate() admits these three
-  }
-}
+ATTNQAT_DEFINE_LAST_AXIS_LAUNCHER(launch_dequantize_last, kLaneGroup, dequantize_last_kernel)
 
 }  // namespace attnqat::cuda

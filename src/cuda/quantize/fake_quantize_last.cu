@@ -15,7 +15,7 @@
 // goes straight to value(q) * s * g (codec.cuh nv_fake_element / mx_fake_element). 256 threads
 // per CTA, grid-stride over blocks, no shared memory.
 #include "cuda/common/codec.cuh"
-#include "cuda/quantize/access.cuh"
+#include "cuda/quantize/launch.cuh"
 
 namespace attnqat::cuda {
 namespace {
@@ -23,17 +23,15 @@ namespace {
 template <DType kDt, int kBlock>
 __global__ void __launch_bounds__(kQuantThreads) fake_quantize_last_kernel(const LastAxisParams p) {
   constexpr int kPer = kChunkElems<kDt>;  // elements of this lane
-  constexpr int kLanes = kBlock / kPer;
-  const LaneGroup<kLanes> group;
-  const float g = kBlock == kNvBlock ? *p.g : 1.0f;
-  for (int64_t b = group.first_block(); b < p.num_blocks; b += group.block_step()) {
+  const float g = nvfp4_g<kBlock>(p);
+  for_each_group_block<kDt, kBlock>(p.num_blocks, [&](int64_t b, const auto& group) {
     const int64_t off_x =
         p.x_flat ? b * kBlock : last_axis_block_offset(p.x_lead, b, p.blocks_per_row, kBlock);
     const int64_t off_out =
         p.out_flat ? b * kBlock : last_axis_block_offset(p.out_lead, b, p.blocks_per_row, kBlock);
     float x[kPer];  // [4 or 8] fp32, registers; overwritten with the fake-quantized values
     load_chunk<kDt>(p.x, off_x + group.part * kPer, x);
-    const float amax = group_max_nan<kLanes>(block_amax<kPer>(x), group.mask);
+    const float amax = group_max_nan<kBlock / kPer>(block_amax<kPer>(x), group.mask);
     if constexpr (kBlock == kNvBlock) {
       const NvBlockScale sc = nv_block_scale(amax, g);
 #pragma unroll
@@ -44,31 +42,11 @@ __global__ void __launch_bounds__(kQuantThreads) fake_quantize_last_kernel(const
       for (int i = 0; i < kPer; ++i) x[i] = mx_fake_element(x[i], sc);
     }
     store_chunk<kDt>(p.out, off_out + group.part * kPer, x);
-  }
-}
-
-template <DType kDt>
-cudaError_t launch(Format format, const LastAxisParams& p, cudaStream_t stream) {
-  const int block = format == Format::kNVFP4 ? kNvBlock : kMxBlock;
-  const int64_t blocks_per_cta = kQuantThreads / (block / kChunkElems<kDt>);
-  const int grid = grid_for(p.num_blocks, blocks_per_cta);
-  if (format == Format::kNVFP4)
-    fake_quantize_last_kernel<kDt, kNvBlock><<<grid, kQuantThreads, 0, stream>>>(p);
-  else
-    fake_quantize_last_kernel<kDt, kMxBlock><<<grid, kQuantThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  });
 }
 
 }  // namespace
 
-cudaError_t launch_fake_quantize_last(DType dtype, Format format, const LastAxisParams& p,
-                                      cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch<DType::kFloat32>(format, p, stream);
-    case DType::kFloat16: return launch<DType::kFloat16>(format, p, stream);
-    case DType::kBFloat16: return launch<DType::kBFloat16>(format, p, stream);
-    default: return cudaErrorInvalidValue;  // unreachable: validate() admits these three
-  }
-}
+ATTNQAT_DEFINE_LAST_AXIS_LAUNCHER(launch_fake_quantize_last, kLaneGroup, fake_quantize_last_kernel)
 
 }  // namespace attnqat::cuda

@@ -10,7 +10,7 @@
 // one-thread finalize kernel turns those bits into g in place. The quantize kernel that follows
 // reads g from device memory. Capturable in a CUDA graph (a memset node and two kernel nodes).
 #include "cuda/common/codec.cuh"
-#include "cuda/quantize/access.cuh"
+#include "cuda/quantize/launch.cuh"
 
 namespace attnqat::cuda {
 namespace {
@@ -43,25 +43,15 @@ __global__ void global_scale_finalize_kernel(float* g) {
   *g = nvfp4_global_scale_from_bits(amax_bits);
 }
 
-template <DType kDt>
-cudaError_t launch(bool vec16, const AmaxParams& p, int grid, cudaStream_t stream) {
-  if (vec16)
-    amax_bits_kernel<kDt, true><<<grid, kQuantThreads, 0, stream>>>(p);
-  else
-    amax_bits_kernel<kDt, false><<<grid, kQuantThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_amax(DType dtype, bool vec16, const AmaxParams& p, int grid,
                         cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch<DType::kFloat32>(vec16, p, grid, stream);
-    case DType::kFloat16: return launch<DType::kFloat16>(vec16, p, grid, stream);
-    case DType::kBFloat16: return launch<DType::kBFloat16>(vec16, p, grid, stream);
-    default: return cudaErrorInvalidValue;  // unreachable: validate() admits these three
-  }
+  return dispatch_dtype(dtype, [&](auto dt) {
+    constexpr DType kDt = decltype(dt)::value;
+    return launch_kernel(vec16 ? &amax_bits_kernel<kDt, true> : &amax_bits_kernel<kDt, false>,
+                         grid, p, stream);
+  });
 }
 
 cudaError_t launch_global_scale_finalize(float* g, cudaStream_t stream) {

@@ -13,64 +13,37 @@
 // broadcast load; it was written by the amax pass earlier on the same stream when
 // compute_global_scale is set).
 #include "cuda/common/codec.cuh"
-#include "cuda/quantize/access.cuh"
+#include "cuda/quantize/launch.cuh"
 
 namespace attnqat::cuda {
 namespace {
 
-template <DType kDt>
-__global__ void __launch_bounds__(kQuantThreads) nvfp4_quantize_last_kernel(const LastAxisParams p) {
-  const float g = *p.g;
+template <DType kDt, int kBlock>
+__global__ void __launch_bounds__(kQuantThreads) quantize_last_kernel(const LastAxisParams p) {
+  const float g = nvfp4_g<kBlock>(p);
   const int64_t step = static_cast<int64_t>(gridDim.x) * kQuantThreads;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * kQuantThreads + threadIdx.x; b < p.num_blocks;
        b += step) {
     const int64_t off =
-        p.x_flat ? b * kNvBlock : last_axis_block_offset(p.x_lead, b, p.blocks_per_row, kNvBlock);
-    float x[kNvBlock];  // [16] fp32, registers
-    load16<kDt>(p.x, off, x);
-    const NvBlockScale sc = nv_block_scale(block_amax<kNvBlock>(x), g);
-    reinterpret_cast<uint2*>(p.data)[b] = make_uint2(nv_pack8(x, sc), nv_pack8(x + 8, sc));
-    p.scales[b] = static_cast<uint8_t>(sc.s_bits);
+        p.x_flat ? b * kBlock : last_axis_block_offset(p.x_lead, b, p.blocks_per_row, kBlock);
+    float x[kBlock];  // [16 or 32] fp32, registers
+#pragma unroll
+    for (int k = 0; k < kBlock; k += 16) load16<kDt>(p.x, off + k, x + k);
+    if constexpr (kBlock == kNvBlock) {
+      const NvBlockScale sc = nv_block_scale(block_amax<kNvBlock>(x), g);
+      reinterpret_cast<uint2*>(p.data)[b] = make_uint2(nv_pack8(x, sc), nv_pack8(x + 8, sc));
+      p.scales[b] = static_cast<uint8_t>(sc.s_bits);
+    } else {
+      const MxBlockScale sc = mx_block_scale(block_amax<kMxBlock>(x));
+      reinterpret_cast<uint4*>(p.data)[b] = make_uint4(mx_pack8(x, sc), mx_pack8(x + 8, sc),
+                                                       mx_pack8(x + 16, sc), mx_pack8(x + 24, sc));
+      p.scales[b] = static_cast<uint8_t>(sc.code);
+    }
   }
-}
-
-template <DType kDt>
-__global__ void __launch_bounds__(kQuantThreads) mxfp4_quantize_last_kernel(const LastAxisParams p) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kQuantThreads;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kQuantThreads + threadIdx.x; b < p.num_blocks;
-       b += step) {
-    const int64_t off =
-        p.x_flat ? b * kMxBlock : last_axis_block_offset(p.x_lead, b, p.blocks_per_row, kMxBlock);
-    float x[kMxBlock];  // [32] fp32, registers
-    load16<kDt>(p.x, off, x);
-    load16<kDt>(p.x, off + 16, x + 16);
-    const MxBlockScale sc = mx_block_scale(block_amax<kMxBlock>(x));
-    reinterpret_cast<uint4*>(p.data)[b] =
-        make_uint4(mx_pack8(x, sc), mx_pack8(x + 8, sc), mx_pack8(x + 16, sc), mx_pack8(x + 24, sc));
-    p.scales[b] = static_cast<uint8_t>(sc.code);
-  }
-}
-
-template <DType kDt>
-cudaError_t launch(Format format, const LastAxisParams& p, cudaStream_t stream) {
-  const int grid = grid_for(p.num_blocks, kQuantThreads);  // one block per thread
-  if (format == Format::kNVFP4)
-    nvfp4_quantize_last_kernel<kDt><<<grid, kQuantThreads, 0, stream>>>(p);
-  else
-    mxfp4_quantize_last_kernel<kDt><<<grid, kQuantThreads, 0, stream>>>(p);
-  return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_quantize_last(DType dtype, Format format, const LastAxisParams& p,
-                                 cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch<DType::kFloat32>(format, p, stream);
-    case DType::kFloat16: return launch<DType::kFloat16>(format, p, stream);
-    case DType::kBFloat16: return launch<DType::kBFloat16>(format, p, stream);
-    default: return cudaErrorInvalidValue;  // unreachable: validate() admits these three
-  }
-}
+ATTNQAT_DEFINE_LAST_AXIS_LAUNCHER(launch_quantize_last, kThreadPerBlock, quantize_last_kernel)
 
 }  // namespace attnqat::cuda

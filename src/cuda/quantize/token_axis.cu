@@ -12,7 +12,7 @@
 // the scale byte of a thread go to [lead, c, j]: a warp's stores are nb*8 bytes apart, the 8
 // warps of the CTA fill neighbouring j, so L2 merges them into full sectors.
 #include "cuda/common/codec.cuh"
-#include "cuda/quantize/access.cuh"
+#include "cuda/quantize/launch.cuh"
 
 namespace attnqat::cuda {
 namespace {
@@ -65,44 +65,49 @@ __device__ __forceinline__ int64_t packed_index(const TokenAxisParams& p, const 
   return (t.lead * p.channels + t.channel) * p.blocks_per_channel + t.block;
 }
 
-template <DType kDt>
-__global__ void __launch_bounds__(kQuantThreads) nvfp4_quantize_token_kernel(const TokenAxisParams p) {
-  const float g = *p.g;
+// The grid-stride loop of the token-axis kernels: body(t) for every valid block of this thread
+// (one tile per CTA and step, one block per thread and tile).
+template <class Body>
+__device__ __forceinline__ void for_each_token_block(const TokenAxisParams& p, Body&& body) {
   for (int64_t tile = blockIdx.x; tile < p.num_tiles; tile += gridDim.x) {
     const TokenBlock t = token_block(p, tile);
     if (!t.valid) continue;
+    body(t);
+  }
+}
+
+template <DType kDt>
+__global__ void __launch_bounds__(kQuantThreads) nvfp4_quantize_token_kernel(const TokenAxisParams p) {
+  const float g = *p.g;
+  for_each_token_block(p, [&](const TokenBlock& t) {
     float x[kNvBlock];  // [16 tokens] fp32, registers
     load_token_block<kDt>(p, t, x);
     const NvBlockScale sc = nv_block_scale(block_amax<kNvBlock>(x), g);
     const int64_t q = packed_index(p, t);
     reinterpret_cast<uint2*>(p.data)[q] = make_uint2(nv_pack8(x, sc), nv_pack8(x + 8, sc));
     p.scales[q] = static_cast<uint8_t>(sc.s_bits);
-  }
+  });
 }
 
 template <DType kDt>
 __global__ void __launch_bounds__(kQuantThreads)
     nvfp4_fake_quantize_token_kernel(const TokenAxisParams p) {
   const float g = *p.g;
-  for (int64_t tile = blockIdx.x; tile < p.num_tiles; tile += gridDim.x) {
-    const TokenBlock t = token_block(p, tile);
-    if (!t.valid) continue;
+  for_each_token_block(p, [&](const TokenBlock& t) {
     float x[kNvBlock];  // [16 tokens] fp32, registers
     load_token_block<kDt>(p, t, x);
     const NvBlockScale sc = nv_block_scale(block_amax<kNvBlock>(x), g);
 #pragma unroll
     for (int i = 0; i < kNvBlock; ++i) x[i] = nv_fake_element(x[i], sc, g);
     store_token_block<kDt>(p, t, x);
-  }
+  });
 }
 
 template <DType kDt>
 __global__ void __launch_bounds__(kQuantThreads)
     nvfp4_dequantize_token_kernel(const TokenAxisParams p) {
   const float g = *p.g;
-  for (int64_t tile = blockIdx.x; tile < p.num_tiles; tile += gridDim.x) {
-    const TokenBlock t = token_block(p, tile);
-    if (!t.valid) continue;
+  for_each_token_block(p, [&](const TokenBlock& t) {
     const int64_t q = packed_index(p, t);
     const uint2 w = reinterpret_cast<const uint2*>(p.data)[q];
     const float s = e4m3_decode(p.scales[q]);
@@ -113,35 +118,25 @@ __global__ void __launch_bounds__(kQuantThreads)
       v[8 + i] = nv_dequant_element(w.y >> (4 * i), s, g);
     }
     store_token_block<kDt>(p, t, v);
-  }
+  });
 }
 
 enum class TokenOp { kQuantize, kFakeQuantize, kDequantize };
 
 template <DType kDt>
-cudaError_t launch(TokenOp op, const TokenAxisParams& p, cudaStream_t stream) {
-  const int grid = grid_for(p.num_tiles, 1);  // one tile per CTA
+auto token_kernel(TokenOp op) -> void (*)(TokenAxisParams) {
   switch (op) {
-    case TokenOp::kQuantize:
-      nvfp4_quantize_token_kernel<kDt><<<grid, kQuantThreads, 0, stream>>>(p);
-      break;
-    case TokenOp::kFakeQuantize:
-      nvfp4_fake_quantize_token_kernel<kDt><<<grid, kQuantThreads, 0, stream>>>(p);
-      break;
-    case TokenOp::kDequantize:
-      nvfp4_dequantize_token_kernel<kDt><<<grid, kQuantThreads, 0, stream>>>(p);
-      break;
+    case TokenOp::kQuantize: return &nvfp4_quantize_token_kernel<kDt>;
+    case TokenOp::kFakeQuantize: return &nvfp4_fake_quantize_token_kernel<kDt>;
+    default: return &nvfp4_dequantize_token_kernel<kDt>;  // TokenOp::kDequantize
   }
-  return cudaGetLastError();
 }
 
 cudaError_t launch_op(TokenOp op, DType dtype, const TokenAxisParams& p, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch<DType::kFloat32>(op, p, stream);
-    case DType::kFloat16: return launch<DType::kFloat16>(op, p, stream);
-    case DType::kBFloat16: return launch<DType::kBFloat16>(op, p, stream);
-    default: return cudaErrorInvalidValue;  // unreachable: validate() admits these three
-  }
+  const int grid = grid_for(p.num_tiles, 1);  // one tile per CTA
+  return dispatch_dtype(dtype, [&](auto dt) {
+    return launch_kernel(token_kernel<decltype(dt)::value>(op), grid, p, stream);
+  });
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// Host entry points of the CUDA attention kernels (src/cuda/attention/*.cu), called by
-// src/api.cpp after validate_attention_*(). Only built with CUDA.
+// Host entry points of the CUDA attention kernels (src/cuda/attention/api.cu, packed.cu), called
+// by src/api.cpp after validate_attention_*(). Only built with CUDA.
 #pragma once
 
 #include "attnqat/attnqat.h"
@@ -20,20 +20,32 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           const TensorView& v, const ForwardState& saved,
                           const AttentionOptions& opts, const BackwardOutputs& grads, void* stream);
 
-// Forward of mode fp4 from packed NVFP4 q, k, v, decoded inside the sm90 kernel (exact; the
-// same result as attention_forward on the dequantized tensors, bit for bit). lq, lk, lv: the
-// logical [B, H, N, d] views (shapes and the output dtype). Only for the layouts that
-// packed_forward_fusable() accepts; src/cuda/decode/api.cu decodes the others into temporaries.
-// packed_operand_fusable: one operand's layout (rows of codes and scales contiguous and aligned)
-// and head dim (64, 128) suit the in-kernel decode, for an output o of bf16/fp16.
-// kv_decoded: only q is decoded in the kernel; lk, lv are the decoded K, V (k, v unused).
-bool packed_operand_fusable(const PackedTensor& t, const TensorView& o);
-bool packed_forward_fusable(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
-                            const AttentionOptions& opts, const TensorView& o);
-Status attention_forward_from_packed(const PackedTensor& q, const PackedTensor& k,
-                                     const PackedTensor& v, const TensorView& lq,
-                                     const TensorView& lk, const TensorView& lv,
-                                     const AttentionOptions& opts, const ForwardOutputs& out,
-                                     void* stream, bool kv_decoded = false);
+// Forward of mode fp4 from packed NVFP4 q, k, v (packed.cu): the sm90 forward unpacks them in
+// the kernel, or they are dequantized (exact) into stream-ordered bf16/fp16 temporaries that the
+// forward reads with inputs_quantized; the operands are the same bit for bit either way. `unpack`
+// chooses (attnqat.h: PackedUnpack).
+Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
+                                const AttentionOptions& opts, const ForwardOutputs& out,
+                                void* stream, PackedUnpack unpack);
+
+// ---- Inside the backend: the sm90 forward of api.cu, run by packed.cu ----------------------
+
+// The NVFP4 operands that the sm90 forward unpacks in the kernel (sm90/fwd_packed.cuh).
+struct PackedOperands {
+  const PackedTensor* q;
+  const PackedTensor* k;
+  const PackedTensor* v;
+  bool kv_unpacked;  // only q is unpacked in the kernel; k, v are read from the 16-bit views
+};
+
+// The sm90 forward on q, k, v after the checks that only the kernel needs (the key tile of
+// p_quant 'paper', output alignment, the device). packed == nullptr: the ordinary forward
+// (fake-quantizing q, k, v into temporaries when the mode quantizes and !opts.inputs_quantized);
+// otherwise q, k, v are the logical [B, H, N, d] views of the packed operands (their shapes and
+// dtype; the data of k, v is read only with kv_unpacked) and the dtype and head dim are supported
+// (bfloat16/float16, 64/128).
+Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                    const AttentionOptions& opts, const ForwardOutputs& out, void* stream,
+                    const PackedOperands* packed);
 
 }  // namespace attnqat::cuda

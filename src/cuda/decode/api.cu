@@ -1,6 +1,7 @@
-// src/cuda/decode/api.cu — host entry points of the CUDA FP4 inference paths (api.h): the
-// kernel-specific checks (dtypes, head dim, alignment, device), the split-KV choice, the
-// stream-ordered workspace, and the launches. Nothing synchronizes; errors come back as Status.
+// src/cuda/decode/api.cu — host entry points of token-by-token generation on CUDA (api.h): the
+// paged FP4 KV cache append and decode attention over the cache. Here: the kernel-specific checks
+// (dtypes, head dim, alignment, device), the split-KV choice, the stream-ordered workspace, and
+// the launches. Nothing synchronizes; errors come back as Status.
 //
 // Values that live in device memory (page ids, lengths) are not read here: the kernels clamp
 // lengths to the page table's capacity and never dereference an out-of-range page id (the Python
@@ -12,11 +13,9 @@
 #include <mutex>
 #include <string>
 
-#include "cuda/common/device_guard.h"
 #include "attnqat/attnqat.h"
 #include "common/validate.h"
-#include "cuda/common/workspace.h"
-#include "cuda/attention/api.h"
+#include "cuda/common/host.h"
 #include "cuda/decode/api.h"
 #include "cuda/decode/launch.h"
 
@@ -41,12 +40,6 @@ constexpr int kMinSplitKeys = 256;
 constexpr int kMaxMinSplitKeys = 1024;
 constexpr int kOneWaveSplits = 16;
 constexpr int kOneWaveMaxKeys = 2048;
-constexpr size_t kAlign = 256;
-
-Status cuda_error(const char* op, const char* what, cudaError_t err) {
-  return Status::Cuda(std::string(op) + ": " + what + " failed: " + cudaGetErrorName(err) + " (" +
-                      cudaGetErrorString(err) + ")");
-}
 
 Status check_aligned(const TensorView& t, size_t bytes) {
   if (reinterpret_cast<uintptr_t>(t.data) % bytes != 0)
@@ -56,17 +49,11 @@ Status check_aligned(const TensorView& t, size_t bytes) {
   return Status::Ok();
 }
 
-// The decode kernel needs sm_89+ (E4M3 converts) and one of the built targets.
-Status check_device(const char* op, int device) {
-  int major = 0, minor = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  if (err != cudaSuccess) return cuda_error(op, "querying the device", err);
-  if (major * 10 + minor < 89)
-    return Status::NotImplemented(std::string(op) + ": the FP4 decode kernels need sm_89 or newer; this "
-                                  "device is sm_" + std::to_string(major) + std::to_string(minor) +
-                                  "; run on CPU tensors (the reference) instead");
-  return Status::Ok();
+// Makes `device` current for the guard's lifetime and checks that it runs the portable FP4
+// kernels (sm_89+: E4M3 converts); launch_status() reports a target missing from the build.
+Status enter_device(DeviceGuard& guard, int device, const char* op) {
+  ATTNQAT_RETURN_IF_ERROR(guard.select(device, op, "the device"));
+  return check_device(op, device, DeviceNeed::kSm89);
 }
 
 Status launch_status(const char* op, cudaError_t err, int device) {
@@ -83,7 +70,20 @@ Status launch_status(const char* op, cudaError_t err, int device) {
   return cuda_error(op, "the kernel launch", err);
 }
 
-size_t round_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+// The cache and its page table, the same fields in AppendParams and DecodeParams.
+template <class Params>
+void set_cache(Params& p, const PagedKVCache& cache, const KVCacheDims& dims,
+               const IndexView& page_table) {
+  p.k_data = static_cast<uint8_t*>(cache.k_data.data);
+  p.k_scales = static_cast<uint8_t*>(cache.k_scales.data);
+  p.v_data = static_cast<uint8_t*>(cache.v_data.data);
+  p.v_scales = static_cast<uint8_t*>(cache.v_scales.data);
+  p.page_table = page_table.data;
+  p.pt_stride_b = page_table.stride[0];
+  p.pt_stride_p = page_table.stride[1];
+  p.pages_per_seq = static_cast<int>(page_table.shape[1]);
+  p.num_pages = static_cast<int>(dims.num_pages);
+}
 
 // SMs and resident decode CTAs per SM, per device, dtype and head dim (queried once).
 struct DeviceShape {
@@ -109,82 +109,6 @@ Status device_shape(int device, bool f16, int head_dim, DeviceShape* out) {
 
 }  // namespace
 
-// ---- Attention from packed NVFP4 tensors --------------------------------------------------------
-
-// kAuto's choice. Every CTA (128 query rows of one head) decodes the K/V tiles it reads, so the
-// in-kernel decode repeats group * ceil(Nq / 128) times per KV head, while the temporaries cost
-// one decode pass plus a 16-bit write and read of K and V. Measured on H200 (d = 128, Nk = 8192,
-// bench/bench_decode.py "packed paths", docs/decode.md): the in-kernel decode costs the forward
-// ~18% whatever the shape (0.80-0.84x of the fp4 forward), the temporaries 0.45x at 1 block
-// per KV head, 0.79-0.84x at 4, 0.84-0.87x at 8 and 0.93-0.96x at 16 or more: the crossover
-// lies between 4 and 8 blocks.
-namespace {
-constexpr int64_t kInKernelMaxBlocksPerKvHead = 4;
-bool in_kernel_decode_pays(int64_t nq, int64_t group) {
-  return group * ((nq + 127) / 128) <= kInKernelMaxBlocksPerKvHead;
-}
-}  // namespace
-
-Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,
-                                const AttentionOptions& opts, const ForwardOutputs& out,
-                                void* stream, PackedUnpack unpack) {
-  const DType dt = out.o.dtype;
-  if (dt != DType::kBFloat16 && dt != DType::kFloat16)
-    return Status::NotImplemented(std::string("o: the CUDA packed attention decodes Q, K, V into the "
-                                              "dtype of o, bfloat16 or float16; got ") + dtype_name(dt));
-  const int64_t B = out.o.shape[0], Hq = out.o.shape[1], Nq = out.o.shape[2], D = out.o.shape[3];
-  const int64_t Hkv = k.data.shape[1], Nk = k.data.shape[2];
-  if (out.o.numel() == 0) return Status::Ok();
-  DeviceGuard guard;
-  if (const cudaError_t err = guard.set(out.o.device_id); err != cudaSuccess)
-    return cuda_error("attention_forward_packed", "selecting the device", err);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  auto view = [&](void* p, int64_t h, int64_t n, const char* name) {
-    TensorView t = make_view(p, dt, {B, h, n, D}, name, Device::kCUDA);
-    t.device_id = out.o.device_id;
-    return t;
-  };
-  // Channel-blocked operands with aligned rows (the quantize kernels' output and any slice of
-  // it along B, H, N) can be decoded inside the sm90 kernel.
-  const bool fusable = packed_forward_fusable(q, k, v, opts, out.o);
-  if (unpack == PackedUnpack::kInKernel && !fusable)
-    return Status::Invalid(
-        "decode: the in-kernel decode needs channel blocks for V (v_blocks 'channel'), head dim "
-        "64 or 128, a bfloat16/float16 output and rows of codes and scales contiguous and aligned "
-        "(16 bytes, d/16 bytes), as quantize() writes them; use decode 'auto' or 'temporary'");
-  if (fusable && (unpack == PackedUnpack::kInKernel ||
-                  (unpack == PackedUnpack::kAuto && in_kernel_decode_pays(Nq, Hq / Hkv))))
-    return attention_forward_from_packed(q, k, v, view(q.data.data, Hq, Nq, "q"),
-                                         view(k.data.data, Hkv, Nk, "k"),
-                                         view(v.data.data, Hkv, Nk, "v"), opts, out, stream);
-  // Otherwise: K and V dequantized (exact) into one stream-ordered temporary; Q decoded in the
-  // kernel too when its layout allows (it is read once per CTA: no repeated decode), else
-  // dequantized alongside; then the forward on the decoded operands (inputs_quantized: no
-  // re-quantization, the same operands bit for bit).
-  const bool q_in_kernel = packed_operand_fusable(q, out.o);
-  const size_t es = static_cast<size_t>(dtype_size(dt));
-  const size_t qb = q_in_kernel ? 0 : round_up(B * Hq * Nq * D * es);
-  const size_t kb = round_up(B * Hkv * Nk * D * es);
-  Workspace ws;
-  ATTNQAT_RETURN_IF_ERROR(ws.allocate(qb + 2 * kb, s));
-  uint8_t* base = static_cast<uint8_t*>(ws.data());
-  const TensorView kh = view(base + qb, Hkv, Nk, "k (decoded)");
-  const TensorView vh = view(base + qb + kb, Hkv, Nk, "v (decoded)");
-  QuantizeOptions qo;
-  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(k.data, k.scales, k.global_scale, kh, qo, stream));
-  QuantizeOptions vo;
-  vo.axis = opts.v_blocks == VBlocks::kToken ? BlockAxis::kToken : BlockAxis::kLast;
-  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(v.data, v.scales, v.global_scale, vh, vo, stream));
-  if (q_in_kernel)
-    return attention_forward_from_packed(q, k, v, view(q.data.data, Hq, Nq, "q"), kh, vh, opts,
-                                         out, stream, /*kv_decoded=*/true);
-  const TensorView qh = view(base, Hq, Nq, "q (decoded)");
-  ATTNQAT_RETURN_IF_ERROR(::attnqat::dequantize(q.data, q.scales, q.global_scale, qh, qo, stream));
-  AttentionOptions o2 = opts;
-  o2.inputs_quantized = true;
-  return ::attnqat::attention_forward(qh, kh, vh, o2, out, stream);
-}
-
 // ---- Paged FP4 KV cache: append -------------------------------------------------------------------
 
 Status kv_cache_append(const PagedKVCache& cache, const KVCacheDims& dims, const TensorView& k_new,
@@ -194,29 +118,15 @@ Status kv_cache_append(const PagedKVCache& cache, const KVCacheDims& dims, const
   if (k_new.numel() == 0) return Status::Ok();
   for (const TensorView* t : {&cache.k_data, &cache.v_data}) ATTNQAT_RETURN_IF_ERROR(check_aligned(*t, 8));
   DeviceGuard guard;
-  if (const cudaError_t err = guard.set(cache.k_data.device_id); err != cudaSuccess)
-    return cuda_error(kOp, "selecting the device", err);
-  ATTNQAT_RETURN_IF_ERROR(check_device(kOp, cache.k_data.device_id));
+  ATTNQAT_RETURN_IF_ERROR(enter_device(guard, cache.k_data.device_id, kOp));
   decode::AppendParams p{};
   p.k_new = k_new.data;
   p.v_new = v_new.data;
-  p.stride_b = k_new.stride[0];
-  p.stride_h = k_new.stride[1];
-  p.stride_i = k_new.stride[2];
-  p.v_stride_b = v_new.stride[0];
-  p.v_stride_h = v_new.stride[1];
-  p.v_stride_i = v_new.stride[2];
-  p.k_data = static_cast<uint8_t*>(cache.k_data.data);
-  p.k_scales = static_cast<uint8_t*>(cache.k_scales.data);
-  p.v_data = static_cast<uint8_t*>(cache.v_data.data);
-  p.v_scales = static_cast<uint8_t*>(cache.v_scales.data);
-  p.page_table = page_table.data;
-  p.pt_stride_b = page_table.stride[0];
-  p.pt_stride_p = page_table.stride[1];
+  token_strides(k_new, &p.stride_b, &p.stride_h, &p.stride_i);
+  token_strides(v_new, &p.v_stride_b, &p.v_stride_h, &p.v_stride_i);
+  set_cache(p, cache, dims, page_table);
   p.start = start.data;
   p.start_stride = start.stride[0];
-  p.pages_per_seq = static_cast<int>(page_table.shape[1]);
-  p.num_pages = static_cast<int>(dims.num_pages);
   p.batch = static_cast<int>(k_new.shape[0]);
   p.heads = static_cast<int>(dims.heads);
   p.n_new = static_cast<int>(k_new.shape[2]);
@@ -248,9 +158,7 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   if (q.numel() == 0) return Status::Ok();
   DeviceGuard guard;
   const int device = q.device_id;
-  if (const cudaError_t err = guard.set(device); err != cudaSuccess)
-    return cuda_error(kOp, "selecting the device", err);
-  ATTNQAT_RETURN_IF_ERROR(check_device(kOp, device));
+  ATTNQAT_RETURN_IF_ERROR(enter_device(guard, device, kOp));
   const bool f16 = q.dtype == DType::kFloat16;
   DeviceShape shape;
   ATTNQAT_RETURN_IF_ERROR(device_shape(device, f16, static_cast<int>(dims.head_dim), &shape));
@@ -289,20 +197,10 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
 
   decode::DecodeParams p{};
   p.q = q.data;
-  p.q_stride_b = q.stride[0];
-  p.q_stride_h = q.stride[1];
-  p.q_stride_i = q.stride[2];
-  p.k_data = static_cast<const uint8_t*>(cache.k_data.data);
-  p.k_scales = static_cast<const uint8_t*>(cache.k_scales.data);
-  p.v_data = static_cast<const uint8_t*>(cache.v_data.data);
-  p.v_scales = static_cast<const uint8_t*>(cache.v_scales.data);
-  p.page_table = page_table.data;
-  p.pt_stride_b = page_table.stride[0];
-  p.pt_stride_p = page_table.stride[1];
+  token_strides(q, &p.q_stride_b, &p.q_stride_h, &p.q_stride_i);
+  set_cache(p, cache, dims, page_table);
   p.seq_lens = seq_lens.data;
   p.lens_stride = seq_lens.stride[0];
-  p.pages_per_seq = static_cast<int>(page_table.shape[1]);
-  p.num_pages = static_cast<int>(dims.num_pages);
   p.heads_kv = static_cast<int>(dims.heads);
   p.page_size = static_cast<int>(dims.page_size);
   p.page_shift = -1;

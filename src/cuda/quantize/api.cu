@@ -202,131 +202,133 @@ const float* global_scale_ptr(const TensorView& g, const QuantizeOptions& opts) 
   return opts.format == Format::kNVFP4 ? static_cast<const float*>(g.data) : nullptr;
 }
 
+// How the kernels access one tensor of an entry point, and so the alignment it needs: along the
+// last axis 16-byte vectors, along the token axis single elements (x / out) and 8-byte code stores.
+enum class Access {
+  kValues,      // x / out: an aligned pointer, and on the last axis rows 16 bytes apart
+  kContiguous,  // out of dequantize: contiguous (validated), so an aligned pointer aligns its rows
+  kCodes,       // packed codes: on the last axis 8 (NVFP4) or 16 (MXFP4) bytes per block
+};
+
+// The alignment check of one tensor for its access (the messages of check_pointer_alignment and
+// check_last_axis_access).
+Status check_access(const TensorView& t, Access access, const QuantizeOptions& opts) {
+  const bool last = opts.axis == BlockAxis::kLast;
+  switch (access) {
+    case Access::kValues:
+      return last ? check_last_axis_access(t) : check_pointer_alignment(t, dtype_size(t.dtype));
+    case Access::kContiguous:
+      return check_pointer_alignment(t, last ? kVecBytes : dtype_size(t.dtype));
+    default:  // Access::kCodes; the token axis stores 8 bytes (16 codes of a block)
+      return check_pointer_alignment(t, last && opts.format != Format::kNVFP4 ? 16 : 8);
+  }
+}
+
+// A tensor of an entry point and how its kernel accesses it.
+struct Operand {
+  const TensorView& t;
+  Access access;
+};
+
+// The packed side and g of a launch (quantize writes data / scales, dequantize reads them).
+template <class Params>
+void set_packed(Params& p, const TensorView& data, const TensorView& scales, const TensorView& g,
+                const QuantizeOptions& opts) {
+  p.data = static_cast<uint8_t*>(data.data);
+  p.scales = static_cast<uint8_t*>(scales.data);
+  p.g = global_scale_ptr(g, opts);
+}
+
+// The flow of every entry point around its launch: the checks of g, then of the alignment of a
+// and b (a first; none for an empty a, which launches nothing); then, on a's device, g first when
+// it is computed (`from_amax`: quantize / fake_quantize with compute_global_scale, NVFP4; also
+// for an empty a, where it writes the reference's g = 1), then one kernel launch: launch_last or
+// launch_token (by opts.axis) with the parameters of a's layout, returning its cudaError_t.
+template <class LaunchLast, class LaunchToken>
+Status run_entry_point(const char* op, Operand a, Operand b, const TensorView& g,
+                       const QuantizeOptions& opts, bool from_amax, void* stream_ptr,
+                       LaunchLast&& launch_last, LaunchToken&& launch_token) {
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  ATTNQAT_RETURN_IF_ERROR(check_global_scale_pointer(g, opts));
+  const bool empty = a.t.numel() == 0;
+  if (!empty) {
+    ATTNQAT_RETURN_IF_ERROR(check_access(a.t, a.access, opts));
+    ATTNQAT_RETURN_IF_ERROR(check_access(b.t, b.access, opts));
+  }
+  const bool compute_g = from_amax && opts.format == Format::kNVFP4 && opts.compute_global_scale;
+  if (empty && !compute_g) return Status::Ok();
+
+  DeviceGuard guard;
+  ATTNQAT_RETURN_IF_ERROR(cuda_status(op, "cudaSetDevice", guard.set(a.t.device_id)));
+  if (compute_g) ATTNQAT_RETURN_IF_ERROR(compute_global_scale(op, a.t, g, stream));
+  if (empty) return Status::Ok();
+  return cuda_status(op, "kernel launch",
+                     opts.axis == BlockAxis::kLast
+                         ? launch_last(last_axis_params(a.t, opts), stream)
+                         : launch_token(token_axis_params(a.t), stream));
+}
+
 }  // namespace
 
 Status quantize(const TensorView& x, const TensorView& data, const TensorView& scales,
                 const TensorView& global_scale, const QuantizeOptions& opts, void* stream_ptr) {
-  constexpr const char* kOp = "quantize";
-  const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool nvfp4 = opts.format == Format::kNVFP4;
-  ATTNQAT_RETURN_IF_ERROR(check_global_scale_pointer(global_scale, opts));
-  const bool empty = x.numel() == 0;
-  if (!empty) {
-    if (opts.axis == BlockAxis::kLast) {
-      ATTNQAT_RETURN_IF_ERROR(check_last_axis_access(x));
-      ATTNQAT_RETURN_IF_ERROR(check_pointer_alignment(data, nvfp4 ? 8 : 16));
-    } else {
-      ATTNQAT_RETURN_IF_ERROR(check_pointer_alignment(x, dtype_size(x.dtype)));
-      ATTNQAT_RETURN_IF_ERROR(check_pointer_alignment(data, 8));
-    }
-  }
-  if (empty && !(nvfp4 && opts.compute_global_scale)) return Status::Ok();
-
-  DeviceGuard guard;
-  ATTNQAT_RETURN_IF_ERROR(cuda_status(kOp, "cudaSetDevice", guard.set(x.device_id)));
-  if (nvfp4 && opts.compute_global_scale)
-    ATTNQAT_RETURN_IF_ERROR(compute_global_scale(kOp, x, global_scale, stream));
-  if (empty) return Status::Ok();
-
-  if (opts.axis == BlockAxis::kLast) {
-    LastAxisParams p = last_axis_params(x, opts);
-    p.x = x.data;
-    p.data = static_cast<uint8_t*>(data.data);
-    p.scales = static_cast<uint8_t*>(scales.data);
-    p.g = global_scale_ptr(global_scale, opts);
-    return cuda_status(kOp, "kernel launch",
-                       launch_quantize_last(x.dtype, opts.format, p, stream));
-  }
-  TokenAxisParams p = token_axis_params(x);
-  p.x = x.data;
-  p.data = static_cast<uint8_t*>(data.data);
-  p.scales = static_cast<uint8_t*>(scales.data);
-  p.g = global_scale_ptr(global_scale, opts);
-  return cuda_status(kOp, "kernel launch",
-                     launch_quantize_token(x.dtype, p, stream));
+  return run_entry_point(
+      "quantize", {x, Access::kValues}, {data, Access::kCodes}, global_scale, opts, true,
+      stream_ptr,
+      [&](LastAxisParams p, cudaStream_t stream) {
+        p.x = x.data;
+        set_packed(p, data, scales, global_scale, opts);
+        return launch_quantize_last(x.dtype, opts.format, p, stream);
+      },
+      [&](TokenAxisParams p, cudaStream_t stream) {
+        p.x = x.data;
+        set_packed(p, data, scales, global_scale, opts);
+        return launch_quantize_token(x.dtype, p, stream);
+      });
 }
 
 Status dequantize(const TensorView& data, const TensorView& scales, const TensorView& global_scale,
                   const TensorView& out, const QuantizeOptions& opts, void* stream_ptr) {
-  constexpr const char* kOp = "dequantize";
-  const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool nvfp4 = opts.format == Format::kNVFP4;
-  ATTNQAT_RETURN_IF_ERROR(check_global_scale_pointer(global_scale, opts));
-  if (out.numel() == 0) return Status::Ok();
-  if (opts.axis == BlockAxis::kLast) {
-    ATTNQAT_RETURN_IF_ERROR(check_pointer_alignment(out, kVecBytes));  // contiguous: rows follow
-    ATTNQAT_RETURN_IF_ERROR(check_pointer_alignment(data, nvfp4 ? 8 : 16));
-  } else {
-    ATTNQAT_RETURN_IF_ERROR(check_pointer_alignment(out, dtype_size(out.dtype)));
-    ATTNQAT_RETURN_IF_ERROR(check_pointer_alignment(data, 8));
-  }
-
-  DeviceGuard guard;
-  ATTNQAT_RETURN_IF_ERROR(cuda_status(kOp, "cudaSetDevice", guard.set(out.device_id)));
-  if (opts.axis == BlockAxis::kLast) {
-    LastAxisParams p = last_axis_params(out, opts);
-    p.out = out.data;
-    p.out_lead = p.x_lead;
-    p.out_flat = true;  // out is contiguous (validated)
-    p.data = static_cast<uint8_t*>(data.data);
-    p.scales = static_cast<uint8_t*>(scales.data);
-    p.g = global_scale_ptr(global_scale, opts);
-    return cuda_status(kOp, "kernel launch",
-                       launch_dequantize_last(out.dtype, opts.format, p, stream));
-  }
-  TokenAxisParams p = token_axis_params(out);
-  p.out = out.data;
-  p.out_lead = p.x_lead;
-  p.out_token_stride = p.x_token_stride;
-  p.data = static_cast<uint8_t*>(data.data);
-  p.scales = static_cast<uint8_t*>(scales.data);
-  p.g = global_scale_ptr(global_scale, opts);
-  return cuda_status(kOp, "kernel launch",
-                     launch_dequantize_token(out.dtype, p, stream));
+  return run_entry_point(
+      "dequantize", {out, Access::kContiguous}, {data, Access::kCodes}, global_scale, opts, false,
+      stream_ptr,
+      [&](LastAxisParams p, cudaStream_t stream) {
+        p.out = out.data;
+        p.out_lead = p.x_lead;
+        p.out_flat = true;  // out is contiguous (validated)
+        set_packed(p, data, scales, global_scale, opts);
+        return launch_dequantize_last(out.dtype, opts.format, p, stream);
+      },
+      [&](TokenAxisParams p, cudaStream_t stream) {
+        p.out = out.data;
+        p.out_lead = p.x_lead;
+        p.out_token_stride = p.x_token_stride;
+        set_packed(p, data, scales, global_scale, opts);
+        return launch_dequantize_token(out.dtype, p, stream);
+      });
 }
 
 Status fake_quantize(const TensorView& x, const TensorView& out, const TensorView& global_scale,
                      const QuantizeOptions& opts, void* stream_ptr) {
-  constexpr const char* kOp = "fake_quantize";
-  const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool nvfp4 = opts.format == Format::kNVFP4;
-  ATTNQAT_RETURN_IF_ERROR(check_global_scale_pointer(global_scale, opts));
-  const bool empty = x.numel() == 0;
-  if (!empty) {
-    if (opts.axis == BlockAxis::kLast) {
-      ATTNQAT_RETURN_IF_ERROR(check_last_axis_access(x));
-      ATTNQAT_RETURN_IF_ERROR(check_last_axis_access(out));
-    } else {
-      ATTNQAT_RETURN_IF_ERROR(check_pointer_alignment(x, dtype_size(x.dtype)));
-      ATTNQAT_RETURN_IF_ERROR(check_pointer_alignment(out, dtype_size(out.dtype)));
-    }
-  }
-  if (empty && !(nvfp4 && opts.compute_global_scale)) return Status::Ok();
-
-  DeviceGuard guard;
-  ATTNQAT_RETURN_IF_ERROR(cuda_status(kOp, "cudaSetDevice", guard.set(x.device_id)));
-  if (nvfp4 && opts.compute_global_scale)
-    ATTNQAT_RETURN_IF_ERROR(compute_global_scale(kOp, x, global_scale, stream));
-  if (empty) return Status::Ok();
-
-  if (opts.axis == BlockAxis::kLast) {
-    LastAxisParams p = last_axis_params(x, opts);
-    p.x = x.data;
-    p.out = out.data;
-    p.out_lead = collapse_lead(out, out.ndim - 1);
-    p.out_flat = is_flat(p.out_lead, out.size(-1));
-    p.g = global_scale_ptr(global_scale, opts);
-    return cuda_status(kOp, "kernel launch",
-                       launch_fake_quantize_last(x.dtype, opts.format, p, stream));
-  }
-  TokenAxisParams p = token_axis_params(x);
-  p.x = x.data;
-  p.out = out.data;
-  p.out_lead = collapse_lead(out, out.ndim - 2);
-  p.out_token_stride = out.stride_of(-2);
-  p.g = global_scale_ptr(global_scale, opts);
-  return cuda_status(kOp, "kernel launch",
-                     launch_fake_quantize_token(x.dtype, p, stream));
+  return run_entry_point(
+      "fake_quantize", {x, Access::kValues}, {out, Access::kValues}, global_scale, opts, true,
+      stream_ptr,
+      [&](LastAxisParams p, cudaStream_t stream) {
+        p.x = x.data;
+        p.out = out.data;
+        p.out_lead = collapse_lead(out, out.ndim - 1);
+        p.out_flat = is_flat(p.out_lead, out.size(-1));
+        p.g = global_scale_ptr(global_scale, opts);
+        return launch_fake_quantize_last(x.dtype, opts.format, p, stream);
+      },
+      [&](TokenAxisParams p, cudaStream_t stream) {
+        p.x = x.data;
+        p.out = out.data;
+        p.out_lead = collapse_lead(out, out.ndim - 2);
+        p.out_token_stride = out.stride_of(-2);
+        p.g = global_scale_ptr(global_scale, opts);
+        return launch_fake_quantize_token(x.dtype, p, stream);
+      });
 }
 
 }  // namespace attnqat::cuda

@@ -1,5 +1,8 @@
-// Host entry points of the CUDA backend (defined in src/cuda/*.cu). Called by src/api.cpp after
-// validation, only when the library was built with CUDA (ATTNQAT_WITH_CUDA).
+// Host entry points of the CUDA quantization kernels (defined in src/cuda/quantize/api.cu). Called
+// by src/api.cpp after validation, only when the library was built with CUDA (ATTNQAT_WITH_CUDA),
+// and inside the backend (cuda/common/host.cu: fake_quantize for the copies of q, k, v;
+// cuda/attention/packed.cu: dequantize), which never calls the public API of include/attnqat.
+// The other entry points: src/cuda/attention/api.h, src/cuda/decode/api.h.
 #pragma once
 
 #include "attnqat/attnqat.h"

@@ -8,6 +8,8 @@
 # OLD_TREE: a checkout of the baseline commit (git worktree add, or git archive | tar -x). The
 # benchmark scripts of THIS tree time both builds, so the measurement code is the same. Each run
 # writes OUTDIR/ab_<tag><round>/<bench>.json; the summary goes to OUTDIR/ab_summary.txt.
+# Before the benchmarks, bench/ab_bitwise.py runs the same inputs through both builds and compares
+# every output bit for bit (OUTDIR/ab_bitwise.txt; AB_BITWISE=0 skips it).
 # Environment: AB_SKIP_BUILD=1 (reuse the builds of an earlier call), AB_ROUNDS (default 2),
 # JOBS (default 16, split between the two builds). No BENCH: build only.
 set -uo pipefail
@@ -35,6 +37,15 @@ if [ "${AB_SKIP_BUILD:-0}" != 1 ]; then
   build "$NEW" /tmp/ab_site_new >"$OUT/ab_build_new.log" 2>&1 || { echo "new build failed"; tail -30 "$OUT/ab_build_new.log"; exit 1; }
   wait "$pid_old" || { echo "old build failed"; tail -30 "$OUT/ab_build_old.log"; exit 1; }
   echo "::: built in $((SECONDS - t0)) s"
+fi
+if [ "${AB_BITWISE:-1}" = 1 ]; then  # the same inputs through both builds: outputs bit for bit
+  echo "::: bit-for-bit outputs (bench/ab_bitwise.py)"
+  for tag in old new; do
+    PYTHONPATH=/tmp/ab_site_$tag python3 bench/ab_bitwise.py run "/tmp/ab_bits_$tag.pt" \
+      >"$OUT/ab_bitwise_run_$tag.log" 2>&1 || tail -20 "$OUT/ab_bitwise_run_$tag.log"
+  done
+  python3 bench/ab_bitwise.py compare /tmp/ab_bits_old.pt /tmp/ab_bits_new.pt >"$OUT/ab_bitwise.txt" 2>&1
+  tail -1 "$OUT/ab_bitwise.txt"
 fi
 [ $# -gt 0 ] || exit 0
 

@@ -81,6 +81,18 @@ struct CausalMask {
   ATTNQAT_HD static int last_row(int /*key*/, SeqInfo s) { return s.len_q - 1; }
 };
 
+// The policy of a MaskKind, as a value: with_mask_policy(kind, [&](auto mask) { ... decltype(mask) ... }).
+template <class F>
+decltype(auto) with_mask_policy(MaskKind kind, F&& f) {
+  if (kind == MaskKind::kCausal) return f(CausalMask{});
+  return f(NoMask{});
+}
+
+// The keys row `row` sees under a mask chosen at run time (the reference and the tests).
+ATTNQAT_HD IndexRange visible_keys(MaskKind kind, int row, SeqInfo s) {
+  return kind == MaskKind::kCausal ? CausalMask::keys(row, s) : NoMask::keys(row, s);
+}
+
 // ---- Block ranges, derived from a policy ---------------------------------------------------------
 // Query blocks hold block_m rows (block m: rows [m * block_m, (m + 1) * block_m) ∩ [0, len_q)),
 // key blocks block_n keys.
@@ -96,20 +108,23 @@ ATTNQAT_HD IndexRange key_blocks(int m_block, int block_m, int block_n, SeqInfo 
   return IndexRange{lo.begin / block_n, (hi.end + block_n - 1) / block_n};
 }
 
-// The key range [begin, end) that every row of the query block sees in full (the intersection of
-// the rows' ranges): a key block inside it needs no element masking; any other visited block does.
+// The key range [begin, end) that every row of [first, last] sees (the intersection of the
+// rows' ranges): keys inside it need no element masking for these rows; any other visited key does.
 template <class Mask>
-ATTNQAT_HD IndexRange keys_seen_by_all(int m_block, int block_m, SeqInfo s) {
-  const int first = m_block * block_m;
-  const int last = mask_detail::min_int(first + block_m, s.len_q) - 1;
+ATTNQAT_HD IndexRange keys_seen_by_rows(int first, int last, SeqInfo s) {
   return IndexRange{Mask::keys(last, s).begin, Mask::keys(first, s).end};
 }
 
-// True when key block n_block (keys [n_block * block_n, +block_n)) needs element masking for a
-// block of rows whose common visible range is `all` (keys_seen_by_all).
-ATTNQAT_HD bool block_needs_mask(int n_block, int block_n, IndexRange all) {
-  const int64_t key0 = static_cast<int64_t>(n_block) * block_n;
-  return key0 < all.begin || key0 + block_n > all.end;
+// The same for query block m_block.
+template <class Mask>
+ATTNQAT_HD IndexRange keys_seen_by_all(int m_block, int block_m, SeqInfo s) {
+  const int first = m_block * block_m;
+  return keys_seen_by_rows<Mask>(first, mask_detail::min_int(first + block_m, s.len_q) - 1, s);
+}
+
+// True when keys [key0, key0 + n) need element masking for rows whose common range is `all`.
+ATTNQAT_HD bool keys_need_mask(int key0, int n, IndexRange all) {
+  return key0 < all.begin || static_cast<int64_t>(key0) + n > all.end;
 }
 
 // The query blocks that meet key block n_block (some row of them sees one of its keys): the

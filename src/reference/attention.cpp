@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/mask.h"
 #include "common/host_convert.h"
 #include "common/validate.h"
 #include "reference/reference.h"
@@ -164,10 +165,12 @@ Operands<Acc> make_operands(const TensorView& q, const TensorView& k, const Tens
   return op;
 }
 
-// Last key visible to query row i (exclusive bound), numerics section 3.
+// Last key visible to query row i (exclusive bound), numerics section 3: the mask policy of
+// src/common/mask.h, the same one the CUDA kernels ask. (Its ranges begin at key 0 for every
+// policy the reference takes today.)
 int64_t key_end(int64_t i, int64_t Nq, int64_t Nk, bool causal) {
-  if (!causal) return Nk;
-  return std::clamp<int64_t>(i + (Nk - Nq) + 1, 0, Nk);
+  const SeqInfo seq{static_cast<int>(Nq), static_cast<int>(Nk)};
+  return visible_keys(causal ? MaskKind::kCausal : MaskKind::kNone, static_cast<int>(i), seq).end;
 }
 
 // s[r][j - j0] = q_r . k_j for rows r < nrows, keys j in [j0, j1): fp32 (or fp64) accumulation

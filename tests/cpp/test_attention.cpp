@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "attention_util.h"
+#include "common/mask.h"
 #include "attnqat/attnqat.h"
 #include "attnqat/formats.h"
 
@@ -24,8 +25,12 @@ using test::rel_err;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-int64_t visible_keys(int64_t i, int64_t nq, int64_t nk, bool causal) {
-  return causal ? std::clamp<int64_t>(i + nk - nq + 1, 0, nk) : nk;
+// The number of keys row i sees (its range begins at key 0): the mask policy of
+// src/common/mask.h, which the kernels and the reference use.
+int64_t visible_count(int64_t i, int64_t nq, int64_t nk, bool causal) {
+  return visible_keys(causal ? MaskKind::kCausal : MaskKind::kNone, static_cast<int>(i),
+                      SeqInfo{static_cast<int>(nq), static_cast<int>(nk)})
+      .end;
 }
 
 // Fake quantization of one [D] row (NVFP4 along the head dim, g = 1).
@@ -70,7 +75,7 @@ TEST(AttentionAnalytic, ZeroScoresGiveTheMeanOfVAndLogN) {
         auto f = forward(p, options(mode, pq, causal));
         const double want_o = mode == Mode::kBF16 ? 1.0 : 6.0 * 1.03125;
         for (int64_t r = 0; r < p.B * p.Hq * p.Nq; ++r) {
-          const int64_t i = r % p.Nq, n = visible_keys(i, p.Nq, p.Nk, causal);
+          const int64_t i = r % p.Nq, n = visible_count(i, p.Nq, p.Nk, causal);
           ASSERT_NEAR(f.lse[r], std::log(static_cast<double>(n)), 2e-6) << mode_name(mode) << " row " << r;
           for (int64_t d = 0; d < p.D; ++d) {
             ASSERT_NEAR(f.o[r * p.D + d], want_o, 1e-5) << mode_name(mode);
@@ -122,7 +127,7 @@ TEST(AttentionBf16, MatchesNaiveFp64Softmax) {
     for (int64_t b = 0; b < p.B; ++b)
       for (int64_t h = 0; h < p.Hq; ++h)
         for (int64_t i = 0; i < p.Nq; ++i) {
-          const int64_t hk = h / 4, n = visible_keys(i, p.Nq, p.Nk, causal);
+          const int64_t hk = h / 4, n = visible_count(i, p.Nq, p.Nk, causal);
           const float* q = &p.q[((b * p.Hq + h) * p.Nq + i) * 64];
           std::vector<double> s(n);
           double m = -kInf;
@@ -220,7 +225,7 @@ NaiveFwd naive_forward(const Problem<float>& p, PQuant pq, bool causal, VBlocks 
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t h = 0; h < p.Hq; ++h)
       for (int64_t i = 0; i < p.Nq; ++i) {
-        const int64_t hk = h / (p.Hq / p.Hkv), n = visible_keys(i, p.Nq, p.Nk, causal);
+        const int64_t hk = h / (p.Hq / p.Hkv), n = visible_count(i, p.Nq, p.Nk, causal);
         const int64_t row = (b * p.Hq + h) * p.Nq + i;
         auto q = fq_row(&p.q[row * D], D, true);
         std::vector<float> s2(n);
@@ -330,7 +335,7 @@ NaiveGrads naive_backward(const Problem<double>& p, const test::Fwd<double>& f,
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t h = 0; h < p.Hq; ++h)
       for (int64_t i = 0; i < p.Nq; ++i) {
-        const int64_t hk = h / grp, n = visible_keys(i, p.Nq, p.Nk, causal);
+        const int64_t hk = h / grp, n = visible_count(i, p.Nq, p.Nk, causal);
         const int64_t row = (b * p.Hq + h) * p.Nq + i;
         if (n == 0) continue;
         auto q = fq_row(&p.q[row * D], D, sw.quantized_qkv);
@@ -616,7 +621,7 @@ TEST(AttentionNonFinite, NanInQPoisonsItsRowAndTheKeysItSees) {
         if (mode == Mode::kFP4) continue;
         std::vector<float> dout(p.q.size(), 0.5f);
         auto g = backward(p, f, dout, opts);
-        const int64_t seen = visible_keys(i0, N, N, causal);
+        const int64_t seen = visible_count(i0, N, N, causal);
         for (int64_t j = 0; j < N; ++j) {
           // dV_j = sum_i P_F_ij dO_i and dK_j both read row i0's P when row i0 sees key j.
           EXPECT_EQ(all_nan(&g.dv[j * D], D), j < seen) << "dv key " << j;
@@ -638,7 +643,7 @@ TEST(AttentionNonFinite, InfInKPoisonsEveryRowThatSeesTheKey) {
       p.k[j0 * D + 2] = INFINITY;  // FP4 modes: the block is poisoned, so Inf acts as NaN
       auto f = forward(p, options(mode, PQuant::kAnchored, causal));
       for (int64_t i = 0; i < N; ++i) {
-        const bool sees = visible_keys(i, N, N, causal) > j0;
+        const bool sees = visible_count(i, N, N, causal) > j0;
         EXPECT_EQ(std::isnan(f.lse[i]), sees) << "row " << i;
         EXPECT_EQ(all_nan(&f.o[i * D], D), sees) << "row " << i;
         if (!sees) {

@@ -12,10 +12,10 @@ namespace {
 // for anchored P.
 bool packs_rows(const DecodeParams& p) { return p.rows <= 4; }
 
-template <int D, bool kF16, bool kPack, bool kPaper>
+template <int D, bool kF16, bool kPack, PQuant kPQuant>
 cudaError_t set_smem() {
   // Above 48 KB of dynamic shared memory a kernel must opt in (idempotent, cheap).
-  return cudaFuncSetAttribute(decode_kernel<D, kF16, kPack, kPaper>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  return cudaFuncSetAttribute(decode_kernel<D, kF16, kPack, kPQuant>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               Layout<D>::kSmemBytes);
 }
 
@@ -27,12 +27,12 @@ bool device_has_pdl() {
   return major >= 9;
 }
 
-template <int D, bool kF16, bool kPack, bool kPaper>
+template <int D, bool kF16, bool kPack, PQuant kPQuant>
 cudaError_t launch_typed(const DecodeParams& p, int batch, cudaStream_t stream) {
-  cudaError_t err = set_smem<D, kF16, kPack, kPaper>();
+  cudaError_t err = set_smem<D, kF16, kPack, kPQuant>();
   if (err != cudaSuccess) return err;
   const dim3 grid(p.num_splits, p.heads_kv * p.row_groups, batch);
-  decode_kernel<D, kF16, kPack, kPaper><<<grid, kThreads, Layout<D>::kSmemBytes, stream>>>(p);
+  decode_kernel<D, kF16, kPack, kPQuant><<<grid, kThreads, Layout<D>::kSmemBytes, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess || p.num_splits == 1) return err;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(batch * p.heads_kv * p.row_groups, kRows);
@@ -50,20 +50,20 @@ cudaError_t launch_typed(const DecodeParams& p, int batch, cudaStream_t stream) 
 template <int D>
 cudaError_t launch_dim(const DecodeParams& p, int batch, bool f16, cudaStream_t stream) {
   if (p.p_quant == PQuant::kPaper)  // one split per sequence, rarely used for serving: no packed-rows variant
-    return f16 ? launch_typed<D, true, false, true>(p, batch, stream) : launch_typed<D, false, false, true>(p, batch, stream);
+    return f16 ? launch_typed<D, true, false, PQuant::kPaper>(p, batch, stream) : launch_typed<D, false, false, PQuant::kPaper>(p, batch, stream);
   if (packs_rows(p))
-    return f16 ? launch_typed<D, true, true, false>(p, batch, stream) : launch_typed<D, false, true, false>(p, batch, stream);
-  return f16 ? launch_typed<D, true, false, false>(p, batch, stream) : launch_typed<D, false, false, false>(p, batch, stream);
+    return f16 ? launch_typed<D, true, true, PQuant::kAnchored>(p, batch, stream) : launch_typed<D, false, true, PQuant::kAnchored>(p, batch, stream);
+  return f16 ? launch_typed<D, true, false, PQuant::kAnchored>(p, batch, stream) : launch_typed<D, false, false, PQuant::kAnchored>(p, batch, stream);
 }
 
 template <int D>
 cudaError_t occupancy_dim(bool f16, int* blocks_per_sm) {
   // Every variant of one head dim has the same launch bounds, registers cap and shared memory.
-  cudaError_t err = f16 ? set_smem<D, true, false, false>() : set_smem<D, false, false, false>();
+  cudaError_t err = f16 ? set_smem<D, true, false, PQuant::kAnchored>() : set_smem<D, false, false, PQuant::kAnchored>();
   if (err != cudaSuccess) return err;
-  return f16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, decode_kernel<D, true, false, false>,
+  return f16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, decode_kernel<D, true, false, PQuant::kAnchored>,
                                                              kThreads, Layout<D>::kSmemBytes)
-             : cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, decode_kernel<D, false, false, false>,
+             : cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, decode_kernel<D, false, false, PQuant::kAnchored>,
                                                              kThreads, Layout<D>::kSmemBytes);
 }
 

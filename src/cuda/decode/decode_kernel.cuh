@@ -74,8 +74,11 @@
 
 #include <cstdint>
 
+#include "common/mask.h"
 #include "cuda/common/codec.cuh"
 #include "cuda/common/fp4_unpack.cuh"
+#include "cuda/common/p_quant.cuh"
+#include "cuda/common/ptx.cuh"
 #include "cuda/decode/params.h"
 
 namespace attnqat::decode {
@@ -134,66 +137,9 @@ struct Layout {
 constexpr float kLn2 = 0.693147180559945309417f;
 constexpr uint32_t kNegInfBits = 0xff800000u;
 
-// ---- Small PTX wrappers --------------------------------------------------------------------------
+// ---- Small helpers ------------------------------------------------------------------------------
 
 __device__ __forceinline__ float neg_inf() { return __uint_as_float(kNegInfBits); }
-
-// (lo, hi) -> f16x2, round to nearest (exact for the values used here).
-__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
-  uint32_t d;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-  return d;
-}
-// Two E4M3 bytes (bits 0-7 -> low half, 8-15 -> high half) -> f16x2, exact (NaN stays NaN).
-__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two_bytes) {
-  uint32_t d;
-  const uint16_t s = static_cast<uint16_t>(two_bytes);
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(s));
-  return d;
-}
-__device__ __forceinline__ float ex2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t a) {
-  uint32_t d;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
-  return d;
-}
-// D += A . B, m16n8k16, fp16 inputs, fp32 accumulators (row.col).
-__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                        uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-// Programmatic dependent launch (sm_90+): the decode kernel lets the combine kernel's CTAs be
-// scheduled early; the combine kernel waits for the decode grid's completion (and its memory)
-// before it reads the partials. No-ops below sm_90.
-__device__ __forceinline__ void griddep_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void griddep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
 
 // ---- FP4 -> fp16 -------------------------------------------------------------------------------
 
@@ -232,17 +178,9 @@ __device__ __forceinline__ void fp4_pair_to_f16x2(uint32_t wa, uint32_t wb, uint
   }
 }
 
-// ---- P quantizer (numerics sections 2, 4), this kernel's layout --------------------------------
-
-struct PConsts {
-  float six_g, rcp_six_g, two120_g;
-};
-
-__device__ __forceinline__ PConsts p_consts(bool paper) {
-  constexpr float kTwo120 = 1.32922799578491587290e+36f;
-  const float g = paper ? 1.0f : kAnchoredPScale;
-  return PConsts{6.0f * g, (1.0f / 6.0f) / g, kTwo120 * g};
-}
+// ---- P quantizer (numerics sections 2, 4) in this kernel's layout ------------------------------
+// The scalar steps are the shared P quantizer's (src/cuda/common/p_quant.cuh); only the block
+// reduction and the fragment shuffles are this kernel's.
 
 // The block amax over the 8 lanes that share t (lane bits 2-4), NaN-propagating.
 __device__ __forceinline__ float amax_over_keys(float a) {
@@ -251,39 +189,23 @@ __device__ __forceinline__ float amax_over_keys(float a) {
   return cuda::max_nan(a, __shfl_xor_sync(0xffffffffu, a, 16));
 }
 
-struct PScale {
-  float d, inv;
-};
-
-// d = RN(s g) and inv = RN(1/d) from the block amax and its E4M3 byte (p_quant.cuh's
-// p_block_scale): poisoned (amax NaN/Inf) -> d = NaN; s = 0 -> d = inv = 0.
-__device__ __forceinline__ PScale p_scale(float amax, uint32_t byte, float two120_g) {
-  const float d = cuda::is_nonfinite_amax(amax)
-                      ? __uint_as_float(cuda::kCanonicalNaN)
-                      : cuda::mul_rn(cuda::float_of((byte & 0x7Fu) << 20), two120_g);
-  return PScale{d, d == 0.0f ? 0.0f : cuda::rcp_rn_fast(d)};
-}
-
 // P^ of one 16-key tile, as the two fp16x2 B-operand words of the PV MMA (after the transpose):
 // input p[0..3] = p~ at (key g, row 2t), (key g, row 2t+1), (key g+8, row 2t), (key g+8, row 2t+1).
-__device__ __forceinline__ void quantize_p_tile(const float (&p)[4], const PConsts& pc,
+__device__ __forceinline__ void quantize_p_tile(const float (&p)[4], const cuda::PQuantConsts& pc,
                                                 uint32_t& b0, uint32_t& b1) {
   const float a0 = amax_over_keys(cuda::max_nan(p[0], p[2]));  // block (row 2t)
   const float a1 = amax_over_keys(cuda::max_nan(p[1], p[3]));  // block (row 2t+1)
-  const float t0 = fminf(cuda::nv_scale_quotient_fast(a0, pc.six_g, pc.rcp_six_g), kE4M3Max);
-  const float t1 = fminf(cuda::nv_scale_quotient_fast(a1, pc.six_g, pc.rcp_six_g), kE4M3Max);
-  uint16_t bytes;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(bytes) : "f"(t1), "f"(t0));
-  const PScale s0 = p_scale(a0, bytes, pc.two120_g);
-  const PScale s1 = p_scale(a1, static_cast<uint32_t>(bytes) >> 8, pc.two120_g);
-  const uint32_t dd = pack_f16x2(s0.d, s1.d);
+  const uint32_t bytes = cuda::p_scale_bytes(a0, a1, pc);
+  const cuda::PBlockScale s0 = cuda::p_block_scale(a0, bytes, pc.two120_g);
+  const cuda::PBlockScale s1 = cuda::p_block_scale(a1, bytes >> 8, pc.two120_g);
+  const uint32_t dd = cuda::pack_rn_f16x2(s0.d, s1.d);
   const float v0 = cuda::e2m1_round_abs(cuda::mul_rn(p[0], s0.inv));
   const float v1 = cuda::e2m1_round_abs(cuda::mul_rn(p[1], s1.inv));
   const float v2 = cuda::e2m1_round_abs(cuda::mul_rn(p[2], s0.inv));
   const float v3 = cuda::e2m1_round_abs(cuda::mul_rn(p[3], s1.inv));
   // (key g; rows 2t, 2t+1) and (key g+8; ...) -> transposed: (keys 2t, 2t+1; row g), (+8).
-  b0 = movmatrix_trans(hmul2(pack_f16x2(v0, v1), dd));
-  b1 = movmatrix_trans(hmul2(pack_f16x2(v2, v3), dd));
+  b0 = cuda::movmatrix_trans(hmul2(cuda::pack_rn_f16x2(v0, v1), dd));
+  b1 = cuda::movmatrix_trans(hmul2(cuda::pack_rn_f16x2(v2, v3), dd));
 }
 
 // ---- Shared-memory layout of a tile's K/V codes ------------------------------------------------
@@ -341,9 +263,10 @@ __device__ __forceinline__ float exact_pow2(float e) {
 // rows twice — columns 0-3 carry the step's first 16-key tile, columns 4-7 its second — so that
 // the softmax and the P quantization run on 4 values per thread per step instead of 8 (half of
 // them padding rows otherwise). See "Packed rows" in the file comment.
-// kPaper: p_quant = paper (p.paper; the launcher instantiates it without kPack).
-template <int D, bool kF16In, bool kPack, bool kPaper>
+// kPQuant: p.p_quant (the launcher instantiates paper without kPack).
+template <int D, bool kF16In, bool kPack, PQuant kPQuant>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const DecodeParams p) {
+  constexpr bool kPaper = kPQuant == PQuant::kPaper;
   using Lay = Layout<D>;
   constexpr int kKeyBytes = Lay::kKeyBytes, kKeyScaleBytes = Lay::kKeyScaleBytes, kTileBytes = Lay::kTileBytes;
   constexpr int kOffKData = Lay::kOffKData, kOffVData = Lay::kOffVData, kOffKScales = Lay::kOffKScales,
@@ -365,8 +288,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   const int first_page = first_pidx < p.pages_per_seq ? table[first_pidx * p.pt_stride_p] : -1;
   const int L = max(0, min(p.seq_lens[b * p.lens_stride], capacity));
   const int k_end = min(k_begin + p.split_keys, L);
+  const SeqInfo seq{p.nq, L};  // the query tokens see the cache causally, bottom-right
 
-  griddep_launch_dependents();
+  cuda::griddep_launch_dependents();
 
   // ---- Per-warp loads: a cp.async ring of steps ----------------------------------------------------
   const int n_steps = k_end > k_begin ? (k_end - k_begin + kStepKeys - 1) / kStepKeys : 0;
@@ -374,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   const int n_iter = kPaper ? (n_steps + kWarps - 1) / kWarps
                              : (n_steps > warp ? (n_steps - warp + kWarps - 1) / kWarps : 0);
   uint8_t* ring = smem + Lay::kOffRing + warp * Lay::kWarpRingBytes;
-  const uint32_t ring_u32 = smem_u32(ring);
+  const uint32_t ring_u32 = cuda::smem_u32(ring);
 
   auto step_key0 = [&](int it) { return k_begin + kStepKeys * (warp + kWarps * it); };
 
@@ -401,12 +325,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
     const uint8_t* vp = p.v_data + row0 * kKeyBytes + lane_src;
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
-      cp_async16(tile + kOffKData + lane_dst + pass * 512, kp + pass * 512);
-      cp_async16(tile + kOffVData + lane_dst + pass * 512, vp + pass * 512);
+      cuda::cp_async16(tile + kOffKData + lane_dst + pass * 512, kp + pass * 512);
+      cuda::cp_async16(tile + kOffVData + lane_dst + pass * 512, vp + pass * 512);
     }
     static_assert(Lay::kOffVScales == Lay::kOffKScales + Lay::kScaleChunks * 16, "K then V scales");
     if (lane < 2 * Lay::kScaleChunks)
-      cp_async16(tile + kOffKScales + lane * 16, scale_base + row0 * kKeyScaleBytes + scale_src);
+      cuda::cp_async16(tile + kOffKScales + lane * 16, scale_base + row0 * kKeyScaleBytes + scale_src);
   };
   // Cache row of key `key` (page lookup; it == 0: the page id read above), or -1 for a page id
   // out of range (never dereferenced, see api.cu).
@@ -438,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
         }
       }
     }
-    cp_async_commit();
+    cuda::cp_async_commit();
   };
 
   // The first steps' loads go out before the Q^ work below, which overlaps their latency.
@@ -487,9 +411,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   for (int i = 0; i < 2; ++i) {
     row_of[i] = kPack ? (2 * t + i) & 3 : 2 * t + i;
     const int R = rg * kRows + row_of[i];
-    lim[i] = R < p.rows ? max(0, min(L, L - p.nq + (R % p.nq) + 1)) : L;
+    lim[i] = R < p.rows ? CausalMask::keys(R % p.nq, seq).end : L;
   }
-  const int mask_from = max(0, L - p.nq + 1);  // steps reaching this key need masking
+  // Steps reaching this key need masking: the end of the range every query token sees.
+  const int mask_from = keys_seen_by_rows<CausalMask>(0, p.nq - 1, seq).end;
 
   // Fragment read offsets (bytes within a tile), constant per thread.
   // D = 128: 16 bytes (chunk t) of key g; D = 64: 8 bytes [8t, 8t+8).
@@ -503,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
     off_v[i] = smem_row(k) * kKeyBytes + (D == 128 ? (((g >> 1) ^ smem_chunk_xor<D>(k)) * 16) + (g & 1) * 8 : 4 * g);
   }
 
-  const PConsts pc = p_consts(kPaper);
+  const cuda::PQuantConsts pc = cuda::p_quant_consts(kPQuant);
   const float c2 = p.c2;
   float o_acc[Lay::kMTiles][4];  // O^T m-tile c: (ch pi(c, g), rows 2t, 2t+1), (ch pi(c, g+8), ...)
 #pragma unroll
@@ -516,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   const uint32_t lut0 = pinned_lut0(static_cast<uint32_t>(p.heads_kv) >> 31);  // heads_kv >= 0
   for (int it = 0; it < n_iter; ++it) {
     load_step(it + kStages - 1);
-    cp_async_wait<kStages - 1>();
+    cuda::cp_async_wait<kStages - 1>();
     __syncwarp();
     const uint8_t* step = ring + (it % kStages) * kStepBytes;
     const int key0 = step_key0(it);
@@ -545,7 +470,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
         ks0 = tile[kOffKScales + g * kKeyScaleBytes + t];
         ks1 = tile[kOffKScales + (g + 8) * kKeyScaleBytes + t];
       }
-      const uint32_t ss0 = e4m3x2_to_f16x2(ks0), ss1 = e4m3x2_to_f16x2(ks1);
+      const uint32_t ss0 = cuda::e4m3x2_to_f16x2(ks0), ss1 = cuda::e4m3x2_to_f16x2(ks1);
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int i = 0; i < Lay::kQWords; ++i) {
@@ -555,8 +480,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
         uint32_t a[4], bk[4];
         fp4_word_to_f16x2(w0[i], prmt(ss0, ss0, sel), lut0, a);
         fp4_word_to_f16x2(w1[i], prmt(ss1, ss1, sel), lut0, bk);
-        mma_f16(acc, a[0], bk[0], a[1], bk[1], qb[2 * i][0], qb[2 * i][1]);
-        mma_f16(acc, a[2], bk[2], a[3], bk[3], qb[2 * i + 1][0], qb[2 * i + 1][1]);
+        cuda::mma_m16n8k16_f16(acc, a[0], bk[0], a[1], bk[1], qb[2 * i][0], qb[2 * i][1]);
+        cuda::mma_m16n8k16_f16(acc, a[2], bk[2], a[3], bk[3], qb[2 * i + 1][0], qb[2 * i + 1][1]);
       }
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[tt][e] = acc[e];
@@ -628,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       if (r_new != m_ref[i]) {
         changed = true;
         if (m_ref[i] == neg_inf()) f[i] = 0.0f;
-        else f[i] = kPaper ? ex2_approx(m_ref[i] - r_new) : exact_pow2(m_ref[i] - r_new);
+        else f[i] = kPaper ? cuda::ex2_approx(m_ref[i] - r_new) : exact_pow2(m_ref[i] - r_new);
       }
       m[i] = m_new;
       m_ref[i] = r_new;
@@ -649,7 +574,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
     for (int set = 0; set < kSets; ++set) {
       float pt[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pt[e] = ex2_approx(fmaf(sv[set][e], c2, -m_use[e & 1]));
+      for (int e = 0; e < 4; ++e) pt[e] = cuda::ex2_approx(fmaf(sv[set][e], c2, -m_use[e & 1]));
       l[0] += pt[0] + pt[2];
       l[1] += pt[1] + pt[3];
       quantize_p_tile(pt, pc, pb[set][0], pb[set][1]);
@@ -697,8 +622,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
         sb0 = kt + 8 < L ? sb0 : 0u;
         sb1 = kt + 9 < L ? sb1 : 0u;
       }
-      const uint32_t ssa = e4m3x2_to_f16x2(sa0 | (sa1 << 8));
-      const uint32_t ssb = e4m3x2_to_f16x2(sb0 | (sb1 << 8));
+      const uint32_t ssa = cuda::e4m3x2_to_f16x2(sa0 | (sa1 << 8));
+      const uint32_t ssb = cuda::e4m3x2_to_f16x2(sb0 | (sb1 << 8));
 #pragma unroll
       for (int i = 0; i < Lay::kVWords; ++i) {
         uint32_t va[8], vb[8];
@@ -706,12 +631,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
         fp4_pair_to_f16x2(wb0[i], wb1[i], ssb, lut0, vb);
 #pragma unroll
         for (int c4 = 0; c4 < 4; ++c4)
-          mma_f16(o_acc[4 * i + c4], va[c4], va[c4 + 4], vb[c4], vb[c4 + 4], pb0, pb1);
+          cuda::mma_m16n8k16_f16(o_acc[4 * i + c4], va[c4], va[c4 + 4], vb[c4], vb[c4 + 4], pb0, pb1);
       }
     }
     __syncwarp();  // every lane is done with this slot before the next iteration refills it
   }
-  cp_async_wait<0>();
+  cuda::cp_async_wait<0>();
 
   // Column sums over the 8 lanes that share t (kPack: columns c and c + 4 are added in the merge).
 #pragma unroll
@@ -838,7 +763,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
   const int b = unit / (p.row_groups * p.heads_kv);
   const int R = rg * kRows + r;
   if (R >= p.rows) return;  // uniform per block
-  griddep_wait();  // the decode grid's partials are complete and visible from here on
+  cuda::griddep_wait();  // the decode grid's partials are complete and visible from here on
   const int64_t prow0 = static_cast<int64_t>(unit) * p.num_splits * kRows + r;
   float M = neg_inf(), l = 0.0f;
   float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);

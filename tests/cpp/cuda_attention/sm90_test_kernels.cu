@@ -11,8 +11,10 @@
 #include "cuda/attention/sm90/fwd_load.cuh"
 #include "cuda/attention/sm90/fwd_smem.cuh"
 #include "cuda/attention/sm90/fwd_softmax.cuh"
-#include "cuda/attention/sm90/p_quant.cuh"
-#include "cuda/attention/sm90/ptx.cuh"
+#include "cuda/attention/sm90/tile_mask.cuh"
+#include "cuda/common/p_quant.cuh"
+#include "cuda/common/ptx.cuh"
+#include "cuda/common/ptx_sm90.cuh"
 #include "cuda/attention/sm90/tma_host.h"
 #include "gpu_util.h"
 #include "sm90_test_kernels.h"
@@ -56,18 +58,19 @@ __global__ void __launch_bounds__(128) p_quant_kernel(const PQuantParams p) {
 #pragma unroll
   for (int i = 0; i < kN / 2; ++i) x[i] = p.scores[frag_row(i) * kN + frag_col(i)];
   const int row0 = frag_row(0);
-  apply_mask<kN>(x, 0, p.key_end[row0], p.key_end[row0 + 8]);
+  apply_mask<kN>(x, 0, IndexRange{0, p.key_end[row0]}, IndexRange{0, p.key_end[row0 + 8]});
   RowState st = row_state_init();
   float f[2];
-  online_softmax<kN>(x, st, p.c2, p.anchored, f);
+  const PQuant p_quant = p.anchored ? PQuant::kAnchored : PQuant::kPaper;
+  online_softmax<kN>(x, st, p.c2, p_quant, f);
   // The forward's P scale table, filled and published as fwd_kernel does.
-  __shared__ __align__(16) uint8_t table[kPScaleTableBytes];
-  const PQuantConsts qc = p_quant_consts(p.anchored);
-  for (uint32_t e = threadIdx.x; e < kPScaleTableEntries; e += blockDim.x)
-    fill_p_scale_entry<kF16>(smem_u32(table), e, qc.two120_g);
+  __shared__ __align__(16) uint8_t table[cuda::kPScaleTableBytes];
+  const cuda::PQuantConsts qc = cuda::p_quant_consts(p_quant);
+  for (uint32_t e = threadIdx.x; e < cuda::kPScaleTableEntries; e += blockDim.x)
+    cuda::fill_p_scale_entry<kF16>(cuda::smem_u32(table), e, qc.two120_g);
   __syncthreads();
   uint32_t p_hat[kN / 16][4], p_tilde[kN / 16][4];
-  convert_p<kF16, kN, false>(x, true, qc, smem_u32(table), p_hat, p_tilde);
+  cuda::convert_p<kF16, kN, false>(x, true, qc, cuda::smem_u32(table), p_hat, p_tilde);
 #pragma unroll
   for (int i = 0; i < kN / 2; ++i) {
     const int at = frag_row(i) * kN + frag_col(i);
@@ -96,12 +99,12 @@ struct GemmParams {
 template <class Cfg>
 __global__ void __launch_bounds__(256, 1) gemm_layout_kernel(const __grid_constant__ GemmParams p) {
   extern __shared__ uint8_t smem_raw[];
-  const SmemMap<Cfg> sm{(smem_u32(smem_raw) + Cfg::kSmemAlign - 1) & ~(Cfg::kSmemAlign - 1u)};
+  const SmemMap<Cfg> sm{(cuda::smem_u32(smem_raw) + Cfg::kSmemAlign - 1) & ~(Cfg::kSmemAlign - 1u)};
   if (threadIdx.x == 0) {
-    mbar_init(sm.q_full(), 1);
-    mbar_init(sm.k_full(0), 1);
-    mbar_init(sm.v_full(0), 1);
-    fence_barrier_init();
+    cuda::mbar_init(sm.q_full(), 1);
+    cuda::mbar_init(sm.k_full(0), 1);
+    cuda::mbar_init(sm.v_full(0), 1);
+    cuda::fence_barrier_init();
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -109,18 +112,18 @@ __global__ void __launch_bounds__(256, 1) gemm_layout_kernel(const __grid_consta
     load_kv_tile<Cfg>(&p.k, sm.k(0), sm.k_full(0), 0, 0, 0);
     load_kv_tile<Cfg>(&p.v, sm.v(0), sm.v_full(0), 0, 0, 0);
   }
-  mbar_wait(sm.q_full(), 0);
-  mbar_wait(sm.k_full(0), 0);
-  mbar_wait(sm.v_full(0), 0);
+  cuda::mbar_wait(sm.q_full(), 0);
+  cuda::mbar_wait(sm.k_full(0), 0);
+  cuda::mbar_wait(sm.v_full(0), 0);
   const int wg = threadIdx.x / 128;
 
   float s[Cfg::kAccS];
-  reg_fence(s);
-  wgmma_fence();
+  cuda::reg_fence(s);
+  cuda::wgmma_fence();
   qk_gemm<Cfg>(s, sm.q() + wg * Cfg::kWgQRowsBytes, sm.k(0));
-  wgmma_commit();
-  wgmma_wait<0>();
-  reg_fence(s);
+  cuda::wgmma_commit();
+  cuda::wgmma_wait<0>();
+  cuda::reg_fence(s);
 #pragma unroll
   for (int i = 0; i < Cfg::kAccS; ++i)
     p.s[(64 * wg + frag_row(i)) * Cfg::kBlockN + frag_col(i)] = s[i];
@@ -131,18 +134,18 @@ __global__ void __launch_bounds__(256, 1) gemm_layout_kernel(const __grid_consta
     pv[i] = p.p[(64 * wg + frag_row(i)) * Cfg::kBlockN + frag_col(i)];
   uint32_t frag[Cfg::kSlabs][4];
 #pragma unroll
-  for (int j = 0; j < Cfg::kSlabs; ++j) pack_p_tilde_slab<Cfg::kF16>(&pv[8 * j], frag[j]);
+  for (int j = 0; j < Cfg::kSlabs; ++j) cuda::pack_p_tilde_slab<Cfg::kF16>(&pv[8 * j], frag[j]);
   float o[Cfg::kAccO];
 #pragma unroll
   for (int i = 0; i < Cfg::kAccO; ++i) o[i] = 0.0f;
-  reg_fence(o);
-  reg_fence(frag);
-  wgmma_fence();
+  cuda::reg_fence(o);
+  cuda::reg_fence(frag);
+  cuda::wgmma_fence();
   pv_gemm<Cfg>(o, frag, sm.v(0));
-  wgmma_commit();
-  wgmma_wait<0>();
-  reg_fence(o);
-  reg_fence(frag);
+  cuda::wgmma_commit();
+  cuda::wgmma_wait<0>();
+  cuda::reg_fence(o);
+  cuda::reg_fence(frag);
 #pragma unroll
   for (int i = 0; i < Cfg::kAccO; ++i)
     p.o[(64 * wg + frag_row(i)) * Cfg::kHeadDim + frag_col(i)] = o[i];

@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "common/mask.h"
 #include "attention_util.h"
 #include "attnqat/attnqat.h"
 #include "gpu_util.h"
@@ -56,8 +57,11 @@ struct Case {
 bool quantizes(Mode m) { return m != Mode::kBF16; }
 bool wants_o_hp(Mode m) { return m == Mode::kAttnQAT; }
 
+// The keys row i sees: the mask policy (src/common/mask.h) that the kernels and the reference use.
 int64_t visible(int64_t i, int64_t nq, int64_t nk, bool causal) {
-  return causal ? std::clamp<int64_t>(i + nk - nq + 1, 0, nk) : nk;
+  return visible_keys(causal ? MaskKind::kCausal : MaskKind::kNone, static_cast<int>(i),
+                      SeqInfo{static_cast<int>(nq), static_cast<int>(nk)})
+      .end;
 }
 
 // Q^, K^, V^ in the input dtype (16-bit patterns), contiguous [B, H, N, D].

@@ -37,11 +37,11 @@
 
 #include "cuda/attention/sm90/bwd_config.h"
 #include "cuda/attention/sm90/bwd_params.h"
-#include "cuda/attention/sm90/bwd_ptx.cuh"
-#include "cuda/attention/sm90/bwd_wgmma.cuh"
-#include "cuda/attention/sm90/mask.cuh"
-#include "cuda/attention/sm90/ptx.cuh"
-#include "cuda/attention/sm90/wgmma.cuh"
+#include "cuda/attention/sm90/tile_mask.cuh"
+#include "cuda/common/ptx_sm90.cuh"
+#include "cuda/common/wgmma.cuh"
+#include "common/mask.h"
+#include "cuda/common/ptx.cuh"
 #include "cuda/common/codec.cuh"
 
 namespace attnqat::sm90 {
@@ -79,115 +79,6 @@ struct BwdSmem {
   __device__ __forceinline__ uint32_t q_empty(int s) const { return bar(Cfg::kBarQEmpty + s); }
 };
 
-// The first query block that sees a key of key block n_block (the causal diagonal is
-// bottom-right aligned: row i sees key j iff j <= i + Nk - Nq). Every later block sees one too.
-template <class Mask>
-__host__ __device__ inline int bwd_first_m_block(int n_block, int block_n, int block_m,
-                                                 int seqlen_q, int seqlen_k) {
-  if (!Mask::kCausal) return 0;
-  const int64_t first_row =
-      static_cast<int64_t>(n_block) * block_n - (static_cast<int64_t>(seqlen_k) - seqlen_q);
-  return first_row <= 0 ? 0 : static_cast<int>(first_row / block_m);
-}
-
-// ---- Small device helpers ---------------------------------------------------------------------
-
-__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
-}
-__device__ __forceinline__ void st_shared_v2f(uint32_t addr, float x, float y) {
-  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
-}
-__device__ __forceinline__ float4 ld_shared_v4f(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-
-// RN(lo), RN(hi) in the element type, packed (low half = lo).
-template <bool kF16>
-__device__ __forceinline__ uint32_t pack_rn(float lo, float hi) {
-  return kF16 ? pack_rn_f16x2(lo, hi) : pack_rn_bf16x2(lo, hi);
-}
-
-// ---- The P_F quantizer -------------------------------------------------------------------------
-// phi_nv(x; g) of the 16-key P blocks of one k16 slab, in registers, built from the device codec
-// (src/cuda/common/codec.cuh) exactly as the forward's quantizer was when this kernel was written
-// (p_quant.cuh at the first sm90 forward; the forward reads the block scale from a shared-memory table instead, so the
-// backward keeps its own): both are bit-exact to numerics section 2, so P_F reproduces the
-// forward's P blocks for the same fp32 inputs. Layout (docs/hopper.md, section 5.2): the thread's slab values
-// x[0..7] are rows g (x[0, 1, 4, 5]) and g + 8 (x[2, 3, 6, 7]); the 16 elements of a (row, block)
-// live in the 4 lanes of a quad.
-//   a = max.NaN of the block                        max_nan + 2 xor-shuffles
-//   t = RN(a / RN(6g))                              nv_scale_quotient_fast (exact, 3 instr.)
-//   s = e4m3(t)                                     one cvt for the thread's two blocks
-//   d = RN(s g), inv = RN(1/d) (0 when s = 0)       pf_block_scale
-//   P_F = RN16(RN(e2m1(RN(x inv)) d) f)             f = 1/l (anchored) or 1 (paper: exact)
-// x is in [0, 1] up to exp2's rounding (or NaN), so t < 448 and the scale never saturates.
-
-__device__ __forceinline__ uint32_t e4m3x2_of_quotients(float t_lo, float t_hi) {
-  const float lo = fminf(t_lo, kE4M3Max), hi = fminf(t_hi, kE4M3Max);
-  uint16_t pair;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(hi), "f"(lo));
-  return pair;
-}
-
-// d and inv of one block from its amax and E4M3 byte: (byte << 20) is the fp32 pattern of
-// s * 2^-120 (normal and subnormal E4M3 alike), so d = RN(s g) = RN(bits * 2^120 g). A NaN or
-// Inf amax poisons the block (d = NaN); s = 0 gives d = inv = 0 (every element +0).
-struct PfBlockScale {
-  float d;
-  float inv;
-};
-__device__ __forceinline__ PfBlockScale pf_block_scale(float amax, uint32_t byte, float two120_g) {
-  const float d = cuda::is_nonfinite_amax(amax)
-                      ? __uint_as_float(cuda::kCanonicalNaN)
-                      : cuda::mul_rn(cuda::float_of((byte & 0x7Fu) << 20), two120_g);
-  return PfBlockScale{d, d == 0.0f ? 0.0f : cuda::rcp_rn_fast(d)};
-}
-
-// frag = the slab's P_F as a 16-bit A-fragment set (the layout of store_slab); f0 / f1 the
-// factors of rows g / g + 8.
-template <bool kF16>
-__device__ __forceinline__ void quantize_pf_slab(const float* x, const PfQuantConsts& qc, float f0,
-                                                 float f1, uint32_t (&frag)[4]) {
-  float a0 = cuda::max_nan(cuda::max_nan(x[0], x[1]), cuda::max_nan(x[4], x[5]));
-  float a1 = cuda::max_nan(cuda::max_nan(x[2], x[3]), cuda::max_nan(x[6], x[7]));
-  a0 = cuda::max_nan(a0, __shfl_xor_sync(0xffffffffu, a0, 1));
-  a1 = cuda::max_nan(a1, __shfl_xor_sync(0xffffffffu, a1, 1));
-  a0 = cuda::max_nan(a0, __shfl_xor_sync(0xffffffffu, a0, 2));
-  a1 = cuda::max_nan(a1, __shfl_xor_sync(0xffffffffu, a1, 2));
-  const uint32_t bytes =
-      e4m3x2_of_quotients(cuda::nv_scale_quotient_fast(a0, qc.six_g, qc.rcp_six_g),
-                          cuda::nv_scale_quotient_fast(a1, qc.six_g, qc.rcp_six_g));
-  const PfBlockScale b0 = pf_block_scale(a0, bytes, qc.two120_g);
-  const PfBlockScale b1 = pf_block_scale(a1, bytes >> 8, qc.two120_g);
-  float y[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const bool second = (e >> 1) & 1;
-    const float v = cuda::e2m1_round_abs(cuda::mul_rn(x[e], second ? b1.inv : b0.inv));
-    y[e] = cuda::mul_rn(cuda::mul_rn(v, second ? b1.d : b0.d), second ? f1 : f0);
-  }
-#pragma unroll
-  for (int r = 0; r < 4; ++r) frag[r] = pack_rn<kF16>(y[2 * r], y[2 * r + 1]);
-}
-
-// Keys at or past a row's end become -inf (so P = 0). s is a [64, kN] accumulator fragment whose
-// column 0 is key key0; end0 / end1 are the key_end of the thread's rows (mask.cuh).
-template <int kN>
-__device__ __forceinline__ void mask_keys(float (&s)[kN / 2], int key0, int end0, int end1) {
-  const int col = key0 + 2 * (threadIdx.x % 4);
-#pragma unroll
-  for (int i = 0; i < kN / 2; ++i) {
-    const int key = col + 8 * (i >> 2) + (i & 1);
-    if (key >= (((i >> 1) & 1) ? end1 : end0)) s[i] = -INFINITY;
-  }
-}
-
 // Writes the 16-bit A fragment of slab j (p_quant.cuh's layout: a[0], a[1] rows g, g + 8 at
 // keys 16 j + 2t, +1; a[2], a[3] the same at keys 16 j + 8 + 2t, +1) into a [64, 64] tile with
 // 128-byte rows and the 128B swizzle (16-byte unit u of row r at u ^ (r % 8)). For a fixed
@@ -198,7 +89,7 @@ __device__ __forceinline__ void store_slab(uint32_t tile, int j, const uint32_t 
   const uint32_t row_addr = tile + (16 * warp + g) * 128 + 4 * t;
 #pragma unroll
   for (int r = 0; r < 4; ++r)
-    st_shared_b32(row_addr + ((r & 1) ? 8 * 128 : 0) + (((2 * j + (r >> 1)) ^ g) << 4), a[r]);
+    cuda::st_shared_b32(row_addr + ((r & 1) ? 8 * 128 : 0) + (((2 * j + (r >> 1)) ^ g) << 4), a[r]);
 }
 
 // ---- GEMMs (asynchronous wgmma; the caller fences, commits and waits) --------------------------
@@ -210,9 +101,9 @@ __device__ __forceinline__ void gemm_qk(float (&acc)[Cfg::kAccS], uint32_t a_til
 #pragma unroll
   for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
     const uint32_t in_row = 32 * (kk % 4);
-    const uint64_t da = desc_kmajor_sw128(a_tile + (kk / 4) * Cfg::kQChunkBytes + in_row);
-    const uint64_t db = desc_kmajor_sw128(b_rows + (kk / 4) * Cfg::kKVChunkBytes + in_row);
-    wgmma_ss<Cfg::kF16, Cfg::kWgKeys, 0, 0>(acc, da, db, kk > 0 ? 1 : 0);
+    const uint64_t da = cuda::desc_kmajor_sw128(a_tile + (kk / 4) * Cfg::kQChunkBytes + in_row);
+    const uint64_t db = cuda::desc_kmajor_sw128(b_rows + (kk / 4) * Cfg::kKVChunkBytes + in_row);
+    cuda::wgmma_ss<Cfg::kF16, Cfg::kWgKeys, 0, 0>(acc, da, db, kk > 0 ? 1 : 0);
   }
 }
 
@@ -224,9 +115,9 @@ __device__ __forceinline__ void gemm_keys(float (&acc)[Cfg::kAccKV], uint32_t x_
   constexpr uint32_t kSlabBytes = 16 * Cfg::kRowBytes;
 #pragma unroll
   for (int kk = 0; kk < Cfg::kBlockM / 16; ++kk) {
-    const uint64_t da = desc_mnmajor_sw128(x_tile + kk * kSlabBytes, Cfg::kPTileBytes);
-    const uint64_t db = desc_mnmajor_sw128(y_tile + kk * kSlabBytes, Cfg::kQChunkBytes);
-    wgmma_ss<Cfg::kF16, Cfg::kHeadDim, 1, 1>(acc, da, db, 1);
+    const uint64_t da = cuda::desc_mnmajor_sw128(x_tile + kk * kSlabBytes, Cfg::kPTileBytes);
+    const uint64_t db = cuda::desc_mnmajor_sw128(y_tile + kk * kSlabBytes, Cfg::kQChunkBytes);
+    cuda::wgmma_ss<Cfg::kF16, Cfg::kHeadDim, 1, 1>(acc, da, db, 1);
   }
 }
 
@@ -241,9 +132,9 @@ __device__ __forceinline__ void gemm_dq(float (&acc)[Cfg::kAccDq], uint32_t ds_b
   for (int kk = 0; kk < Cfg::kDqKeySlabs; ++kk) {
     const int slab = Cfg::kHeadDim == 128 ? kk : Cfg::kDqKeySlabs * wg + kk;
     const uint64_t da =
-        desc_kmajor_sw128(ds_buf + (slab / 4) * Cfg::kPTileBytes + 32 * (slab % 4));
-    const uint64_t db = desc_mnmajor_sw128(k_chunk + slab * kSlabBytes, Cfg::kKVChunkBytes);
-    wgmma_ss<Cfg::kF16, 64, 0, 1>(acc, da, db, kk > 0 ? 1 : 0);
+        cuda::desc_kmajor_sw128(ds_buf + (slab / 4) * Cfg::kPTileBytes + 32 * (slab % 4));
+    const uint64_t db = cuda::desc_mnmajor_sw128(k_chunk + slab * kSlabBytes, Cfg::kKVChunkBytes);
+    cuda::wgmma_ss<Cfg::kF16, 64, 0, 1>(acc, da, db, kk > 0 ? 1 : 0);
   }
 }
 
@@ -254,12 +145,12 @@ __device__ __forceinline__ void gemm_dq(float (&acc)[Cfg::kAccDq], uint32_t ds_b
 template <class Cfg>
 __device__ __forceinline__ void bwd_producer(const BwdParams& p, const BwdSmem<Cfg>& sm, int n_block,
                                              int h_kv, int b, int m_begin) {
-  mbar_arrive_expect_tx(sm.kv_full(), 2 * Cfg::kKVBytes);
+  cuda::mbar_arrive_expect_tx(sm.kv_full(), 2 * Cfg::kKVBytes);
 #pragma unroll
   for (int c = 0; c < Cfg::kChunks; ++c) {
-    tma_load_4d(sm.k() + c * Cfg::kKVChunkBytes, &p.tma_k, sm.kv_full(), c * Cfg::kChunkCols,
+    cuda::tma_load_4d(sm.k() + c * Cfg::kKVChunkBytes, &p.tma_k, sm.kv_full(), c * Cfg::kChunkCols,
                 n_block * Cfg::kBlockN, h_kv, b);
-    tma_load_4d(sm.v() + c * Cfg::kKVChunkBytes, &p.tma_v, sm.kv_full(), c * Cfg::kChunkCols,
+    cuda::tma_load_4d(sm.v() + c * Cfg::kKVChunkBytes, &p.tma_v, sm.kv_full(), c * Cfg::kChunkCols,
                 n_block * Cfg::kBlockN, h_kv, b);
   }
   int it = 0;
@@ -267,18 +158,18 @@ __device__ __forceinline__ void bwd_producer(const BwdParams& p, const BwdSmem<C
     const int h = h_kv * p.group + hg;
     for (int m = m_begin; m < p.m_blocks; ++m, ++it) {
       const int stage = it % Cfg::kStages;
-      mbar_wait(sm.q_empty(stage), ((it / Cfg::kStages) & 1) ^ 1);
-      mbar_arrive_expect_tx(sm.q_full(stage), 2 * Cfg::kQBytes + Cfg::kStatsBytes);
+      cuda::mbar_wait(sm.q_empty(stage), ((it / Cfg::kStages) & 1) ^ 1);
+      cuda::mbar_arrive_expect_tx(sm.q_full(stage), 2 * Cfg::kQBytes + Cfg::kStatsBytes);
 #pragma unroll
       for (int c = 0; c < Cfg::kChunks; ++c) {
-        tma_load_4d(sm.q(stage) + c * Cfg::kQChunkBytes, &p.tma_q, sm.q_full(stage),
+        cuda::tma_load_4d(sm.q(stage) + c * Cfg::kQChunkBytes, &p.tma_q, sm.q_full(stage),
                     c * Cfg::kChunkCols, m * Cfg::kBlockM, h, b);
-        tma_load_4d(sm.dout(stage) + c * Cfg::kQChunkBytes, &p.tma_do, sm.q_full(stage),
+        cuda::tma_load_4d(sm.dout(stage) + c * Cfg::kQChunkBytes, &p.tma_do, sm.q_full(stage),
                     c * Cfg::kChunkCols, m * Cfg::kBlockM, h, b);
       }
       const int64_t row0 =
           (static_cast<int64_t>(b) * p.heads_q + h) * p.m_blocks * Cfg::kBlockM + m * Cfg::kBlockM;
-      bulk_load(sm.stats(stage), p.stats + row0, Cfg::kStatsBytes, sm.q_full(stage));
+      cuda::bulk_load(sm.stats(stage), p.stats + row0, Cfg::kStatsBytes, sm.q_full(stage));
     }
   }
 }
@@ -291,16 +182,16 @@ template <class Cfg>
 __device__ __forceinline__ void store_dq_reduce(const float (&dq)[Cfg::kAccDq], uint32_t staging,
                                                 float* g_piece, uint32_t bar_wg, bool leader) {
   const int tid = threadIdx.x % 128;
-  if (leader) bulk_wait_read_all();  // the previous piece has left the staging tile
-  named_bar_sync(bar_wg, 128);
+  if (leader) cuda::bulk_wait_read_all();  // the previous piece has left the staging tile
+  cuda::named_bar_sync(bar_wg, 128);
 #pragma unroll
   for (int i = 0; i < Cfg::kAccDq / 2; ++i)
-    st_shared_v2f(staging + (i * 128 + tid) * 8, dq[2 * i], dq[2 * i + 1]);
-  fence_proxy_async_smem();  // generic writes -> the bulk copy engine's reads
-  named_bar_sync(bar_wg, 128);
+    cuda::st_shared_v2f(staging + (i * 128 + tid) * 8, dq[2 * i], dq[2 * i + 1]);
+  cuda::fence_proxy_async_smem();  // generic writes -> the bulk copy engine's reads
+  cuda::named_bar_sync(bar_wg, 128);
   if (leader) {
-    bulk_reduce_add_f32(g_piece, staging, Cfg::kPieceBytes);
-    bulk_commit();
+    cuda::bulk_reduce_add_f32(g_piece, staging, Cfg::kPieceBytes);
+    cuda::bulk_commit();
   }
 }
 
@@ -318,9 +209,9 @@ __device__ __forceinline__ void store_dq_ordered(const float (&dq)[Cfg::kAccDq],
                                                  int* sem, int turn, uint32_t bar_wg, bool leader) {
   const int tid = threadIdx.x % 128;
   if (leader)
-    while (ld_acquire_gpu(sem) != turn) {
+    while (cuda::ld_acquire_gpu(sem) != turn) {
     }
-  named_bar_sync(bar_wg, 128);  // the warpgroup reads after the leader's acquire
+  cuda::named_bar_sync(bar_wg, 128);  // the warpgroup reads after the leader's acquire
   float2* g = reinterpret_cast<float2*>(g_piece);
 #pragma unroll
   for (int i = 0; i < Cfg::kAccDq / 2; ++i) {
@@ -330,7 +221,7 @@ __device__ __forceinline__ void store_dq_ordered(const float (&dq)[Cfg::kAccDq],
     __stcg(g + i * 128 + tid, a);
   }
   __threadfence();              // this thread's adds are visible device-wide ...
-  named_bar_sync(bar_wg, 128);  // ... for every thread of the warpgroup ...
+  cuda::named_bar_sync(bar_wg, 128);  // ... for every thread of the warpgroup ...
   if (leader) atomicAdd(sem, 1);  // ... before the next writer's turn
 }
 
@@ -339,7 +230,7 @@ __device__ __forceinline__ void store_dq_ordered(const float (&dq)[Cfg::kAccDq],
 template <class Cfg, class Mask>
 __device__ __forceinline__ int dq_turn(const BwdParams& p, int m, int n_block, int wg) {
   const int last_row = min((m + 1) * Cfg::kBlockM, p.seqlen_q) - 1;
-  const int n_last = (Mask::key_end(last_row, p.seqlen_q, p.seqlen_k) - 1) / Cfg::kBlockN;
+  const int n_last = (Mask::keys(last_row, SeqInfo{p.seqlen_q, p.seqlen_k}).end - 1) / Cfg::kBlockN;
   return (n_last - n_block) * Cfg::kDqWriters + (Cfg::kDqWriters == 2 ? wg : 0);
 }
 
@@ -359,7 +250,7 @@ __device__ __forceinline__ void store_key_rows(void* out, int64_t row_offset0, b
     for (int h = 0; h < 2; ++h) {
       if (!(h ? valid1 : valid0)) continue;
       const uint32_t pair =
-          pack_rn<kF16>(__fmul_rn(acc[4 * k + 2 * h], mult), __fmul_rn(acc[4 * k + 2 * h + 1], mult));
+          cuda::pack_rn<kF16>(__fmul_rn(acc[4 * k + 2 * h], mult), __fmul_rn(acc[4 * k + 2 * h + 1], mult));
       base[(row_offset0 + static_cast<int64_t>(8 * h) * kD + 8 * k + 2 * t) / 2] = pair;
     }
   }
@@ -373,6 +264,7 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
   constexpr bool kF16 = Cfg::kF16;
   const int tid = threadIdx.x % 128, warp = tid / 32, g = (tid % 32) / 4;
   const int key0 = n_block * Cfg::kBlockN + Cfg::kWgKeys * wg;  // this warpgroup's first key
+  const SeqInfo seq{p.seqlen_q, p.seqlen_k};
   const uint32_t bar_wg = Cfg::kBarWg + wg;
   const bool leader = tid == 0;
 
@@ -381,7 +273,7 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
   for (int i = 0; i < Cfg::kAccKV; ++i) dk[i] = dv[i] = 0.0f;
 
   if (n_iters > 0) {
-    mbar_wait(sm.kv_full(), 0);
+    cuda::mbar_wait(sm.kv_full(), 0);
     const uint32_t k_rows = sm.k() + wg * Cfg::kWgKeys * Cfg::kRowBytes;
     const uint32_t v_rows = sm.v() + wg * Cfg::kWgKeys * Cfg::kRowBytes;
     const int dq_chunk = Cfg::kHeadDim == 128 ? wg : 0;
@@ -393,66 +285,63 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
       for (int m = m_begin; m < p.m_blocks; ++m, ++it) {
         const int stage = it % Cfg::kStages;
         const uint32_t q_tile = sm.q(stage), do_tile = sm.dout(stage);
-        mbar_wait(sm.q_full(stage), (it / Cfg::kStages) & 1);
+        cuda::mbar_wait(sm.q_full(stage), (it / Cfg::kStages) & 1);
 
         // 1. S = Q K_w^T and dP = dO V_w^T.
         float s[Cfg::kAccS], dp[Cfg::kAccS];
-        reg_fence(s);
-        reg_fence(dp);
-        wgmma_fence();
+        cuda::reg_fence(s);
+        cuda::reg_fence(dp);
+        cuda::wgmma_fence();
         gemm_qk<Cfg>(s, q_tile, k_rows);
-        wgmma_commit();
+        cuda::wgmma_commit();
         gemm_qk<Cfg>(dp, do_tile, v_rows);
-        wgmma_commit();
-        wgmma_wait<1>();  // S
-        reg_fence(s);
+        cuda::wgmma_commit();
+        cuda::wgmma_wait<1>();  // S
+        cuda::reg_fence(s);
 
         // 2. P (in place of S) and P_F. Row statistics of the thread's rows r0 = 16 warp + g and
         // r0 + 8: {-lse2, D, -m_ref, 1/l}.
         const uint32_t st_addr = sm.stats(stage) + (16 * warp + g) * 16;
-        const float4 st0 = ld_shared_v4f(st_addr), st1 = ld_shared_v4f(st_addr + 8 * 16);
+        const float4 st0 = cuda::ld_shared_v4f(st_addr), st1 = cuda::ld_shared_v4f(st_addr + 8 * 16);
         const int row0 = m * Cfg::kBlockM + 16 * warp + g;
-        if (key0 + Cfg::kWgKeys > p.seqlen_k ||
-            (Mask::kCausal &&
-             key0 + Cfg::kWgKeys > Mask::key_end(m * Cfg::kBlockM, p.seqlen_q, p.seqlen_k)))
-          mask_keys<Cfg::kWgKeys>(s, key0, Mask::key_end(row0, p.seqlen_q, p.seqlen_k),
-                                  Mask::key_end(row0 + 8, p.seqlen_q, p.seqlen_k));
+        if (keys_need_mask(key0, Cfg::kWgKeys, keys_seen_by_all<Mask>(m, Cfg::kBlockM, seq)))
+          apply_mask<Cfg::kWgKeys>(s, key0, Mask::keys(row0, seq), Mask::keys(row0 + 8, seq));
 #pragma unroll
         for (int j = 0; j < Cfg::kSlabs; ++j) {
           float* x = &s[8 * j];
           uint32_t frag[4];
-          if (p.quant_p && p.anchored) {
+          if (p.quant_p && p.p_quant == PQuant::kAnchored) {
             // The forward's P blocks: phi_nv(p~; 2^-11) of p~ = exp2(S2 - m_ref), then / l
             // (p~ formed exactly as the forward forms it: ex2.approx of fma(s, c2, -m_ref)).
             float pt[8];
 #pragma unroll
             for (int e = 0; e < 8; ++e)
-              pt[e] = ex2_approx(__fmaf_rn(x[e], p.c2, ((e >> 1) & 1) ? st1.z : st0.z));
-            quantize_pf_slab<kF16>(pt, p.pq, st0.w, st1.w, frag);
+              pt[e] = cuda::ex2_approx(__fmaf_rn(x[e], p.c2, ((e >> 1) & 1) ? st1.z : st0.z));
+            cuda::quantize_p_slab_scaled<kF16>(pt, p.pq, st0.w, st1.w, frag);
           }
 #pragma unroll
           for (int e = 0; e < 8; ++e)
-            x[e] = ex2_approx(__fmaf_rn(x[e], p.c2, ((e >> 1) & 1) ? st1.x : st0.x));  // P
+            x[e] = cuda::ex2_approx(__fmaf_rn(x[e], p.c2, ((e >> 1) & 1) ? st1.x : st0.x));  // P
           if (!p.quant_p) {
 #pragma unroll
-            for (int r = 0; r < 4; ++r) frag[r] = pack_rn<kF16>(x[2 * r], x[2 * r + 1]);
-          } else if (!p.anchored) {
-            quantize_pf_slab<kF16>(x, p.pq, 1.0f, 1.0f, frag);  // Algorithm 3: phi_nv(P; 1)
+            for (int r = 0; r < 4; ++r) frag[r] = cuda::pack_rn<kF16>(x[2 * r], x[2 * r + 1]);
+          } else if (p.p_quant == PQuant::kPaper) {
+            cuda::quantize_p_slab_scaled<kF16>(x, p.pq, 1.0f, 1.0f, frag);  // phi_nv(P; 1)
           }
           store_slab(p_tile, j, frag);
         }
-        fence_proxy_async_smem();
-        named_bar_sync(bar_wg, 128);
+        cuda::fence_proxy_async_smem();
+        cuda::named_bar_sync(bar_wg, 128);
 
         // 3. dV += P_F^T dO.
-        reg_fence(dv);
-        wgmma_fence();
+        cuda::reg_fence(dv);
+        cuda::wgmma_fence();
         gemm_keys<Cfg>(dv, p_tile, do_tile);
-        wgmma_commit();
+        cuda::wgmma_commit();
 
         // 4. dS = P (dP - D).
-        wgmma_wait<1>();  // dP (dV may still run)
-        reg_fence(dp);
+        cuda::wgmma_wait<1>();  // dP (dV may still run)
+        cuda::reg_fence(dp);
         const uint32_t ds_buf = sm.ds(it & 1);
 #pragma unroll
         for (int j = 0; j < Cfg::kSlabs; ++j) {
@@ -461,29 +350,29 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
           for (int r = 0; r < 4; ++r) {
             const int i = 8 * j + 2 * r;
             const float delta = (r & 1) ? st1.y : st0.y;
-            frag[r] = pack_rn<kF16>(s[i] * (dp[i] - delta), s[i + 1] * (dp[i + 1] - delta));
+            frag[r] = cuda::pack_rn<kF16>(s[i] * (dp[i] - delta), s[i + 1] * (dp[i + 1] - delta));
           }
           store_slab(ds_buf + wg * Cfg::kPTileBytes, j, frag);
         }
-        fence_proxy_async_smem();
+        cuda::fence_proxy_async_smem();
         if constexpr (Cfg::kHeadDim == 128)
-          named_bar_sync(Cfg::kBarDsReady, 256);  // dQ reads both warpgroups' dS
+          cuda::named_bar_sync(Cfg::kBarDsReady, 256);  // dQ reads both warpgroups' dS
         else
-          named_bar_sync(bar_wg, 128);
+          cuda::named_bar_sync(bar_wg, 128);
 
         // 5. dK += dS^T Q; dQ piece = dS K.
         float dq[Cfg::kAccDq];
-        reg_fence(dk);
-        reg_fence(dq);
-        wgmma_fence();
+        cuda::reg_fence(dk);
+        cuda::reg_fence(dq);
+        cuda::wgmma_fence();
         gemm_keys<Cfg>(dk, ds_buf + wg * Cfg::kPTileBytes, q_tile);
         gemm_dq<Cfg>(dq, ds_buf, k_dq_chunk, wg);
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence(dk);
-        reg_fence(dv);
-        reg_fence(dq);
-        mbar_arrive(sm.q_empty(stage));  // Q, dO and stats of this stage are no longer read
+        cuda::wgmma_commit();
+        cuda::wgmma_wait<0>();
+        cuda::reg_fence(dk);
+        cuda::reg_fence(dv);
+        cuda::reg_fence(dq);
+        cuda::mbar_arrive(sm.q_empty(stage));  // Q, dO and stats of this stage are no longer read
 
         // 6. dQ piece -> dQaccum.
         const int64_t piece =
@@ -496,7 +385,7 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
           store_dq_reduce<Cfg>(dq, sm.staging(wg), g_piece, bar_wg, leader);
       }
     }
-    if (leader && !p.deterministic) bulk_wait_all();  // the last reduce-add left shared memory
+    if (leader && !p.deterministic) cuda::bulk_wait_all();  // the last reduce-add left shared memory
   }
 
   // dK = c dS^T Q, dV: keys key0 + 16 warp + g (+ 8); keys >= Nk are padding.
@@ -513,38 +402,41 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
 template <class Cfg, class Mask>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
   extern __shared__ uint8_t smem_raw[];
-  const BwdSmem<Cfg> sm{(smem_u32(smem_raw) + Cfg::kSmemAlign - 1) & ~(Cfg::kSmemAlign - 1u)};
+  const BwdSmem<Cfg> sm{(cuda::smem_u32(smem_raw) + Cfg::kSmemAlign - 1) & ~(Cfg::kSmemAlign - 1u)};
   // Key blocks in ascending order (the causal mask's longest first); the deterministic mode
   // takes them descending, the order of its dQ turns (store_dq_ordered).
   const int n_block = p.deterministic ? static_cast<int>(gridDim.x - 1 - blockIdx.x)
                                       : static_cast<int>(blockIdx.x);
   const int h_kv = blockIdx.y, b = blockIdx.z;
-  const int m_begin =
-      bwd_first_m_block<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, p.seqlen_q, p.seqlen_k);
+  // The query blocks that meet this key block: [m_begin, m_blocks) for every policy here (the
+  // loops below run to m_blocks; a policy whose ranges end earlier needs m_end threaded through).
+  const IndexRange qb =
+      query_blocks<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, SeqInfo{p.seqlen_q, p.seqlen_k});
+  const int m_begin = qb.empty() ? p.m_blocks : qb.begin;
   const int n_iters = p.m_blocks > m_begin ? p.group * (p.m_blocks - m_begin) : 0;
 
   if (threadIdx.x == 0) {
-    mbar_init(sm.kv_full(), 1);
+    cuda::mbar_init(sm.kv_full(), 1);
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(sm.q_full(s), 1);
-      mbar_init(sm.q_empty(s), 128 * Cfg::kConsumerWGs);
+      cuda::mbar_init(sm.q_full(s), 1);
+      cuda::mbar_init(sm.q_empty(s), 128 * Cfg::kConsumerWGs);
     }
-    fence_barrier_init();
+    cuda::fence_barrier_init();
   }
   __syncthreads();  // barriers initialized before anyone waits on or arrives at them
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
-    setmaxnreg_dec<Cfg::kProducerRegs>();
+    cuda::setmaxnreg_dec<Cfg::kProducerRegs>();
     if (threadIdx.x == 0 && n_iters > 0) {
-      prefetch_tma_descriptor(&p.tma_q);
-      prefetch_tma_descriptor(&p.tma_k);
-      prefetch_tma_descriptor(&p.tma_v);
-      prefetch_tma_descriptor(&p.tma_do);
+      cuda::prefetch_tma_descriptor(&p.tma_q);
+      cuda::prefetch_tma_descriptor(&p.tma_k);
+      cuda::prefetch_tma_descriptor(&p.tma_v);
+      cuda::prefetch_tma_descriptor(&p.tma_do);
       bwd_producer<Cfg>(p, sm, n_block, h_kv, b, m_begin);
     }
   } else {
-    setmaxnreg_inc<Cfg::kConsumerRegs>();
+    cuda::setmaxnreg_inc<Cfg::kConsumerRegs>();
     bwd_consumer<Cfg, Mask>(p, sm, warpgroup - 1, n_block, h_kv, b, m_begin, n_iters);
   }
 }

@@ -44,9 +44,9 @@ Status launch_bwd(const BwdArgs& a) {
   p.c2 = a.c2;
   p.scale = a.scale;
   p.quant_p = a.quant_p;
-  p.anchored = a.anchored;
+  p.p_quant = a.p_quant;
   p.deterministic = a.deterministic;
-  p.pq = pf_quant_consts(a.anchored);
+  p.pq = cuda::p_quant_consts(a.p_quant);
 
   auto* kernel = bwd_kernel<Cfg, Mask>;
   cudaError_t err =

@@ -13,7 +13,7 @@
 
 #include "attnqat/attnqat.h"
 #include "cuda/attention/sm90/bwd_config.h"
-#include "cuda/attention/sm90/mask.cuh"
+#include "common/mask.h"
 
 namespace attnqat::sm90 {
 

@@ -22,25 +22,10 @@
 
 #include <cstdint>
 
-#include "attnqat/formats.h"
+#include "attnqat/attnqat.h"
+#include "cuda/common/p_quant.cuh"
 
 namespace attnqat::sm90 {
-
-// Constants of the P_F quantizer phi_nv(.; g): g = 1 ("paper") or 2^-11 ("anchored").
-// six_g = RN(6 g) and rcp_six_g = RN(1 / (6 g)) feed codec.cuh's nv_scale_quotient_fast; g is a
-// power of two, so both are exact scalings of 6 and RN(1/6). two120_g = 2^120 g folds the E4M3
-// decode and the product with g into one multiply (bwd_kernel.cuh, pf_block_scale).
-struct PfQuantConsts {
-  float six_g;
-  float rcp_six_g;
-  float two120_g;
-};
-
-inline PfQuantConsts pf_quant_consts(bool anchored) {
-  constexpr float kTwo120 = 1.32922799578491587290e+36f;  // 2^120
-  const float g = anchored ? kAnchoredPScale : 1.0f;
-  return PfQuantConsts{6.0f * g, (1.0f / 6.0f) / g, kTwo120 * g};
-}
 
 struct BwdParams {
   // q, dout [B, Hq, Nq, d]: boxes of 64 columns x 64 rows; k, v [B, Hkv, Nk, d]: 64 x 128 rows;
@@ -65,9 +50,9 @@ struct BwdParams {
   float c2;      // RN(c * RN(log2 e)): S2 = c2 * (q . k)
   float scale;   // c: dK = c * dS^T Q (dQ's c is applied by the postprocess)
   bool quant_p;        // dV uses P_F (quantized) instead of P
-  bool anchored;       // P_F = phi_nv(exp2(S2 - m_ref); 2^-11) / l, else phi_nv(P; 1)
+  PQuant p_quant;      // anchored: P_F = phi_nv(exp2(S2 - m_ref); 2^-11) / l; paper: phi_nv(P; 1)
   bool deterministic;  // dQ by ordered read-add-write instead of bulk reduce-add
-  PfQuantConsts pq;    // of the P_F quantizer (anchored or paper)
+  cuda::PQuantConsts pq;  // of the P_F quantizer (anchored or paper)
 };
 
 }  // namespace attnqat::sm90

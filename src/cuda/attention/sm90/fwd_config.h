@@ -9,15 +9,16 @@
 //    the running max, which depends on the tile, so the kernel's tile must be the reference's
 //    default kv_tile (128). Bc/16 = 8 NVFP4 P blocks per row and tile, blocks start at key 0.
 //  - 2 stages for K and for V (FA3 sm90): the other warpgroup hides the TMA latency.
-//  - No intra-warpgroup overlap: with O' (attn_qat) S + O + O' + P fragments would not fit 240.
+//  - Intra-warpgroup overlap of the softmax with the warpgroup's own PV GEMM only without O'
+//    (fp4, bf16): with O' (attn_qat) S + O + O' + P fragments would not fit 240.
 //  - Registers: producer 24, consumers 240 (setmaxnreg): 128*24 + 256*240 = 64,512, the CTA's
 //    launch allocation (384 * 168). setmaxnreg only moves registers within that allocation: a
 //    sum above it leaves the consumers' setmaxnreg.inc waiting forever.
 //  - kPacked (attention from packed NVFP4 Q, K, V, fwd_packed.cuh): the whole producer
 //    warpgroup copies packed tiles into a staging ring (cp.async) and decodes them into the same
 //    swizzled tiles that TMA writes otherwise. Producer 88, consumers 208 (mode fp4 has no O':
-//    no spills): the decode needs loads in flight. Measured (H200, 8x16x4096): 24 registers
-//    0.70x the fp4 forward, 56 0.79x, 88 the same (docs/decode.md).
+//    no spills): the unpacking needs loads in flight (the measurements behind 88: docs/hopper.md,
+//    section 10).
 #pragma once
 
 #include <cstdint>
@@ -45,7 +46,7 @@ struct FwdConfig {
   // for SWIZZLE_128B); chunk c of a [rows, d] tile is [rows, 64] at byte c * rows * 128, each
   // row 128 bytes with the 16-byte units XOR-swizzled by (row % 8). This is both what TMA
   // writes with CU_TENSOR_MAP_SWIZZLE_128B and the canonical 128B-swizzle layout of the wgmma
-  // descriptors (wgmma.cuh): K-major for Q and K, MN-major for V.
+  // descriptors (common/wgmma.cuh): K-major for Q and K, MN-major for V.
   static constexpr int kElemBytes = 2;
   static constexpr int kRowBytes = 128;
   static constexpr int kChunkCols = kRowBytes / kElemBytes;  // 64
@@ -67,12 +68,12 @@ struct FwdConfig {
   static constexpr int kBarVFull = kBarKEmpty + kStages;
   static constexpr int kBarVEmpty = kBarVFull + kStages;
   static constexpr int kNumBars = kBarVEmpty + kStages;
-  // The P scale table (p_quant.cuh): 256 entries of 8 bytes, filled once per CTA.
+  // The P scale table (common/p_quant.cuh): 256 entries of 8 bytes, filled once per CTA.
   static constexpr int kOffPScale = (kOffBar + 8 * kNumBars + 15) / 16 * 16;
   static constexpr int kPScaleBytes = 256 * 8;
   // kPacked: the staging ring of packed tiles (kStages x {K codes, K scales, V codes, V scales},
   // rows of d/2 and d/16 bytes as in global memory; Q is staged in stage 1's K part before the
-  // first K/V tiles land there), then 3 decode tables of 256 words (Q, K, V: E4M3 byte -> the
+  // first K/V tiles land there), then 3 unpack tables of 256 words (Q, K, V: E4M3 byte -> the
   // scale times g in the tile dtype, both halves) and the 3 global scales g.
   static constexpr int kCodeBytes = kBlockN * kHeadDim / 2;
   static constexpr int kScaleBytes = kBlockN * kHeadDim / 16;
@@ -92,7 +93,7 @@ struct FwdConfig {
   static constexpr uint32_t kBarSched = 1;
   static constexpr uint32_t kSchedThreads = 256;
 
-  // ---- Registers per consumer thread (docs/hopper.md, section 3) ------------------------------------------------
+  // ---- Registers per consumer thread (docs/hopper.md, section 3) -------------------------------
   static constexpr int kAccS = kBlockN / 2;       // S / p~ fp32 accumulator fragment
   static constexpr int kAccO = kHeadDim / 2;      // O (and O') fp32 accumulator fragment
   static constexpr int kPFragRegs = kBlockN / 4;  // one bf16/fp16 A-fragment set of P
@@ -101,23 +102,13 @@ struct FwdConfig {
   static constexpr int kRegPeak =
       (kAccS > 2 * kPFragRegs ? kAccS : 2 * kPFragRegs) + kAccO * (kWithOHp ? 2 : 1) + 30;
 
-  // d = 128 with O': register-bound; the P conversion then keeps its slabs apart (p_quant.cuh).
+  // d = 128 with O': register-bound; the P conversion then keeps its slabs apart (convert_p).
   static constexpr bool kTightRegs = kRegPeak > 200;
 
   // Intra-warpgroup overlap of the softmax with the warpgroup's own PV GEMM (fwd_mainloop.cuh,
-  // consumer_mainloop_overlap): S + P + O live at once, which fits without O' only (docs/hopper.md, section 3).
-  // Measured (H200, d = 128, N >= 4k): bf16 mode 4-5% faster, fp4 1.5-2.5%.
-#ifndef ATTNQAT_SM90_FWD_OVERLAP
-#define ATTNQAT_SM90_FWD_OVERLAP 1
-#endif
-  static constexpr bool kOverlap = !kWithOHp && ATTNQAT_SM90_FWD_OVERLAP;
-  // Ping-pong of the two consumer warpgroups' GEMM batches (fwd_mainloop.cuh). Experiment switch
-  // only: without it (H200, 2026-11-26) fp4 and bf16 ran within 1%, attn_qat 6-15% slower, and
-  // ptxas spilled and serialized the d = 128 causal configs with O'.
-#ifndef ATTNQAT_SM90_FWD_PINGPONG
-#define ATTNQAT_SM90_FWD_PINGPONG 1
-#endif
-  static constexpr bool kPingPong = ATTNQAT_SM90_FWD_PINGPONG;
+  // consumer_mainloop_overlap): S + P + O live at once, which fits without O' only
+  // (docs/hopper.md, sections 3 and 10).
+  static constexpr bool kOverlap = !kWithOHp;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128,
                 "head dims 64 and 128 (256 needs a split-V design)");

@@ -13,9 +13,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/mask.h"
 #include "cuda/attention/sm90/fwd_params.h"
 #include "cuda/attention/sm90/fwd_softmax.cuh"
-#include "cuda/attention/sm90/p_quant.cuh"
+#include "cuda/common/p_quant.cuh"
 
 namespace attnqat::sm90 {
 
@@ -36,7 +37,7 @@ __device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, bool 
       if (!(h ? valid1 : valid0)) continue;
       const float lo = empty[h] ? 0.0f : acc[4 * k + 2 * h] * inv_l[h];
       const float hi = empty[h] ? 0.0f : acc[4 * k + 2 * h + 1] * inv_l[h];
-      const uint32_t pair = kF16 ? pack_rn_f16x2(lo, hi) : pack_rn_bf16x2(lo, hi);
+      const uint32_t pair = kF16 ? cuda::pack_rn_f16x2(lo, hi) : cuda::pack_rn_bf16x2(lo, hi);
       const int64_t elem = row_offset0 + static_cast<int64_t>(8 * h) * kD + 8 * k + 2 * t;
       base[elem / 2] = pair;
     }
@@ -54,7 +55,7 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const float (&o)[Cfg
   for (int r = 0; r < 2; ++r) {
     l[r] = st.l[r] + __shfl_xor_sync(0xffffffffu, st.l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    empty[r] = Mask::key_end(row0 + 8 * r, p.seqlen_q, p.seqlen_k) == 0;
+    empty[r] = Mask::keys(row0 + 8 * r, SeqInfo{p.seqlen_q, p.seqlen_k}).empty();
     inv_l[r] = l[r] > 0.0f ? __frcp_rn(l[r]) : __int_as_float(0x7fffffff);  // NaN: poisoned
   }
   const int64_t row_index0 = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + row0;

@@ -1,5 +1,5 @@
-// The sm90 forward kernel for fp16, head dim 128, mask nomask, with O' (attn_qat): one explicit instantiation per file, so that the 16
-// variants compile in parallel (fwd_launch.h).
+// The sm90 forward kernel for fp16, head dim 128, mask nomask, with O' (attn_qat): one explicit instantiation per file, so that
+// the 24 instantiations compile in parallel (the list: fwd_launch.h).
 #include "cuda/attention/sm90/fwd_launch.cuh"
 
 namespace attnqat::sm90 {

@@ -12,33 +12,22 @@
 
 #include <cstdint>
 
-#include "cuda/attention/sm90/wgmma.cuh"
+#include "cuda/common/wgmma.cuh"
 
 namespace attnqat::sm90 {
-
-// Descriptors: one base descriptor per operand tile, then the k16 steps add their byte offset
-// >> 4 to the low word (the start-address field, bits 0-13). No carry can leave that field: every
-// tile lies below 2^18 bytes of shared memory (the field holds address >> 4 of an 18-bit address),
-// so base + offset is the descriptor desc_*_sw128 would build from the moved address. This keeps
-// the per-wgmma descriptor work at one uniform add instead of the mask-shift-or sequence (about 5
-// uniform instructions per wgmma, ~8% of the fp4 consumer loop's issue slots before).
-__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t byte_offset) {
-  const uint32_t lo = static_cast<uint32_t>(desc) + (byte_offset >> 4);
-  return (desc & 0xFFFFFFFF00000000ull) | lo;
-}
 
 // q_rows: this warpgroup's 64 rows of the Q tile in chunk 0 (q + 64 * 128 * warpgroup).
 template <class Cfg>
 __device__ __forceinline__ void qk_gemm(float (&s)[Cfg::kAccS], uint32_t q_rows, uint32_t k_tile) {
   static_assert(Cfg::kBlockN == 128, "qk_gemm issues m64n128k16");
-  const uint64_t desc_q0 = desc_kmajor_sw128(q_rows);
-  const uint64_t desc_k0 = desc_kmajor_sw128(k_tile);
+  const uint64_t desc_q0 = cuda::desc_kmajor_sw128(q_rows);
+  const uint64_t desc_k0 = cuda::desc_kmajor_sw128(k_tile);
 #pragma unroll
   for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
     const uint32_t offset_in_row = 32 * (kk % 4);
-    const uint64_t desc_q = desc_add(desc_q0, (kk / 4) * Cfg::kQChunkBytes + offset_in_row);
-    const uint64_t desc_k = desc_add(desc_k0, (kk / 4) * Cfg::kKVChunkBytes + offset_in_row);
-    wgmma_ss_m64n128k16<Cfg::kF16>(s, desc_q, desc_k, kk > 0 ? 1 : 0);  // kk = 0: S = Q K^T
+    const uint64_t desc_q = cuda::desc_add(desc_q0, (kk / 4) * Cfg::kQChunkBytes + offset_in_row);
+    const uint64_t desc_k = cuda::desc_add(desc_k0, (kk / 4) * Cfg::kKVChunkBytes + offset_in_row);
+    cuda::wgmma_ss<Cfg::kF16, 128, 0, 0>(s, desc_q, desc_k, kk > 0 ? 1 : 0);  // kk = 0: S = Q K^T
   }
 }
 
@@ -46,14 +35,14 @@ template <class Cfg>
 __device__ __forceinline__ void pv_gemm(float (&o)[Cfg::kAccO], const uint32_t (&p)[Cfg::kSlabs][4],
                                         uint32_t v_tile) {
   constexpr uint32_t kSlabBytes = 16 * Cfg::kRowBytes;
-  const uint64_t desc_v0 = desc_mnmajor_sw128(v_tile, Cfg::kKVChunkBytes);
+  const uint64_t desc_v0 = cuda::desc_mnmajor_sw128(v_tile, Cfg::kKVChunkBytes);
 #pragma unroll
   for (int j = 0; j < Cfg::kSlabs; ++j) {
-    const uint64_t desc_v = desc_add(desc_v0, j * kSlabBytes);
+    const uint64_t desc_v = cuda::desc_add(desc_v0, j * kSlabBytes);
     if constexpr (Cfg::kHeadDim == 128)
-      wgmma_rs_m64n128k16<Cfg::kF16>(o, p[j], desc_v, 1);
+      cuda::wgmma_rs<Cfg::kF16, 128, 1>(o, p[j], desc_v, 1);
     else
-      wgmma_rs_m64n64k16<Cfg::kF16>(o, p[j], desc_v, 1);
+      cuda::wgmma_rs<Cfg::kF16, 64, 1>(o, p[j], desc_v, 1);
   }
 }
 

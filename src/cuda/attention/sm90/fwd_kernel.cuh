@@ -21,9 +21,10 @@
 #include "cuda/attention/sm90/fwd_packed.cuh"
 #include "cuda/attention/sm90/fwd_params.h"
 #include "cuda/attention/sm90/fwd_smem.cuh"
-#include "cuda/attention/sm90/mask.cuh"
-#include "cuda/attention/sm90/p_quant.cuh"
-#include "cuda/attention/sm90/ptx.cuh"
+#include "common/mask.h"
+#include "cuda/common/p_quant.cuh"
+#include "cuda/common/ptx.cuh"
+#include "cuda/common/ptx_sm90.cuh"
 
 namespace attnqat::sm90 {
 
@@ -31,51 +32,53 @@ template <class Cfg, class Mask>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     fwd_kernel(const __grid_constant__ FwdParams p) {
   extern __shared__ uint8_t smem_raw[];
-  const SmemMap<Cfg> sm{(smem_u32(smem_raw) + Cfg::kSmemAlign - 1) & ~(Cfg::kSmemAlign - 1u)};
+  const SmemMap<Cfg> sm{(cuda::smem_u32(smem_raw) + Cfg::kSmemAlign - 1) & ~(Cfg::kSmemAlign - 1u)};
   const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
   const int h = blockIdx.y, b = blockIdx.z;
-  const int n_tiles =
-      num_key_tiles<Mask>(m_block, Cfg::kBlockM, Cfg::kBlockN, p.seqlen_q, p.seqlen_k);
+  // The key blocks this CTA visits, [n_begin, n_begin + n_tiles) (src/common/mask.h).
+  const IndexRange kb =
+      key_blocks<Mask>(m_block, Cfg::kBlockM, Cfg::kBlockN, SeqInfo{p.seqlen_q, p.seqlen_k});
+  const int n_begin = kb.begin, n_tiles = kb.empty() ? 0 : kb.end - kb.begin;
 
   // The P scale table: one entry per thread of the first 256 (filled also in mode bf16, where it
   // goes unread: 2 KB and one division-free pass, not worth a branch).
-  static_assert(Cfg::kThreads >= kPScaleTableEntries, "one table entry per thread");
-  static_assert(Cfg::kPScaleBytes == kPScaleTableBytes, "shared-memory map vs p_quant.cuh");
-  if (threadIdx.x < kPScaleTableEntries)
-    fill_p_scale_entry<Cfg::kF16>(sm.p_scale_table(), threadIdx.x, p.pq.two120_g);
+  static_assert(Cfg::kThreads >= cuda::kPScaleTableEntries, "one table entry per thread");
+  static_assert(Cfg::kPScaleBytes == cuda::kPScaleTableBytes, "shared-memory map vs p_quant.cuh");
+  if (threadIdx.x < cuda::kPScaleTableEntries)
+    cuda::fill_p_scale_entry<Cfg::kF16>(sm.p_scale_table(), threadIdx.x, p.pq.two120_g);
   if (threadIdx.x == 0) {
     // `full`: TMA's one expect_tx arrival, or (kPacked) one per producer thread for the tiles
     // it decodes (Q always; K and V unless p.kv_tma).
     const uint32_t q_arrivals = Cfg::kPacked ? 128 : 1;
     const uint32_t kv_arrivals = Cfg::kPacked && !p.kv_tma ? 128 : 1;
-    mbar_init(sm.q_full(), q_arrivals);
+    cuda::mbar_init(sm.q_full(), q_arrivals);
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(sm.k_full(s), kv_arrivals);
-      mbar_init(sm.v_full(s), kv_arrivals);
-      mbar_init(sm.k_empty(s), 128 * Cfg::kConsumerWGs);
-      mbar_init(sm.v_empty(s), 128 * Cfg::kConsumerWGs);
+      cuda::mbar_init(sm.k_full(s), kv_arrivals);
+      cuda::mbar_init(sm.v_full(s), kv_arrivals);
+      cuda::mbar_init(sm.k_empty(s), 128 * Cfg::kConsumerWGs);
+      cuda::mbar_init(sm.v_empty(s), 128 * Cfg::kConsumerWGs);
     }
-    fence_barrier_init();
+    cuda::fence_barrier_init();
   }
   __syncthreads();  // barriers initialized and the table written before anyone uses them
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
-    setmaxnreg_dec<Cfg::kProducerRegs>();
+    cuda::setmaxnreg_dec<Cfg::kProducerRegs>();
     if constexpr (Cfg::kPacked) {
-      if (n_tiles > 0) packed_producer_mainloop<Cfg>(p, sm, m_block, h, b, n_tiles);
+      if (n_tiles > 0) packed_producer_mainloop<Cfg>(p, sm, m_block, h, b, n_begin, n_tiles);
     } else if (threadIdx.x == 0 && n_tiles > 0) {
-      prefetch_tma_descriptor(&p.tma_q);
-      prefetch_tma_descriptor(&p.tma_k);
-      prefetch_tma_descriptor(&p.tma_v);
-      producer_mainloop<Cfg>(p, sm, m_block, h, b, n_tiles);
+      cuda::prefetch_tma_descriptor(&p.tma_q);
+      cuda::prefetch_tma_descriptor(&p.tma_k);
+      cuda::prefetch_tma_descriptor(&p.tma_v);
+      producer_mainloop<Cfg>(p, sm, m_block, h, b, n_begin, n_tiles);
     }
   } else {
-    setmaxnreg_inc<Cfg::kConsumerRegs>();
+    cuda::setmaxnreg_inc<Cfg::kConsumerRegs>();
     if constexpr (Cfg::kOverlap)
-      consumer_mainloop_overlap<Cfg, Mask>(p, sm, warpgroup - 1, m_block, h, b, n_tiles);
+      consumer_mainloop_overlap<Cfg, Mask>(p, sm, warpgroup - 1, m_block, h, b, n_begin, n_tiles);
     else
-      consumer_mainloop<Cfg, Mask>(p, sm, warpgroup - 1, m_block, h, b, n_tiles);
+      consumer_mainloop<Cfg, Mask>(p, sm, warpgroup - 1, m_block, h, b, n_begin, n_tiles);
   }
 }
 

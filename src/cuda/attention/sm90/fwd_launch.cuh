@@ -64,8 +64,8 @@ Status launch_fwd(const FwdArgs& a) {
   p.seqlen_k = static_cast<int>(seqlen_k);
   p.c2 = a.c2;
   p.quantize_p = a.quantize_p;
-  p.anchored = a.anchored;
-  p.pq = p_quant_consts(a.anchored);
+  p.p_quant = a.p_quant;
+  p.pq = cuda::p_quant_consts(a.p_quant);
 
   auto* kernel = fwd_kernel<Cfg, Mask>;
   cudaError_t err =

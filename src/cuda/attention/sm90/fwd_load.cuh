@@ -14,7 +14,8 @@
 
 #include "cuda/attention/sm90/fwd_params.h"
 #include "cuda/attention/sm90/fwd_smem.cuh"
-#include "cuda/attention/sm90/ptx.cuh"
+#include "cuda/common/ptx.cuh"
+#include "cuda/common/ptx_sm90.cuh"
 
 namespace attnqat::sm90 {
 
@@ -22,10 +23,10 @@ namespace attnqat::sm90 {
 template <class Cfg>
 __device__ __forceinline__ void load_q(const CUtensorMap* tmap, uint32_t smem_q, uint32_t bar,
                                        int m_block, int h, int b) {
-  mbar_arrive_expect_tx(bar, Cfg::kQBytes);
+  cuda::mbar_arrive_expect_tx(bar, Cfg::kQBytes);
 #pragma unroll
   for (int c = 0; c < Cfg::kChunks; ++c)
-    tma_load_4d(smem_q + c * Cfg::kQChunkBytes, tmap, bar, c * Cfg::kChunkCols,
+    cuda::tma_load_4d(smem_q + c * Cfg::kQChunkBytes, tmap, bar, c * Cfg::kChunkCols,
                 m_block * Cfg::kBlockM, h, b);
 }
 
@@ -33,35 +34,37 @@ __device__ __forceinline__ void load_q(const CUtensorMap* tmap, uint32_t smem_q,
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(const CUtensorMap* tmap, uint32_t smem_tile,
                                              uint32_t bar, int n, int h_kv, int b) {
-  mbar_arrive_expect_tx(bar, Cfg::kKVBytes);
+  cuda::mbar_arrive_expect_tx(bar, Cfg::kKVBytes);
 #pragma unroll
   for (int c = 0; c < Cfg::kChunks; ++c)
-    tma_load_4d(smem_tile + c * Cfg::kKVChunkBytes, tmap, bar, c * Cfg::kChunkCols,
+    cuda::tma_load_4d(smem_tile + c * Cfg::kKVChunkBytes, tmap, bar, c * Cfg::kChunkCols,
                 n * Cfg::kBlockN, h_kv, b);
 }
 
-// K[n], V[n] for n in [n_begin, n_end), run by one thread. K before V of the same tile: the
-// consumers need K[n+1] before V[n+1]. On the first pass over the ring (n < kStages) the `empty`
-// waits return at once, so those tiles are issued without blocking.
+// Tiles i in [i_begin, i_end) of the CTA's key blocks (tile i = key block n_begin + i), K[i] and
+// V[i], run by one thread. K before V of the same tile: the consumers need K[i+1] before V[i+1].
+// On the first pass over the ring (i < kStages) the `empty` waits return at once, so those tiles
+// are issued without blocking.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tiles(const FwdParams& p, const SmemMap<Cfg>& sm, int h_kv,
-                                              int b, int n_begin, int n_end) {
-  for (int n = n_begin; n < n_end; ++n) {
-    const int stage = n % Cfg::kStages;
-    const uint32_t parity = ((n / Cfg::kStages) & 1) ^ 1;
-    mbar_wait(sm.k_empty(stage), parity);  // consumers released K[n - kStages]
-    load_kv_tile<Cfg>(&p.tma_k, sm.k(stage), sm.k_full(stage), n, h_kv, b);
-    mbar_wait(sm.v_empty(stage), parity);  // consumers released V[n - kStages]
-    load_kv_tile<Cfg>(&p.tma_v, sm.v(stage), sm.v_full(stage), n, h_kv, b);
+                                              int b, int n_begin, int i_begin, int i_end) {
+  for (int i = i_begin; i < i_end; ++i) {
+    const int stage = i % Cfg::kStages;
+    const uint32_t parity = ((i / Cfg::kStages) & 1) ^ 1;
+    cuda::mbar_wait(sm.k_empty(stage), parity);  // consumers released K[i - kStages]
+    load_kv_tile<Cfg>(&p.tma_k, sm.k(stage), sm.k_full(stage), n_begin + i, h_kv, b);
+    cuda::mbar_wait(sm.v_empty(stage), parity);  // consumers released V[i - kStages]
+    load_kv_tile<Cfg>(&p.tma_v, sm.v(stage), sm.v_full(stage), n_begin + i, h_kv, b);
   }
 }
 
 // Run by one thread.
 template <class Cfg>
 __device__ __forceinline__ void producer_mainloop(const FwdParams& p, const SmemMap<Cfg>& sm,
-                                                  int m_block, int h, int b, int n_tiles) {
+                                                  int m_block, int h, int b, int n_begin,
+                                                  int n_tiles) {
   load_q<Cfg>(&p.tma_q, sm.q(), sm.q_full(), m_block, h, b);
-  load_kv_tiles<Cfg>(p, sm, h / p.group, b, 0, n_tiles);
+  load_kv_tiles<Cfg>(p, sm, h / p.group, b, n_begin, 0, n_tiles);
 }
 
 }  // namespace attnqat::sm90

@@ -34,21 +34,22 @@
 #include "cuda/attention/sm90/fwd_params.h"
 #include "cuda/attention/sm90/fwd_smem.cuh"
 #include "cuda/attention/sm90/fwd_softmax.cuh"
-#include "cuda/attention/sm90/mask.cuh"
-#include "cuda/attention/sm90/p_quant.cuh"
-#include "cuda/attention/sm90/ptx.cuh"
+#include "cuda/attention/sm90/tile_mask.cuh"
+#include "common/mask.h"
+#include "cuda/common/p_quant.cuh"
+#include "cuda/common/ptx.cuh"
+#include "cuda/common/ptx_sm90.cuh"
 
 namespace attnqat::sm90 {
 
-// The ping-pong token (named barriers kBarSched + w; see below). Compiled out when
-// Cfg::kPingPong is false (an experiment switch: the two warpgroups then issue independently).
+// The ping-pong token (named barriers kBarSched + w; see below).
 template <class Cfg>
 __device__ __forceinline__ void sched_sync(uint32_t id) {
-  if constexpr (Cfg::kPingPong) named_bar_sync(id, Cfg::kSchedThreads);
+  cuda::named_bar_sync(id, Cfg::kSchedThreads);
 }
 template <class Cfg>
 __device__ __forceinline__ void sched_arrive(uint32_t id) {
-  if constexpr (Cfg::kPingPong) named_bar_arrive(id, Cfg::kSchedThreads);
+  cuda::named_bar_arrive(id, Cfg::kSchedThreads);
 }
 
 // The per-thread state of a consumer warpgroup (fragments of its [64, .] tiles).
@@ -62,24 +63,61 @@ struct ConsumerState {
   RowState rows;
 };
 
+// What a consumer thread knows of the mask: the key ranges of its two rows, and the range that
+// every row of its warpgroup sees (a tile inside it needs no element masking).
+struct RowKeys {
+  IndexRange row0, row1, all;
+};
+
+// The start of both mainloops: zeroed accumulators and row state, this thread's first row (the
+// other is row + 8), its key ranges, and the warpgroup's 64 rows of the Q tile (q_rows).
+struct ConsumerStart {
+  int row;
+  RowKeys keys;
+  uint32_t q_rows;
+};
+
+template <class Cfg, class Mask>
+__device__ __forceinline__ ConsumerStart consumer_start(const FwdParams& p, const SmemMap<Cfg>& sm,
+                                                        ConsumerState<Cfg>& cs, int wg, int m_block) {
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int wg_row0 = m_block * Cfg::kBlockM + 64 * wg;
+  const int row = wg_row0 + 16 * warp + lane / 4;
+#pragma unroll
+  for (int i = 0; i < Cfg::kAccO; ++i) cs.o[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < (Cfg::kWithOHp ? Cfg::kAccO : 1); ++i) cs.o_hp[i] = 0.0f;
+  cs.rows = row_state_init();
+  const SeqInfo seq{p.seqlen_q, p.seqlen_k};
+  const int wg_last = min(wg_row0 + 63, p.seqlen_q - 1);
+  const RowKeys keys{Mask::keys(row, seq), Mask::keys(row + 8, seq),
+                     keys_seen_by_rows<Mask>(wg_row0, wg_last, seq)};
+  // redux.sync puts the (warp-uniform) warpgroup index into a uniform register, so that the
+  // compiler keeps the Q descriptors there too (otherwise: an R2UR pair per wgmma).
+  const uint32_t q_rows =
+      sm.q() + static_cast<uint32_t>(__reduce_max_sync(0xffffffffu, static_cast<unsigned>(wg))) *
+                   Cfg::kWgQRowsBytes;
+  return ConsumerStart{row, keys, q_rows};
+}
+
 // Tile n of a consumer warpgroup (see the file header). last: no K[n+1] to wait for (the QK^T
 // is issued anyway and dropped).
 template <class Cfg, class Mask>
 __device__ __forceinline__ void consumer_tile(const FwdParams& p, const SmemMap<Cfg>& sm,
                                               ConsumerState<Cfg>& cs, int wg, int n, bool last,
-                                              int wg_end, int end0, int end1, uint32_t q_rows) {
+                                              int n_begin, const RowKeys& keys, uint32_t q_rows) {
   const int stage = n % Cfg::kStages;
   const int next = (n + 1) % Cfg::kStages;
   const uint32_t my_token = Cfg::kBarSched + wg, other_token = Cfg::kBarSched + (wg ^ 1);
-  wgmma_wait<0>();  // S_n
-  reg_fence(cs.s);
-  mbar_arrive(sm.k_empty(stage));  // K[n] no longer read
+  cuda::wgmma_wait<0>();  // S_n
+  cuda::reg_fence(cs.s);
+  cuda::mbar_arrive(sm.k_empty(stage));  // K[n] no longer read
 
-  const int key0 = n * Cfg::kBlockN;
-  if (wg_end < key0 + Cfg::kBlockN) apply_mask<Cfg::kBlockN>(cs.s, key0, end0, end1);
+  const int key0 = (n_begin + n) * Cfg::kBlockN;
+  if (keys_need_mask(key0, Cfg::kBlockN, keys.all)) apply_mask<Cfg::kBlockN>(cs.s, key0, keys.row0, keys.row1);
   float f[2];
-  online_softmax<Cfg::kBlockN>(cs.s, cs.rows, p.c2, p.anchored, f);
-  convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq,
+  online_softmax<Cfg::kBlockN>(cs.s, cs.rows, p.c2, p.p_quant, f);
+  cuda::convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq,
                                                       sm.p_scale_table(), cs.p_hat, cs.p_tilde);
   // Skip the rescale when no row of the warp changed its reference (f == 1 exactly: bit-identical).
   if (__any_sync(0xffffffffu, f[0] != 1.0f || f[1] != 1.0f)) {
@@ -87,73 +125,59 @@ __device__ __forceinline__ void consumer_tile(const FwdParams& p, const SmemMap<
     if constexpr (Cfg::kWithOHp) rescale_o<Cfg::kHeadDim>(cs.o_hp, f);
   }
 
-  mbar_wait(sm.v_full(stage), (n / Cfg::kStages) & 1);
-  if (!last) mbar_wait(sm.k_full(next), ((n + 1) / Cfg::kStages) & 1);
+  cuda::mbar_wait(sm.v_full(stage), (n / Cfg::kStages) & 1);
+  if (!last) cuda::mbar_wait(sm.k_full(next), ((n + 1) / Cfg::kStages) & 1);
   sched_sync<Cfg>(my_token);  // ---- critical section ----
-  reg_fence(cs.o);
-  reg_fence(cs.o_hp);
-  reg_fence(cs.p_hat);
-  reg_fence(cs.p_tilde);
-  wgmma_fence();
+  cuda::reg_fence(cs.o);
+  cuda::reg_fence(cs.o_hp);
+  cuda::reg_fence(cs.p_hat);
+  cuda::reg_fence(cs.p_tilde);
+  cuda::wgmma_fence();
   pv_gemm<Cfg>(cs.o, cs.p_hat, sm.v(stage));
   if constexpr (Cfg::kWithOHp) pv_gemm<Cfg>(cs.o_hp, cs.p_tilde, sm.v(stage));
-  wgmma_commit();
-  wgmma_wait<0>();
-  reg_fence(cs.o);
-  reg_fence(cs.o_hp);
-  reg_fence(cs.p_hat);
-  reg_fence(cs.p_tilde);
-  mbar_arrive(sm.v_empty(stage));  // V[n] no longer read
-  reg_fence(cs.s);
-  wgmma_fence();
+  cuda::wgmma_commit();
+  cuda::wgmma_wait<0>();
+  cuda::reg_fence(cs.o);
+  cuda::reg_fence(cs.o_hp);
+  cuda::reg_fence(cs.p_hat);
+  cuda::reg_fence(cs.p_tilde);
+  cuda::mbar_arrive(sm.v_empty(stage));  // V[n] no longer read
+  cuda::reg_fence(cs.s);
+  cuda::wgmma_fence();
   qk_gemm<Cfg>(cs.s, q_rows, sm.k(next));  // S_{n+1}, waited for at the next tile (or dropped)
-  wgmma_commit();
+  cuda::wgmma_commit();
   if (!last || wg == 0) sched_arrive<Cfg>(other_token);  // ---- end ----
 }
 
 // wg: 0 or 1, this consumer warpgroup; its rows are m_block * kBlockM + 64 wg + [0, 64).
 template <class Cfg, class Mask>
 __device__ __forceinline__ void consumer_mainloop(const FwdParams& p, const SmemMap<Cfg>& sm,
-                                                  int wg, int m_block, int h, int b, int n_tiles) {
-  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int wg_row0 = m_block * Cfg::kBlockM + 64 * wg;
-  const int row0 = wg_row0 + 16 * warp + lane / 4;  // this thread's rows: row0, row0 + 8
+                                                  int wg, int m_block, int h, int b, int n_begin,
+                                                  int n_tiles) {
   ConsumerState<Cfg> cs;
-#pragma unroll
-  for (int i = 0; i < Cfg::kAccO; ++i) cs.o[i] = 0.0f;
-#pragma unroll
-  for (int i = 0; i < (Cfg::kWithOHp ? Cfg::kAccO : 1); ++i) cs.o_hp[i] = 0.0f;
-  cs.rows = row_state_init();
+  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block);
   if (n_tiles == 0) {  // no row of the CTA sees a key: O = 0, LSE = -inf (no barrier is used)
-    store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+    store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, start.row);
     return;
   }
-  const int end0 = Mask::key_end(row0, p.seqlen_q, p.seqlen_k);
-  const int end1 = Mask::key_end(row0 + 8, p.seqlen_q, p.seqlen_k);
-  // The smallest key_end of the warpgroup (its first row): tiles reaching past it need the mask.
-  const int wg_end = Mask::key_end(wg_row0, p.seqlen_q, p.seqlen_k);
-  // redux.sync puts the (warp-uniform) warpgroup index into a uniform register, so that the
-  // compiler keeps the Q descriptors there too (otherwise: an R2UR pair per wgmma).
-  const uint32_t q_rows =
-      sm.q() + static_cast<uint32_t>(__reduce_max_sync(0xffffffffu, static_cast<unsigned>(wg))) *
-                   Cfg::kWgQRowsBytes;
+  const uint32_t q_rows = start.q_rows;
 
   // Prologue: the first critical section issues S_0 = Q K[0]^T.
   if (wg == 1) sched_arrive<Cfg>(Cfg::kBarSched + 0);  // wg 0 goes first
-  mbar_wait(sm.q_full(), 0);
-  mbar_wait(sm.k_full(0), 0);
+  cuda::mbar_wait(sm.q_full(), 0);
+  cuda::mbar_wait(sm.k_full(0), 0);
   sched_sync<Cfg>(Cfg::kBarSched + wg);
-  reg_fence(cs.s);
-  wgmma_fence();
+  cuda::reg_fence(cs.s);
+  cuda::wgmma_fence();
   qk_gemm<Cfg>(cs.s, q_rows, sm.k(0));
-  wgmma_commit();
+  cuda::wgmma_commit();
   sched_arrive<Cfg>(Cfg::kBarSched + (wg ^ 1));
 
   for (int n = 0; n < n_tiles; ++n)
-    consumer_tile<Cfg, Mask>(p, sm, cs, wg, n, n + 1 == n_tiles, wg_end, end0, end1, q_rows);
-  wgmma_wait<0>();  // the dropped QK^T: its registers must not be reused while it runs
-  reg_fence(cs.s);
-  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+    consumer_tile<Cfg, Mask>(p, sm, cs, wg, n, n + 1 == n_tiles, n_begin, start.keys, q_rows);
+  cuda::wgmma_wait<0>();  // the dropped QK^T: its registers must not be reused while it runs
+  cuda::reg_fence(cs.s);
+  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, start.row);
 }
 
 // ---- Intra-warpgroup overlap (configs without O': fp4, bf16) ---------------------------------
@@ -178,94 +202,85 @@ __device__ __forceinline__ void consumer_mainloop(const FwdParams& p, const Smem
 // T - 1 loop steps, epilogue); warpgroup 1 arrives once at the start and after every section but
 // the last, warpgroup 0 after every section.
 
-// softmax of tile n on S (mask if the tile crosses a row's end), p~ in place; f: rescale factors.
+// softmax of key block n on S (masked if the block is not inside every row's range), p~ in
+// place; f: rescale factors.
 template <class Cfg, class Mask>
 __device__ __forceinline__ void overlap_softmax(const FwdParams& p, ConsumerState<Cfg>& cs, int n,
-                                                int wg_end, int end0, int end1, float (&f)[2]) {
+                                                const RowKeys& keys, float (&f)[2]) {
   const int key0 = n * Cfg::kBlockN;
-  if (wg_end < key0 + Cfg::kBlockN) apply_mask<Cfg::kBlockN>(cs.s, key0, end0, end1);
-  online_softmax<Cfg::kBlockN>(cs.s, cs.rows, p.c2, p.anchored, f);
+  if (keys_need_mask(key0, Cfg::kBlockN, keys.all)) apply_mask<Cfg::kBlockN>(cs.s, key0, keys.row0, keys.row1);
+  online_softmax<Cfg::kBlockN>(cs.s, cs.rows, p.c2, p.p_quant, f);
 }
 
 template <class Cfg, class Mask>
 __device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
                                                           const SmemMap<Cfg>& sm, int wg,
-                                                          int m_block, int h, int b, int n_tiles) {
+                                                          int m_block, int h, int b, int n_begin,
+                                                          int n_tiles) {
   static_assert(!Cfg::kWithOHp, "the overlapped mainloop has no O' (registers, docs/hopper.md, section 3)");
-  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int wg_row0 = m_block * Cfg::kBlockM + 64 * wg;
-  const int row0 = wg_row0 + 16 * warp + lane / 4;  // this thread's rows: row0, row0 + 8
   ConsumerState<Cfg> cs;
-#pragma unroll
-  for (int i = 0; i < Cfg::kAccO; ++i) cs.o[i] = 0.0f;
-  cs.o_hp[0] = 0.0f;
-  cs.rows = row_state_init();
+  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block);
   if (n_tiles == 0) {  // no row of the CTA sees a key: O = 0, LSE = -inf (no barrier is used)
-    store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+    store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, start.row);
     return;
   }
-  const int end0 = Mask::key_end(row0, p.seqlen_q, p.seqlen_k);
-  const int end1 = Mask::key_end(row0 + 8, p.seqlen_q, p.seqlen_k);
-  const int wg_end = Mask::key_end(wg_row0, p.seqlen_q, p.seqlen_k);
-  const uint32_t q_rows =
-      sm.q() + static_cast<uint32_t>(__reduce_max_sync(0xffffffffu, static_cast<unsigned>(wg))) *
-                   Cfg::kWgQRowsBytes;
+  const uint32_t q_rows = start.q_rows;
   const uint32_t my_token = Cfg::kBarSched + wg, other_token = Cfg::kBarSched + (wg ^ 1);
   const uint32_t table = sm.p_scale_table();
   float f[2];
 
   // Prologue: S_0, its softmax and P_0 (O is still zero: no rescale).
   if (wg == 1) sched_arrive<Cfg>(Cfg::kBarSched + 0);  // wg 0 goes first
-  mbar_wait(sm.q_full(), 0);
-  mbar_wait(sm.k_full(0), 0);
+  cuda::mbar_wait(sm.q_full(), 0);
+  cuda::mbar_wait(sm.k_full(0), 0);
   sched_sync<Cfg>(my_token);
-  reg_fence(cs.s);
-  wgmma_fence();
+  cuda::reg_fence(cs.s);
+  cuda::wgmma_fence();
   qk_gemm<Cfg>(cs.s, q_rows, sm.k(0));
-  wgmma_commit();
+  cuda::wgmma_commit();
   sched_arrive<Cfg>(other_token);
-  wgmma_wait<0>();
-  reg_fence(cs.s);
-  mbar_arrive(sm.k_empty(0));
-  overlap_softmax<Cfg, Mask>(p, cs, 0, wg_end, end0, end1, f);
-  convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq, table, cs.p_hat,
+  cuda::wgmma_wait<0>();
+  cuda::reg_fence(cs.s);
+  cuda::mbar_arrive(sm.k_empty(0));
+  overlap_softmax<Cfg, Mask>(p, cs, n_begin, start.keys, f);
+  cuda::convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq, table, cs.p_hat,
                                                       cs.p_tilde);
 
   for (int n = 1; n < n_tiles; ++n) {
     const int stage = n % Cfg::kStages, prev = (n - 1) % Cfg::kStages;
-    mbar_wait(sm.k_full(stage), (n / Cfg::kStages) & 1);
-    mbar_wait(sm.v_full(prev), ((n - 1) / Cfg::kStages) & 1);
+    cuda::mbar_wait(sm.k_full(stage), (n / Cfg::kStages) & 1);
+    cuda::mbar_wait(sm.v_full(prev), ((n - 1) / Cfg::kStages) & 1);
     sched_sync<Cfg>(my_token);  // ---- critical section ----
-    reg_fence(cs.s);
-    reg_fence(cs.o);
-    reg_fence(cs.p_hat);
-    wgmma_fence();
+    cuda::reg_fence(cs.s);
+    cuda::reg_fence(cs.o);
+    cuda::reg_fence(cs.p_hat);
+    cuda::wgmma_fence();
     qk_gemm<Cfg>(cs.s, q_rows, sm.k(stage));  // S_n
-    wgmma_commit();
+    cuda::wgmma_commit();
     pv_gemm<Cfg>(cs.o, cs.p_hat, sm.v(prev));  // O += P_{n-1} V[n-1]
-    wgmma_commit();
+    cuda::wgmma_commit();
     sched_arrive<Cfg>(other_token);  // ---- end ----
-    wgmma_wait<1>();  // S_n
-    reg_fence(cs.s);
-    mbar_arrive(sm.k_empty(stage));  // K[n] no longer read
+    cuda::wgmma_wait<1>();  // S_n
+    cuda::reg_fence(cs.s);
+    cuda::mbar_arrive(sm.k_empty(stage));  // K[n] no longer read
     // ptxas schedules a wgmma wait as early as its basic block allows, which would put the wait
     // below before the softmax (and nothing would overlap the PV). The softmax therefore sits in
     // a block of its own: a branch that is always taken (tile n holds keys < Nk, or it would not
     // be visited) and that the compiler cannot remove. (A conditional wait instead made ptxas
     // serialize every wgmma: a DEPBAR after each one.)
     f[0] = f[1] = 1.0f;
-    if (n * Cfg::kBlockN < p.seqlen_k)
-      overlap_softmax<Cfg, Mask>(p, cs, n, wg_end, end0, end1, f);
-    reg_fence(cs.s);
-    reg_fence(f);
-    wgmma_wait<0>();  // PV_{n-1}
-    reg_fence(cs.o);
-    reg_fence(cs.p_hat);
-    mbar_arrive(sm.v_empty(prev));  // V[n-1] no longer read
+    if ((n_begin + n) * Cfg::kBlockN < p.seqlen_k)
+      overlap_softmax<Cfg, Mask>(p, cs, n_begin + n, start.keys, f);
+    cuda::reg_fence(cs.s);
+    cuda::reg_fence(f);
+    cuda::wgmma_wait<0>();  // PV_{n-1}
+    cuda::reg_fence(cs.o);
+    cuda::reg_fence(cs.p_hat);
+    cuda::mbar_arrive(sm.v_empty(prev));  // V[n-1] no longer read
     // P_n only after the wait: ptxas does not keep the register-A operand of an in-flight wgmma
     // alive (building P_n into fresh registers before the wait, tried, was coalesced into
     // P_{n-1}'s registers: writes under a running PV, with no diagnostic).
-    convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq, table,
+    cuda::convert_p<Cfg::kF16, Cfg::kBlockN, Cfg::kTightRegs>(cs.s, p.quantize_p, p.pq, table,
                                                         cs.p_hat, cs.p_tilde);
     // Skip the rescale when no row of the warp changed its reference (f == 1: bit-identical).
     if (__any_sync(0xffffffffu, f[0] != 1.0f || f[1] != 1.0f)) rescale_o<Cfg::kHeadDim>(cs.o, f);
@@ -273,19 +288,19 @@ __device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
 
   // Epilogue: O += P_{T-1} V[T-1].
   const int last = (n_tiles - 1) % Cfg::kStages;
-  mbar_wait(sm.v_full(last), ((n_tiles - 1) / Cfg::kStages) & 1);
+  cuda::mbar_wait(sm.v_full(last), ((n_tiles - 1) / Cfg::kStages) & 1);
   sched_sync<Cfg>(my_token);
-  reg_fence(cs.o);
-  reg_fence(cs.p_hat);
-  wgmma_fence();
+  cuda::reg_fence(cs.o);
+  cuda::reg_fence(cs.p_hat);
+  cuda::wgmma_fence();
   pv_gemm<Cfg>(cs.o, cs.p_hat, sm.v(last));
-  wgmma_commit();
+  cuda::wgmma_commit();
   if (wg == 0) sched_arrive<Cfg>(other_token);
-  wgmma_wait<0>();
-  reg_fence(cs.o);
-  reg_fence(cs.p_hat);
-  mbar_arrive(sm.v_empty(last));
-  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row0);
+  cuda::wgmma_wait<0>();
+  cuda::reg_fence(cs.o);
+  cuda::reg_fence(cs.p_hat);
+  cuda::mbar_arrive(sm.v_empty(last));
+  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, start.row);
 }
 
 }  // namespace attnqat::sm90

@@ -7,26 +7,10 @@
 
 #include <cstdint>
 
-#include "attnqat/formats.h"
+#include "attnqat/attnqat.h"
+#include "cuda/common/p_quant.cuh"
 
 namespace attnqat::sm90 {
-
-// Constants of phi_nv(p~; g) for P (numerics section 4): g = 1 ("paper") or 2^-11 ("anchored").
-// six_g = RN(6 g) and rcp_six_g = RN(1 / (6 g)) feed codec.cuh's nv_scale_quotient_fast; g is a
-// power of two, so both are exact scalings of 6 and RN(1/6).
-// two120_g = 2^120 g folds the E4M3 decode and the product with g into one multiply (p_quant.cuh).
-struct PQuantConsts {
-  float g;
-  float six_g;
-  float rcp_six_g;
-  float two120_g;
-};
-
-__host__ __device__ inline PQuantConsts p_quant_consts(bool anchored) {
-  constexpr float kTwo120 = 1.32922799578491587290e+36f;  // 2^120
-  const float g = anchored ? kAnchoredPScale : 1.0f;
-  return PQuantConsts{g, 6.0f * g, (1.0f / 6.0f) / g, kTwo120 * g};
-}
 
 // One packed NVFP4 operand (attention from packed tensors, fwd_packed.cuh): codes [B, H, N, d/2]
 // and E4M3 scales [B, H, N, d/16] (uint8, each row contiguous), strides in bytes; g: the
@@ -62,8 +46,8 @@ struct FwdParams {
   int seqlen_k;     // Nk
   float c2;         // RN(c * RN(log2 e)): S2 = c2 * (q . k), log2 units
   bool quantize_p;  // false in mode bf16: P = p~ rounded to the input dtype
-  bool anchored;    // p_quant: m_ref = ceil(m) and g = 2^-11 (else m_ref = m, g = 1)
-  PQuantConsts pq;
+  PQuant p_quant;  // anchored: m_ref = ceil(m) and g = 2^-11; paper: m_ref = m, g = 1
+  cuda::PQuantConsts pq;
 
   // Configs with kPacked only: the packed Q, K, V. kv_tma: only Q is decoded in the kernel; K and
   // V (already decoded, bf16/fp16) come through tma_k / tma_v as in the other configs.

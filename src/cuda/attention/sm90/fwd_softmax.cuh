@@ -1,5 +1,5 @@
 // src/cuda/attention/sm90/fwd_softmax.cuh — device steps of the forward between the two GEMMs:
-// apply_mask, online_softmax (row max, reference max, exp2, row sum), rescale_o. They work on
+// online_softmax (row max, reference max, exp2, row sum), rescale_o. They work on
 // one consumer thread's accumulator fragment of a [64, kN] tile (wgmma.cuh for the layout):
 // s[i] is row 16w + g + 8*((i>>1)&1) and column 8*(i>>2) + 2t + (i&1) of the warpgroup's tile,
 // so each thread holds two rows ("half" 0 and 1) and the four lanes of a quad share them.
@@ -18,7 +18,9 @@
 
 #include <cmath>
 
-#include "cuda/attention/sm90/ptx.cuh"
+#include "attnqat/attnqat.h"
+#include "cuda/common/ptx.cuh"
+#include "cuda/common/ptx_sm90.cuh"
 
 namespace attnqat::sm90 {
 
@@ -33,24 +35,12 @@ __device__ __forceinline__ RowState row_state_init() {
   return RowState{{-INFINITY, -INFINITY}, {0.0f, 0.0f}};
 }
 
-// Keys at or past key_end of a row become -inf. key0 is the tile's first key index; end0 / end1
-// the key_end of the thread's rows (mask.cuh). Only tiles that cross a row's end need this.
-template <int kN>
-__device__ __forceinline__ void apply_mask(float (&s)[kN / 2], int key0, int end0, int end1) {
-  const int col = key0 + 2 * (threadIdx.x % 4);
-#pragma unroll
-  for (int i = 0; i < kN / 2; ++i) {
-    const int key = col + 8 * (i >> 2) + (i & 1);
-    if (key >= (((i >> 1) & 1) ? end1 : end0)) s[i] = -INFINITY;
-  }
-}
-
 // Replaces the scores s (raw q.k, fp32) by p~ = exp2(c2 s - m_ref_new), updates the row state,
 // and returns the factors f[half] = exp2(m_ref_old - m_ref_new) that O and O' must be scaled by
 // (exactly 1 when a row's reference did not change).
 template <int kN>
 __device__ __forceinline__ void online_softmax(float (&s)[kN / 2], RowState& st, float c2,
-                                               bool anchored, float (&f)[2]) {
+                                               PQuant p_quant, float (&f)[2]) {
   // Row maxima as a tree (per 16-key slab, then pairwise over the slabs): the same maxima as a
   // running max (max is exact and order-free), with a dependency chain of ~log2(kN) FMNMX
   // instead of kN / 4 per row (that chain stalled the warp at the head of every tile).
@@ -76,10 +66,10 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN / 2], RowState& st,
     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
     const float tile_max = __fmul_rn(mx[h], c2);  // max S2 of the tile
-    const float cand = anchored ? ceilf(tile_max) : tile_max;
+    const float cand = p_quant == PQuant::kAnchored ? ceilf(tile_max) : tile_max;
     const float m_new = fmaxf(st.m_ref[h], cand);         // ceil commutes with max
     const float ref = m_new == -INFINITY ? 0.0f : m_new;  // safe reference
-    f[h] = m_new == st.m_ref[h] ? 1.0f : ex2_approx(st.m_ref[h] - ref);
+    f[h] = m_new == st.m_ref[h] ? 1.0f : cuda::ex2_approx(st.m_ref[h] - ref);
     st.m_ref[h] = m_new;
     neg_ref[h] = -ref;
   }
@@ -87,7 +77,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN / 2], RowState& st,
 #pragma unroll
   for (int i = 0; i < kN / 2; ++i) {
     const int h = (i >> 1) & 1;
-    s[i] = ex2_approx(__fmaf_rn(s[i], c2, neg_ref[h]));  // p~
+    s[i] = cuda::ex2_approx(__fmaf_rn(s[i], c2, neg_ref[h]));  // p~
     sum[h] += s[i];
   }
 #pragma unroll

@@ -1,24 +1,18 @@
-// src/cuda/attention/sm90/ptx.cuh — thin inline-PTX wrappers of the Hopper (sm_90a) features the
-// attention kernels use: mbarriers, TMA tensor loads, named barriers, setmaxnreg, wgmma fences,
-// ex2.approx and the 16-bit packing instructions. One instruction per function, named after it;
-// no policy here (the pipelines and their phases live in the kernel steps).
+// src/cuda/common/ptx_sm90.cuh — inline-PTX wrappers of the Hopper (sm_90a) features the
+// attention kernels use: mbarriers, TMA tensor loads and 1-D bulk copies (with the bulk reduce-add),
+// named barriers, setmaxnreg, the wgmma ordering instructions, the generic -> async proxy fence
+// and an acquire load. One instruction per function, named after it; no policy here (the
+// pipelines and their phases live in the kernels). The portable wrappers are in ptx.cuh, the
+// wgmma instructions in wgmma.cuh.
 //
-// PTX ISA references: 9.7.13.15 (mbarrier), 9.7.9.25 (cp.async.bulk.tensor), 9.7.13.4 (bar /
-// barrier), 9.7.17.1 (setmaxnreg), 9.7.15.7 (wgmma.fence / commit_group / wait_group).
+// PTX ISA references: 9.7.13.15 (mbarrier), 9.7.9.25 (cp.async.bulk.tensor, cp.async.bulk,
+// cp.reduce.async.bulk), 9.7.13.4 (bar / barrier), 9.7.17.1 (setmaxnreg), 9.7.15.7
+// (wgmma.fence / commit_group / wait_group), 9.7.13.2 (fence.proxy), 9.7.9.8 (ld .acquire).
 #pragma once
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cstdint>
 
-namespace attnqat::sm90 {
-
-// ---- Addresses ----------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+namespace attnqat::cuda {
 
 // ---- mbarrier (shared::cta, 64-bit) -------------------------------------------------------------
 
@@ -131,42 +125,49 @@ __device__ __forceinline__ void reg_fence(T (&x)[N][M]) {
   for (int i = 0; i < N; ++i) reg_fence(x[i]);
 }
 
-// ---- Arithmetic --------------------------------------------------------------------------------
+// ---- 1-D bulk copies, proxy fence, acquire load ------------------------------------------------
 
-// 2^x, MUFU.EX2 (max relative error about 2^-22; ex2(-inf) = +0; subnormal results flush to 0).
-__device__ __forceinline__ float ex2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// ---- 16-bit pairs (low half = first element, as the wgmma A fragment wants) --------------------
-
-// RN(lo), RN(hi) packed; PTX cvt puts its first source in the upper half.
-__device__ __forceinline__ uint32_t pack_rn_bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-__device__ __forceinline__ uint32_t pack_rn_f16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-// The upper halves of two fp32 patterns: bf16x2 of values that are exact in bf16 (no rounding
-// needed), one PRMT instead of a convert.
-__device__ __forceinline__ uint32_t pack_exact_bf16x2(float lo, float hi) {
-  return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
-}
-__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
-  uint32_t r;
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-__device__ __forceinline__ uint32_t mul_f16x2(uint32_t a, uint32_t b) {
-  uint32_t r;
-  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  return r;
+// `bytes` (a multiple of 16) from global `src` (16-byte aligned) to shared `dst`, completing
+// `bytes` of transactions on the mbarrier `bar`.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
+      : "memory");
 }
 
-}  // namespace attnqat::sm90
+// dst[i] += src[i] (fp32) for `bytes` / 4 elements, performed by the bulk copy engine in L2
+// (element-wise atomic). Asynchronous: a bulk group (commit, then wait).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
+                   reinterpret_cast<uint64_t>(dst)),
+               "r"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+// Every committed bulk group has finished reading its shared-memory source.
+__device__ __forceinline__ void bulk_wait_read_all() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+// Every committed bulk group has completed (its writes performed).
+__device__ __forceinline__ void bulk_wait_all() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+// Orders this thread's earlier generic-proxy shared-memory writes before later async-proxy
+// accesses (wgmma operands, bulk copies) that a barrier makes wait for them (docs/hopper.md, section 4).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+}  // namespace attnqat::cuda

@@ -166,10 +166,10 @@ __device__ __forceinline__ float e2m1_decode(uint32_t code) {
   return float_of(bits_of(mag) | ((code & 0x8u) << 28));
 }
 
-// e2m1(a) for a finite a >= 0 (or -0), as a value: the hardware convert on Blackwell (the sign
-// is dropped with the & 0x7), else candidate A.
-__device__ __forceinline__ float e2m1_round_abs(float a) {
 #if ATTNQAT_HW_E2M1
+// The 4-bit code of e2m1(a) by the hardware convert (low nibble of the converted byte; a zero
+// result keeps a's sign, code 0x8 for -0). Compiled for sm_100a/sm_120a in CI.
+__device__ __forceinline__ uint32_t e2m1_code_hw(float a) {
   uint16_t pair;
   asm("{\n"
       ".reg .b8 b0;\n"
@@ -178,7 +178,15 @@ __device__ __forceinline__ float e2m1_round_abs(float a) {
       "}"
       : "=h"(pair)
       : "f"(a), "f"(0.0f));
-  return e2m1_decode(pair & 0x7u);
+  return pair & 0xFu;
+}
+#endif
+
+// e2m1(a) for a finite a >= 0 (or -0), as a value: the hardware convert on Blackwell (the sign
+// is dropped with the & 0x7), else the software rounding.
+__device__ __forceinline__ float e2m1_round_abs(float a) {
+#if ATTNQAT_HW_E2M1
+  return e2m1_decode(e2m1_code_hw(a) & 0x7u);
 #else
   return e2m1_round_abs_sw(a);
 #endif
@@ -187,15 +195,7 @@ __device__ __forceinline__ float e2m1_round_abs(float a) {
 // The 4-bit code of e2m1(y) (zero is code 0): twin of attnqat::e2m1_encode(). y finite.
 __device__ __forceinline__ uint32_t e2m1_encode(float y) {
 #if ATTNQAT_HW_E2M1
-  uint16_t pair;
-  asm("{\n"
-      ".reg .b8 b0;\n"
-      "cvt.rn.satfinite.e2m1x2.f32 b0, %2, %1;\n"
-      "mov.b16 %0, {b0, 0};\n"
-      "}"
-      : "=h"(pair)
-      : "f"(y), "f"(0.0f));
-  const uint32_t code = pair & 0xFu;
+  const uint32_t code = e2m1_code_hw(y);
   return (code & 0x7u) ? code : 0u;
 #else
   const uint32_t mag = e2m1_value_to_code_shifted(e2m1_round_abs_sw(fabsf(y))) >> 22;
@@ -255,9 +255,8 @@ __device__ __forceinline__ float e8m0_decode(uint32_t code) {
 // ---- Divisions of the block scale (numerics 2, steps 3 and 5) ---------------------------------
 
 // t = RN(a / RN(6g)) for any a, g: the IEEE division (correctly rounded by definition, ~10
-// instructions plus a slow path for extreme operands). This is what the quantize kernels use: it
-// is per block of 16 elements (noise in a bandwidth-bound kernel) and exact for any g, also a g
-// that a caller wrote into device memory without validation.
+// instructions plus a slow path for extreme operands), exact for any g; the GPU tests
+// (tests/cpp/cuda) hold the fast variant below against it.
 __device__ __forceinline__ float nv_scale_quotient(float a, float g) {
   return __fdiv_rn(a, mul_rn(6.0f, g));
 }
@@ -265,7 +264,8 @@ __device__ __forceinline__ float nv_scale_quotient(float a, float g) {
 // inv = RN(1 / d) for any d: the IEEE reciprocal.
 __device__ __forceinline__ float rcp_rn(float d) { return __frcp_rn(d); }
 
-// Fast variants for the attention kernels (docs/hopper.md, section 5.3), with their domain:
+// Fast variants, used by the block scales of the quantize, attention and decode kernels
+// (docs/hopper.md, section 5.3), with their domain:
 //
 // nv_scale_quotient_fast(a, six_g, rcp_six_g) with six_g = b = 6g and rcp_six_g = y = RN(1/b),
 // g a power of two in [2^-100, 2^100] (then y = RN(1/6) / g exactly):
@@ -279,9 +279,9 @@ __device__ __forceinline__ float rcp_rn(float d) { return __frcp_rn(d); }
 // Domain where t is bit-identical to the IEEE quotient: 2^-124 <= a and 2^-126 <= a/b < 2^127.
 // Outside it (tiny a or a subnormal quotient) t may differ in its last bits, but then
 // a/b < 2^-24 and e4m3(t) = 0 either way; above it the quotient overflows (t = NaN instead of
-// Inf). So the E4M3 byte is the reference's for every finite a >= 0 with a/(6g) < 2^127 — an
-// exhaustive CPU check done at design time for g in {1, 2^-11}; tests/cpp/cuda repeats it on the GPU for
-// every fp32 a in [0, 1] with g in {1, 2^-11}. 3 instructions instead of ~10 and a branch.
+// Inf). So the E4M3 byte is the reference's for every finite a >= 0 with a/(6g) < 2^127;
+// tests/cpp/cuda checks it on the GPU for every fp32 a in [0, 1] with g in {1, 2^-11}.
+// 3 instructions instead of ~10 and a branch.
 __device__ __forceinline__ float nv_scale_quotient_fast(float a, float six_g, float rcp_six_g) {
   const float q0 = mul_rn(a, rcp_six_g);
   const float r = fma_rn(-six_g, q0, a);
@@ -291,9 +291,9 @@ __device__ __forceinline__ float nv_scale_quotient_fast(float a, float six_g, fl
 // rcp_rn_fast(d) = RN(1/d) for d = s * g, s a positive finite E4M3 value and g a power of two in
 // [2^-100, 2^100] (d normal, four significant bits). r0 = rcp.approx.ftz (max error 1 ulp), one
 // Newton correction e = fma(-d, r0, 1), inv = fma(r0, e, r0). Exactness: d = 2^E * (1 + m/8)
-// (m = 0..7), every step scales exactly with 2^E, so the 8 mantissas cover all d; a CPU
-// enumeration at design time checked them with every r0 within +-2 ulp of RN(1/d) (0 wrong), and tests/cpp/cuda checks
-// all 126 scales times g = 2^k, k = -100..100, against __frcp_rn on the GPU.
+// (m = 0..7), every step scales exactly with 2^E, so the 8 mantissas cover all d; tests/cpp/cuda
+// checks all 126 scales times g = 2^k, k = -100..100, against the correctly rounded 1/d on the
+// GPU.
 __device__ __forceinline__ float rcp_rn_fast(float d) {
   float r0;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(d));
@@ -339,7 +339,7 @@ struct NvBlockScale {
 // g must be a power of two in [2^-100, 2^100]: validate() checks user-given scales, and the amax
 // pass produces only such scales. That is the domain of the fast exact division and reciprocal
 // above (about 15 instructions and two slow-path branches fewer per block than the IEEE
-// routines — the quantization kernels are instruction-bound on an H200 with 16-bit inputs).
+// routines).
 // A quotient that overflows (huge a, small g) comes out NaN and the fminf in
 // e4m3_encode_nonneg turns it into 448, as the reference's satfinite does for +Inf.
 __device__ __forceinline__ NvBlockScale nv_block_scale(float amax, float g) {

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "cuda/common/ptx.cuh"
+
 namespace attnqat::cuda {
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
@@ -18,11 +20,8 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
   return d;
 }
-__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
+// a * b of two fp16x2 pairs, RN (mul_f16x2 of ptx.cuh; the name the decode kernel uses).
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) { return mul_f16x2(a, b); }
 
 // fp16 high bytes of the E2M1 magnitudes 0, 0.5, 1, 1.5 (kLut0) and 2, 3, 4, 6 (kLut1); the low
 // bytes are all zero.

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "cuda/common/ptx.cuh"
 #include "cuda/quantize/params.h"
 
 namespace attnqat::cuda {
@@ -60,17 +61,6 @@ __device__ __forceinline__ void unpack_f16x2(uint32_t w, float& lo, float& hi) {
       : "=f"(lo), "=f"(hi)
       : "r"(w));
 }
-// cvt.rn.{bf16,f16}x2.f32 d, a, b puts a in the high half: element `lo` goes in the low half.
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  uint32_t w;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
-  return w;
-}
-__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
-  uint32_t w;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
-  return w;
-}
 
 // ---- one 16-byte chunk: 4 fp32 or 8 fp16/bf16 elements -----------------------------------------
 
@@ -106,8 +96,8 @@ __device__ __forceinline__ void store_chunk(void* base, int64_t off, const float
     uint32_t w[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      w[j] = kDt == DType::kBFloat16 ? pack_bf16x2(v[2 * j], v[2 * j + 1])
-                                     : pack_f16x2(v[2 * j], v[2 * j + 1]);
+      w[j] = kDt == DType::kBFloat16 ? pack_rn_bf16x2(v[2 * j], v[2 * j + 1])
+                                     : pack_rn_f16x2(v[2 * j], v[2 * j + 1]);
     *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + off) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }

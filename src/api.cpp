@@ -2,6 +2,7 @@
 // the CPU reference or the CUDA backend. The only place where the two backends meet.
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "attnqat/attnqat.h"
 #include "common/validate.h"
@@ -25,6 +26,24 @@ namespace {
                                 ": got CUDA tensors, but this build of attnqat has no CUDA kernels "
                                 "(built without a CUDA toolkit; see attnqat.build_info())");
 }
+
+// After validation: `cpu` (the reference) for CPU tensors, else `cuda` (the CUDA backend), which is
+// nullptr in a build without CUDA kernels: then kNotImplemented naming `op`.
+template <typename Cpu, typename Cuda>
+Status dispatch(const char* op, Device device, Cpu&& cpu, Cuda&& cuda) {
+  if (device == Device::kCPU) return cpu();
+  if constexpr (std::is_same_v<std::decay_t<Cuda>, std::nullptr_t>)
+    return no_cuda(op);
+  else
+    return cuda();
+}
+
+// The CUDA backend's call as dispatch()'s `cuda` argument (nullptr without CUDA kernels).
+#ifdef ATTNQAT_WITH_CUDA
+#define ATTNQAT_CUDA_CALL(call) [&] { return cuda::call; }
+#else
+#define ATTNQAT_CUDA_CALL(call) nullptr
+#endif
 
 // Zeros a validated (contiguous) output on the host.
 void zero_contiguous(const TensorView& t) {
@@ -50,48 +69,30 @@ BuildInfo build_info() {
 Status quantize(const TensorView& x, const TensorView& data, const TensorView& scales,
                 const TensorView& global_scale, const QuantizeOptions& opts, void* stream) {
   ATTNQAT_RETURN_IF_ERROR(validate_quantize(x, data, scales, global_scale, opts));
-  if (x.device == Device::kCPU) return reference::quantize(x, data, scales, global_scale, opts);
-#ifdef ATTNQAT_WITH_CUDA
-  return cuda::quantize(x, data, scales, global_scale, opts, stream);
-#else
-  (void)stream;
-  return no_cuda("quantize");
-#endif
+  return dispatch("quantize", x.device, [&] { return reference::quantize(x, data, scales, global_scale, opts); },
+                  ATTNQAT_CUDA_CALL(quantize(x, data, scales, global_scale, opts, stream)));
 }
 
 Status dequantize(const TensorView& data, const TensorView& scales, const TensorView& global_scale,
                   const TensorView& out, const QuantizeOptions& opts, void* stream) {
   ATTNQAT_RETURN_IF_ERROR(validate_dequantize(data, scales, global_scale, out, opts));
-  if (out.device == Device::kCPU) return reference::dequantize(data, scales, global_scale, out, opts);
-#ifdef ATTNQAT_WITH_CUDA
-  return cuda::dequantize(data, scales, global_scale, out, opts, stream);
-#else
-  (void)stream;
-  return no_cuda("dequantize");
-#endif
+  return dispatch("dequantize", out.device,
+                  [&] { return reference::dequantize(data, scales, global_scale, out, opts); },
+                  ATTNQAT_CUDA_CALL(dequantize(data, scales, global_scale, out, opts, stream)));
 }
 
 Status fake_quantize(const TensorView& x, const TensorView& out, const TensorView& global_scale,
                      const QuantizeOptions& opts, void* stream) {
   ATTNQAT_RETURN_IF_ERROR(validate_fake_quantize(x, out, global_scale, opts));
-  if (x.device == Device::kCPU) return reference::fake_quantize(x, out, global_scale, opts);
-#ifdef ATTNQAT_WITH_CUDA
-  return cuda::fake_quantize(x, out, global_scale, opts, stream);
-#else
-  (void)stream;
-  return no_cuda("fake_quantize");
-#endif
+  return dispatch("fake_quantize", x.device, [&] { return reference::fake_quantize(x, out, global_scale, opts); },
+                  ATTNQAT_CUDA_CALL(fake_quantize(x, out, global_scale, opts, stream)));
 }
 
 Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionOptions& opts, const ForwardOutputs& out, void* stream) {
   ATTNQAT_RETURN_IF_ERROR(validate_attention_forward(q, k, v, opts, out));
-  if (q.device == Device::kCPU) return reference::attention_forward(q, k, v, opts, out);
-#ifdef ATTNQAT_WITH_CUDA
-  return cuda::attention_forward(q, k, v, opts, out, stream);
-#else
-  return no_cuda("attention_forward");
-#endif
+  return dispatch("attention_forward", q.device, [&] { return reference::attention_forward(q, k, v, opts, out); },
+                  ATTNQAT_CUDA_CALL(attention_forward(q, k, v, opts, out, stream)));
 }
 
 Status attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
@@ -99,19 +100,15 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           const AttentionOptions& opts, const BackwardOutputs& grads,
                           void* stream) {
   ATTNQAT_RETURN_IF_ERROR(validate_attention_backward(dout, q, k, v, saved, opts, grads));
-  if (q.device == Device::kCPU) {
+  const auto cpu = [&] {
     if (q.numel() == 0 || k.numel() == 0) {  // no query row or no key: every gradient is 0
       for (const TensorView* g : {&grads.dq, &grads.dk, &grads.dv}) zero_contiguous(*g);
       return Status::Ok();
     }
     return reference::attention_backward(dout, q, k, v, saved, opts, grads);
-  }
-#ifdef ATTNQAT_WITH_CUDA
-  return cuda::attention_backward(dout, q, k, v, saved, opts, grads, stream);
-#else
-  (void)stream;
-  return no_cuda("attention_backward");
-#endif
+  };
+  return dispatch("attention_backward", q.device, cpu,
+                  ATTNQAT_CUDA_CALL(attention_backward(dout, q, k, v, saved, opts, grads, stream)));
 }
 
 // ---- FP4 inference -------------------------------------------------------------------------
@@ -120,28 +117,18 @@ Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, co
                                 const AttentionOptions& opts, const ForwardOutputs& out,
                                 void* stream, PackedUnpack unpack) {
   ATTNQAT_RETURN_IF_ERROR(validate_attention_forward_packed(q, k, v, opts, out));
-  if (out.o.device == Device::kCPU) return reference::attention_forward_packed(q, k, v, opts, out);
-#ifdef ATTNQAT_WITH_CUDA
-  return cuda::attention_forward_packed(q, k, v, opts, out, stream, unpack);
-#else
-  (void)stream;
-  (void)unpack;
-  return no_cuda("attention_forward_packed");
-#endif
+  return dispatch("attention_forward_packed", out.o.device,
+                  [&] { return reference::attention_forward_packed(q, k, v, opts, out); },
+                  ATTNQAT_CUDA_CALL(attention_forward_packed(q, k, v, opts, out, stream, unpack)));
 }
 
 Status kv_cache_append(const PagedKVCache& cache, const TensorView& k_new, const TensorView& v_new,
                        const IndexView& page_table, const IndexView& start, void* stream) {
   KVCacheDims dims;
   ATTNQAT_RETURN_IF_ERROR(validate_kv_cache_append(cache, k_new, v_new, page_table, start, &dims));
-  if (cache.k_data.device == Device::kCPU)
-    return reference::kv_cache_append(cache, dims, k_new, v_new, page_table, start);
-#ifdef ATTNQAT_WITH_CUDA
-  return cuda::kv_cache_append(cache, dims, k_new, v_new, page_table, start, stream);
-#else
-  (void)stream;
-  return no_cuda("kv_cache_append");
-#endif
+  return dispatch("kv_cache_append", cache.k_data.device,
+                  [&] { return reference::kv_cache_append(cache, dims, k_new, v_new, page_table, start); },
+                  ATTNQAT_CUDA_CALL(kv_cache_append(cache, dims, k_new, v_new, page_table, start, stream)));
 }
 
 Status decode_attention(const TensorView& q, const PagedKVCache& cache,
@@ -151,14 +138,9 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache,
   KVCacheDims dims;
   ATTNQAT_RETURN_IF_ERROR(
       validate_decode_attention(q, cache, page_table, seq_lens, opts, out, lse, &dims));
-  if (q.device == Device::kCPU)
-    return reference::decode_attention(q, cache, dims, page_table, seq_lens, opts, out, lse);
-#ifdef ATTNQAT_WITH_CUDA
-  return cuda::decode_attention(q, cache, dims, page_table, seq_lens, opts, out, lse, stream);
-#else
-  (void)stream;
-  return no_cuda("decode_attention");
-#endif
+  return dispatch("decode_attention", q.device,
+                  [&] { return reference::decode_attention(q, cache, dims, page_table, seq_lens, opts, out, lse); },
+                  ATTNQAT_CUDA_CALL(decode_attention(q, cache, dims, page_table, seq_lens, opts, out, lse, stream)));
 }
 
 }  // namespace attnqat

@@ -1,7 +1,9 @@
 // attnqat/attnqat.h — the public C++ API of attnqat.
 //
 // Every entry point validates its arguments first (src/common/validate.cpp, shared by all
-// backends) and returns a Status. Tensors on the CPU run the reference (src/reference); tensors on
+// backends, the one check of every option struct below) and returns a Status. The Python
+// binding exposes the option structs as classes with the same fields (attnqat._C.AttentionOptions,
+// DecodeOptions, QuantizeOptions), named as the Python keyword arguments. Tensors on the CPU run the reference (src/reference); tensors on
 // a CUDA device run the kernels when the library was built with CUDA (build_info()). `stream` is
 // a cudaStream_t passed as void* (ignored on the CPU); nothing here synchronizes the device.
 #pragma once
@@ -81,7 +83,7 @@ struct AttentionOptions {
   PQuant p_quant = PQuant::kPaper;
   VBlocks v_blocks = VBlocks::kChannel;
   bool causal = false;           // bottom-right aligned
-  float softmax_scale = 0.0f;    // c; <= 0 means 1/sqrt(D)
+  float softmax_scale = 0.0f;    // c > 0; 0 means 1/sqrt(D)
   int kv_tile = 128;             // keys per tile of the online softmax (matters for "paper")
   BackwardSwitches bwd{};        // used by the backward (and to decide whether O' is needed)
   Precision precision = Precision::kFloat32;  // CPU reference only
@@ -145,7 +147,8 @@ struct PackedTensor {
 // opts.mode must be kFP4. out.o (bf16 or fp16; fp32 on the CPU too) fixes the dtype the
 // operands are decoded to; lse [B, Hq, Nq] fp32; o_hp must be undefined; m_ref/l optional.
 //
-// CUDA: where the operands are decoded (the result is the same, bit for bit):
+// CUDA: where the operands are unpacked, FP4 codes -> values (the result is the same, bit for bit;
+// Python: unpack="kernel" | "temporary" | "auto"):
 //   kInKernel  inside the sm90 forward kernel: no 16-bit copies of Q, K, V in memory. Channel
 //              blocks only (not v_blocks == kToken), rows 16-byte aligned (any quantize() output
 //              and slices of it along B, H, N). Each CTA decodes the K/V tiles it reads, so the
@@ -195,7 +198,7 @@ Status kv_cache_append(const PagedKVCache& cache, const TensorView& k_new, const
                        const IndexView& page_table, const IndexView& start, void* stream = nullptr);
 
 struct DecodeOptions {
-  float softmax_scale = 0.0f;          // c; <= 0 means 1/sqrt(D)
+  float softmax_scale = 0.0f;          // c > 0; 0 means 1/sqrt(D)
   PQuant p_quant = PQuant::kAnchored;  // anchored: split-KV; paper: one pass in 128-key tiles
   int num_splits = 0;                  // split-KV partitions (0: chosen from the device and shape)
   int max_seq_len = 0;                 // host bound on seq_lens (0: the page table's capacity)

@@ -57,14 +57,14 @@ _COMPILE_MIRROR = _GLOBAL
 
 def _check(options: dict, where: str = "attnqat.config") -> dict:
     """The options of a config()/set_config() call (or fixed by the nn module / hf.register()),
-    validated by the one checker of attention options (attnqat.attention.check_option);
+    validated as attnqat.attention validates them (check_option: types here, values by the core);
     returns them normalized."""
     out = {}
     for name, value in options.items():
         if name not in OPTION_NAMES:
             raise TypeError(f"{where}: unknown option {name!r}; expected one of {', '.join(OPTION_NAMES)}")
         try:
-            out[name] = check_option(name, value, one_of=True)
+            out[name] = check_option(name, value)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
     return out

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _C
+from .attention import core_options_from_string, quantize_options
 
 _LIB = "attnqat"
 
@@ -39,7 +40,8 @@ def _quantize_op(x: Tensor, format: str, axis: str, global_scale: float, compute
     data = torch.empty(dshape, dtype=torch.uint8, device=x.device)
     scales = torch.empty(sshape, dtype=torch.uint8, device=x.device)
     g = torch.full((1,), global_scale, dtype=torch.float32, device=x.device)
-    _C.quantize(x, data, scales, g if format == "nvfp4" else None, format, axis, compute_global_scale, stream=_stream(x))
+    _C.quantize(x, data, scales, g if format == "nvfp4" else None, quantize_options(format, axis, compute_global_scale),
+                stream=_stream(x))
     return data, scales, g
 
 
@@ -53,7 +55,8 @@ def _(x, format, axis, global_scale, compute_global_scale):
 @torch.library.custom_op(f"{_LIB}::dequantize", mutates_args=())
 def _dequantize_op(data: Tensor, scales: Tensor, global_scale: Tensor, format: str, axis: str, shape: List[int], dtype: torch.dtype) -> Tensor:
     out = torch.empty(shape, dtype=dtype, device=data.device)
-    _C.dequantize(data, scales, global_scale if format == "nvfp4" else None, out, format, axis, stream=_stream(data))
+    _C.dequantize(data, scales, global_scale if format == "nvfp4" else None, out, quantize_options(format, axis),
+                  stream=_stream(data))
     return out
 
 
@@ -66,7 +69,7 @@ def _(data, scales, global_scale, format, axis, shape, dtype):
 def _fake_quantize_op(x: Tensor, format: str, axis: str, global_scale: float, compute_global_scale: bool) -> Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     g = torch.full((1,), global_scale, dtype=torch.float32, device=x.device) if format == "nvfp4" else None
-    _C.fake_quantize(x, out, g, format, axis, compute_global_scale, stream=_stream(x))
+    _C.fake_quantize(x, out, g, quantize_options(format, axis, compute_global_scale), stream=_stream(x))
     return out
 
 
@@ -98,25 +101,23 @@ def fake_quantize(x: Tensor, format: str, axis: str, global_scale: float, comput
 
 # ---- Attention ---------------------------------------------------------------------------------
 
+# The options cross as one string (AttentionConfig.op_options: a dict literal of the core's
+# AttentionOptions, inputs_quantized included), so the schema holds only what torch needs: the
+# tensors, the options (a constant that dynamo guards on) and need_o_hp, which fixes O''s shape.
 @torch.library.custom_op(f"{_LIB}::attention_fwd", mutates_args=())
-def _attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, mode: str, p_quant: str,
-    v_blocks: str, kv_tile: int, bwd_quantized_qkv: bool, bwd_quant_p: bool,
-    bwd_high_precision_o: bool, precision: str, deterministic: bool, inputs_quantized: bool, need_o_hp: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, options: str, need_o_hp: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # No O': a 1-D placeholder (an O' of an empty q is 4-D and empty, and still counts as given).
     o_hp = torch.empty(q.shape if need_o_hp else (0,), dtype=q.dtype, device=q.device)
     lse, m_ref, l = (torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(3))
-    _C.attention_forward(q, k, v, o, o_hp if need_o_hp else None, lse, m_ref, l, mode, p_quant, v_blocks,
-                         causal, softmax_scale, kv_tile, bwd_quantized_qkv, bwd_quant_p,
-                         bwd_high_precision_o, precision, inputs_quantized, deterministic, stream=_stream(q))
+    _C.attention_forward(q, k, v, o, o_hp if need_o_hp else None, lse, m_ref, l, core_options_from_string(options),
+                         stream=_stream(q))
     return o, o_hp, lse, m_ref, l
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, softmax_scale, mode, p_quant, v_blocks, kv_tile, bwd_quantized_qkv, bwd_quant_p,
-      bwd_high_precision_o, precision, deterministic, inputs_quantized, need_o_hp):
+def _(q, k, v, options, need_o_hp):
     row = tuple(q.shape[:3])
     return (q.new_empty(q.shape), q.new_empty(q.shape if need_o_hp else (0,)),
             q.new_empty(row, dtype=torch.float32), q.new_empty(row, dtype=torch.float32),
@@ -124,25 +125,18 @@ def _(q, k, v, causal, softmax_scale, mode, p_quant, v_blocks, kv_tile, bwd_quan
 
 
 @torch.library.custom_op(f"{_LIB}::attention_bwd", mutates_args=())
-def _attention_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, o_hp: Tensor, lse: Tensor, m_ref: Tensor,
-    l: Tensor, causal: bool, softmax_scale: float, mode: str, p_quant: str, v_blocks: str, kv_tile: int,
-    bwd_quantized_qkv: bool, bwd_quant_p: bool, bwd_high_precision_o: bool, precision: str,
-    deterministic: bool, inputs_quantized: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, o_hp: Tensor, lse: Tensor,
+                   m_ref: Tensor, l: Tensor, options: str) -> Tuple[Tensor, Tensor, Tensor]:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _C.attention_backward(_last_dim_contiguous(dout), q, k, v, o, o_hp if o_hp.dim() == 4 else None, lse,
-                          m_ref, l, dq, dk, dv, mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
-                          bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision, inputs_quantized,
-                          deterministic, stream=_stream(q))
+                          m_ref, l, dq, dk, dv, core_options_from_string(options), stream=_stream(q))
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, o, o_hp, lse, m_ref, l, causal, softmax_scale, mode, p_quant, v_blocks, kv_tile,
-      bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision, deterministic, inputs_quantized):
+def _(dout, q, k, v, o, o_hp, lse, m_ref, l, options):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -154,8 +148,8 @@ torch.library.register_autograd(f"{_LIB}::attention_bwd", _attention_bwd_backwar
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v = inputs[:3]
-    ctx.options = inputs[3:15]  # the eleven options and inputs_quantized
+    q, k, v, options, _ = inputs
+    ctx.options = options
     o, o_hp, lse, m_ref, l = output
     ctx.save_for_backward(q, k, v, o, o_hp, lse, m_ref, l)
     ctx.mark_non_differentiable(o_hp, lse, m_ref, l)
@@ -163,8 +157,8 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, do, do_hp, dlse, dm, dl):
     q, k, v, o, o_hp, lse, m_ref, l = ctx.saved_tensors
-    dq, dk, dv = torch.ops.attnqat.attention_bwd(do, q, k, v, o, o_hp, lse, m_ref, l, *ctx.options)
-    return (dq, dk, dv) + (None,) * 13
+    dq, dk, dv = torch.ops.attnqat.attention_bwd(do, q, k, v, o, o_hp, lse, m_ref, l, ctx.options)
+    return dq, dk, dv, None, None
 
 
 torch.library.register_autograd(f"{_LIB}::attention_fwd", _attention_backward, setup_context=_attention_setup_context)
@@ -203,7 +197,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cfg) -> Tuple[Tensor, Tensor]:
         q = torch.ops.attnqat.fake_quantize(q, "nvfp4", "last", g_q, compute)
         k = torch.ops.attnqat.fake_quantize(k, "nvfp4", "last", g_k, compute)
         v = torch.ops.attnqat.fake_quantize(v, "nvfp4", v_axis, g_v, compute)
-    o, _, lse, _, _ = torch.ops.attnqat.attention_fwd(q, k, v, *cfg.as_args(), prequantize, need_o_hp)
+    o, _, lse, _, _ = torch.ops.attnqat.attention_fwd(q, k, v, cfg.op_options(prequantize), need_o_hp)
     return o, lse
 
 

@@ -9,6 +9,8 @@ checked once, by the C++ core (``src/common/validate.cpp``), for every backend.
 
 from __future__ import annotations
 
+import ast
+import functools
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -17,7 +19,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from . import _C
-from ._util import is_torch_tensor, torch_ops
+from ._util import is_torch_tensor, torch_import_error, torch_ops
 
 MODES = ("bf16", "fp4", "drop_in_qat", "attn_qat")
 P_QUANT = ("paper", "anchored")
@@ -31,7 +33,14 @@ FP4_RANGE = 6.0 * 448.0
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
-# ---- The option checker ------------------------------------------------------------------------
+# ---- Options -----------------------------------------------------------------------------------------
+#
+# The core's options cross to C++ as one object, attnqat._C.AttentionOptions (or DecodeOptions),
+# built by core_options() from a resolved configuration. Their values are checked in one place,
+# the core's validate_attention_options() (src/common/validate.cpp; enum strings are converted by
+# the binding's parse_choice). The front end checks only what the core cannot see: Python types
+# (a str for causal must not become True), None for "the mode's default", and its own options
+# (qkv_scale, check_finite).
 
 
 def _describe(value) -> str:
@@ -46,6 +55,31 @@ def _is_bool(value) -> bool:
     return isinstance(value, (bool, np.bool_))
 
 
+def _validate_core_options(items: tuple) -> bool:
+    """Builds the core's options from (name, value) pairs and validates them (ValueError naming
+    the option); cached, so an eager call costs a dict lookup. Under torch.compile this runs once,
+    at trace time (assume_constant_result): fake tensors never reach C++."""
+    return _validated(items)
+
+
+@functools.lru_cache(maxsize=1024)
+def _validated(items: tuple) -> bool:
+    _C.validate_attention_options(_C.AttentionOptions(**dict(items)))
+    return True
+
+
+if torch_import_error() is None:
+    import torch
+
+    torch.compiler.assume_constant_result(_validate_core_options)
+
+
+def validate_core_options(items: tuple) -> None:
+    """Validates core options given as a tuple of (name, value) pairs (the others at their
+    defaults) through the core's one checker."""
+    _validate_core_options(items)
+
+
 def check_bool(name: str, value, *, allow_none: bool = False):
     """True/False (python or numpy bool; None too when `allow_none`), else TypeError. Like torch,
     strings and integers are refused: ``causal="no"`` must not run as causal."""
@@ -57,47 +91,27 @@ def check_bool(name: str, value, *, allow_none: bool = False):
     raise TypeError(f"{name}: expected {accepted}, got {_describe(value)}")
 
 
-def check_softmax_scale(name: str, value) -> float:
-    """None -> 0.0 (the core's "1/sqrt(head_dim)"); else a positive finite real number that is
-    also positive and finite in float32 (the core's type)."""
+def check_softmax_scale(name: str, value) -> Optional[float]:
+    """None (1/sqrt(head_dim)) or a real number, as a float, else TypeError; its value (positive,
+    finite, in float32 range) is checked by the core, naming `name`."""
     if value is None:
-        return 0.0
+        return None
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number (float or int) or None for 1/sqrt(head_dim), "
                         f"got {_describe(value)}")
-    v = float(value)
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {v}")
-    # v <= 2^-150 rounds to float32 zero (the core would read it as "use the default"); plain
-    # float comparisons, so that torch.compile traces this check.
-    if v > _F32_MAX or v <= 2.0 ** -150:
-        raise ValueError(f"{name}: expected a positive finite number in float32 range "
-                         f"[{float(np.finfo(np.float32).tiny):.3g}, {_F32_MAX:.3g}], got {v}")
-    return v
-
-
-def _alternatives(choices, one_of: bool = False) -> str:
-    quoted = [repr(c) for c in choices]
-    if len(quoted) == 2 and not one_of:
-        return f"{quoted[0]} or {quoted[1]}"
-    return "one of " + ", ".join(quoted)
-
-
-def check_choice(name: str, value, choices, *, one_of: bool = False) -> str:
-    """A string among `choices`; the message lists them (``one_of``: always as "one of ...")."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: expected {_alternatives(choices, one_of)}, got {value!r}")
+    value = float(value)
+    try:
+        validate_core_options((("softmax_scale", value),))
+    except ValueError as e:  # the core says softmax_scale; sdpa and the nn module call it scale
+        raise ValueError(name + str(e)[len("softmax_scale"):]) from None
     return value
 
 
-def check_kv_tile(name: str, value) -> int:
+def check_int(name: str, value, what: str) -> int:
+    """An int (not a bool), else TypeError; the core checks its value."""
     if _is_bool(value) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int (a positive multiple of 16 up to {KV_TILE_MAX}), "
-                        f"got {_describe(value)}")
-    v = int(value)
-    if v <= 0 or v % 16 or v > KV_TILE_MAX:
-        raise ValueError(f"{name}: expected a positive multiple of 16 up to {KV_TILE_MAX}, got {v}")
-    return v
+        raise TypeError(f"{name}: expected an int ({what}), got {_describe(value)}")
+    return int(value)
 
 
 def check_power_of_two(name: str, value) -> float:
@@ -130,30 +144,32 @@ def check_qkv_scale(name: str, value):
 
 _BWD_SWITCHES = ("bwd_quantized_qkv", "bwd_quant_p", "bwd_high_precision_o")
 
-# One validator per option: value -> normalized value, raising TypeError (wrong type) or
-# ValueError (wrong value) with a message that names the option, what came and what is accepted.
-_CHOICES = {"mode": MODES, "p_quant": P_QUANT, "v_blocks": V_BLOCKS, "precision": PRECISIONS}
-_CHECKS = {
-    "causal": lambda n, v: check_bool(n, v),
-    "softmax_scale": check_softmax_scale,
-    "kv_tile": check_kv_tile,
+# What the front end checks per option: the Python type (TypeError naming the option), and the
+# front end's own options. Strings (mode, p_quant, v_blocks, precision) go to the core as they are.
+_TYPES = {
+    "causal": check_bool,
+    "softmax_scale": lambda n, v: v if v is None else check_softmax_scale(n, v),
+    "kv_tile": lambda n, v: check_int(n, v, f"a positive multiple of 16 up to {KV_TILE_MAX}"),
     "bwd_quantized_qkv": lambda n, v: check_bool(n, v, allow_none=True),
     "bwd_quant_p": lambda n, v: check_bool(n, v, allow_none=True),
     "bwd_high_precision_o": lambda n, v: check_bool(n, v, allow_none=True),
-    "deterministic": lambda n, v: check_bool(n, v),
+    "deterministic": check_bool,
     "qkv_scale": check_qkv_scale,
-    "check_finite": lambda n, v: check_bool(n, v),
+    "check_finite": check_bool,
 }
-OPTIONS = tuple(_CHECKS) + tuple(_CHOICES)
+# The options that the core's AttentionOptions holds (the others are the front end's).
+CORE_OPTIONS = ("causal", "softmax_scale", "mode", "p_quant", "v_blocks", "kv_tile", *_BWD_SWITCHES, "precision",
+                "deterministic")
+OPTIONS = CORE_OPTIONS + ("qkv_scale", "check_finite")
 
 
-def check_option(name: str, value, *, one_of: bool = False):
-    """Validates one attention option (the rules every entry point shares); returns it normalized.
-    ``one_of`` lists the values of a choice option as "one of ..." even when there are two (the
-    style of :func:`attnqat.config`'s messages)."""
-    if name in _CHOICES:
-        return check_choice(name, value, _CHOICES[name], one_of=one_of)
-    return _CHECKS[name](name, value)
+def check_option(name: str, value):
+    """Validates one attention option (the rules every entry point shares): its Python type here,
+    its value in the core (the others at their defaults); returns it normalized."""
+    value = _TYPES.get(name, lambda n, v: v)(name, value)
+    if name in CORE_OPTIONS and not (value is None and name in _BWD_SWITCHES):
+        validate_core_options(((name, value),))
+    return value
 
 
 @dataclass(frozen=True)
@@ -162,7 +178,7 @@ class AttentionConfig:
     ``qkv_scale`` and ``check_finite``)."""
 
     causal: bool
-    softmax_scale: float  # 0 means 1/sqrt(head_dim)
+    softmax_scale: Optional[float]  # None: 1/sqrt(head_dim)
     mode: str
     p_quant: str
     v_blocks: str
@@ -180,12 +196,30 @@ class AttentionConfig:
         """Whether a backward would read O' (numerics section 5, switch bwd_high_precision_o)."""
         return self.mode in ("drop_in_qat", "attn_qat") and self.bwd_high_precision_o
 
-    def as_args(self):
-        return (
-            self.causal, self.softmax_scale, self.mode, self.p_quant, self.v_blocks, self.kv_tile,
-            self.bwd_quantized_qkv, self.bwd_quant_p, self.bwd_high_precision_o, self.precision,
-            self.deterministic,
-        )
+    def core_items(self, inputs_quantized: bool = False) -> tuple:
+        """The core's options as (name, value) pairs."""
+        return tuple((name, getattr(self, name)) for name in CORE_OPTIONS) + (("inputs_quantized", inputs_quantized),)
+
+    def op_options(self, inputs_quantized: bool) -> str:
+        """The core's options as the one string argument of the torch ops (a dict literal)."""
+        return repr(dict(self.core_items(inputs_quantized)))
+
+
+@functools.lru_cache(maxsize=64)
+def quantize_options(format: str, axis: str, compute_global_scale: bool = False):
+    """The core's QuantizeOptions (format and axis checked by the binding and the core)."""
+    return _C.QuantizeOptions(format=format, axis=axis, compute_global_scale=compute_global_scale)
+
+
+def core_options(cfg: AttentionConfig, inputs_quantized: bool = False):
+    """The one object of options that crosses to the core (attnqat._C.AttentionOptions)."""
+    return _C.AttentionOptions(**dict(cfg.core_items(inputs_quantized)))
+
+
+@functools.lru_cache(maxsize=256)
+def core_options_from_string(options: str):
+    """The core's options of a torch op's string argument (see :meth:`AttentionConfig.op_options`)."""
+    return _C.AttentionOptions(**ast.literal_eval(options))
 
 
 def resolve_config(
@@ -193,13 +227,13 @@ def resolve_config(
     kv_tile=128, bwd_quantized_qkv=None, bwd_quant_p=None, bwd_high_precision_o=None, precision="fp32",
     deterministic=False, qkv_scale=None, check_finite=False,
 ) -> AttentionConfig:
-    """Checks every option (:func:`check_option`) and fills in the mode's defaults for the
-    ablation switches."""
+    """Checks every option (types here, values in the core) and fills in the mode's defaults for
+    the ablation switches."""
     given = dict(causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,
                  kv_tile=kv_tile, bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
                  bwd_high_precision_o=bwd_high_precision_o, precision=precision, deterministic=deterministic,
                  qkv_scale=qkv_scale, check_finite=check_finite)
-    o = {name: check_option(name, value) for name, value in given.items()}
+    o = {name: _TYPES.get(name, lambda n, v: v)(name, value) for name, value in given.items()}
     switches = [o[name] for name in _BWD_SWITCHES]
     if o["mode"] in ("bf16", "fp4") and any(s is not None for s in switches):
         raise ValueError(
@@ -209,7 +243,9 @@ def resolve_config(
     default = o["mode"] == "attn_qat"
     for name, s in zip(_BWD_SWITCHES, switches):
         o[name] = default if s is None else s
-    return AttentionConfig(**o)
+    cfg = AttentionConfig(**o)
+    validate_core_options(cfg.core_items())
+    return cfg
 
 
 # ---- Tensor arguments that only the front end sees --------------------------------------------------
@@ -392,10 +428,7 @@ def _attention_numpy(q, k, v, cfg: AttentionConfig):
             return (o * g[2]).astype(q.dtype, copy=False), lse
     o = np.empty(q.shape, q.dtype)
     lse = np.empty(q.shape[:3], np.float32)
-    _C.attention_forward(q, k, v, o, None, lse, None, None, cfg.mode, cfg.p_quant, cfg.v_blocks,
-                         cfg.causal, cfg.softmax_scale, cfg.kv_tile, cfg.bwd_quantized_qkv,
-                         cfg.bwd_quant_p, cfg.bwd_high_precision_o, cfg.precision, prequantized,
-                         deterministic=cfg.deterministic)
+    _C.attention_forward(q, k, v, o, None, lse, None, None, core_options(cfg, prequantized))
     return o, lse
 
 
@@ -412,7 +445,7 @@ def _fake_quantize_numpy(q, k, v, cfg: AttentionConfig):
     out = []
     for t, g, axis in zip((q, k, v), scales, ("last", "last", "token" if cfg.v_blocks == "token" else "last")):
         r = np.empty(t.shape, t.dtype)
-        _C.fake_quantize(t, r, np.full((1,), g, np.float32), "nvfp4", axis, amax)
+        _C.fake_quantize(t, r, np.full((1,), g, np.float32), quantize_options("nvfp4", axis, amax))
         out.append(r)
     return out
 

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import _C
 from ._util import is_torch_tensor
-from .attention import check_bool, check_choice, check_softmax_scale, P_QUANT
+from .attention import check_bool, check_int, check_softmax_scale, core_options, resolve_config
 from .formats import QuantizedTensor, quantize_nvfp4
 
 _NV_BLOCK = 16
@@ -58,7 +58,7 @@ def _stream_of(t) -> int:
 
 def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor, *, causal: bool = False,
                      softmax_scale: Optional[float] = None, p_quant: str = "paper", dtype=None,
-                     return_lse: bool = False, decode: str = "auto"):
+                     return_lse: bool = False, unpack: str = "auto"):
     """Mode-``fp4`` attention from packed NVFP4 Q ``[B, Hq, Nq, D]``, K, V ``[B, Hkv, Nk, D]``.
 
     Args:
@@ -70,7 +70,7 @@ def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor,
         dtype: output dtype (default: Q's original dtype); on CUDA bfloat16 or float16, and the
             dtype the operands are decoded to (exact).
         return_lse: also return the row log-sum-exp (fp32, natural log).
-        decode: CUDA only, where the operands are decoded (same result, bit for bit): ``"kernel"``
+        unpack: CUDA only, where the FP4 codes become values (same result, bit for bit): ``"kernel"``
             inside the sm90 forward kernel (no 16-bit copies in memory; channel blocks and
             ``quantize_nvfp4`` layouts only), ``"temporary"`` into 16-bit temporaries first, or
             ``"auto"``: the kernel when few 128-row query blocks read each KV head (short queries,
@@ -81,11 +81,7 @@ def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor,
         ``o`` (and ``lse``), equal to ``attention(q.dequantize(), k.dequantize(), v.dequantize(),
         mode="fp4")`` up to the order of fp32 sums, without re-quantizing the operands.
     """
-    if decode not in ("auto", "kernel", "temporary"):
-        raise ValueError(f"decode: expected 'auto', 'kernel' or 'temporary', got {decode!r}")
-    causal = check_bool("causal", causal)
-    scale = check_softmax_scale("softmax_scale", softmax_scale)
-    p_quant = check_choice("p_quant", p_quant, P_QUANT)
+    check_bool("causal", causal)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, QuantizedTensor):
             raise TypeError(f"{name}: expected a QuantizedTensor (attnqat.quantize_nvfp4), got {type(t).__name__}")
@@ -95,7 +91,8 @@ def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor,
             raise ValueError(f"{name}: expected a 4-D tensor [batch, heads, seq, head_dim], got shape {list(t.shape)}")
     if q.axis != "last" or k.axis != "last":
         raise ValueError("q, k: expected channel blocks (axis='last')")
-    v_blocks = "token" if v.axis == "token" else "channel"
+    cfg = resolve_config(causal=causal, softmax_scale=softmax_scale, mode="fp4", p_quant=p_quant,
+                         v_blocks="token" if v.axis == "token" else "channel")
     dtype = q.dtype if dtype is None else dtype
     b, hq, nq, d = q.shape
     if is_torch_tensor(q.data):
@@ -109,8 +106,8 @@ def attention_packed(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor,
         o = np.empty((b, hq, nq, d), dtype)
         lse = np.empty((b, hq, nq), np.float32)
     _C.attention_forward_packed(q.data, q.scales, q.global_scale, k.data, k.scales, k.global_scale,
-                                v.data, v.scales, v.global_scale, o, lse, None, None, p_quant, v_blocks,
-                                causal, scale, 128, decode, stream=_stream_of(q.data))
+                                v.data, v.scales, v.global_scale, o, lse, None, None, core_options(cfg, True),
+                                unpack, stream=_stream_of(q.data))
     return (o, lse) if return_lse else o
 
 
@@ -150,6 +147,15 @@ def kv_cache_append(k_data, k_scales, v_data, v_scales, k_new, v_new, page_table
                        stream=_stream_of(k_data))
 
 
+def decode_options(softmax_scale=None, p_quant: str = "anchored", num_splits: int = 0, max_seq_len: int = 0):
+    """The core's DecodeOptions (values checked by the core: validate_decode_options)."""
+    opts = _C.DecodeOptions(softmax_scale=check_softmax_scale("softmax_scale", softmax_scale), p_quant=p_quant,
+                            num_splits=check_int("num_splits", num_splits, "0: automatic"),
+                            max_seq_len=check_int("max_seq_len", max_seq_len, "0: the page table's capacity"))
+    _C.validate_decode_options(opts)
+    return opts
+
+
 def decode_attention(q, k_data, k_scales, v_data, v_scales, page_table, seq_lens, *,
                      softmax_scale: Optional[float] = None, p_quant: str = "anchored", num_splits: int = 0,
                      max_seq_len: int = 0, return_lse: bool = False, out=None, check: bool = True):
@@ -159,16 +165,14 @@ def decode_attention(q, k_data, k_scales, v_data, v_scales, page_table, seq_lens
     table's capacity). Returns ``out`` (and ``lse``)."""
     import torch
 
-    scale = check_softmax_scale("softmax_scale", softmax_scale)
-    p_quant = check_choice("p_quant", p_quant, P_QUANT)
+    opts = decode_options(softmax_scale, p_quant, num_splits, max_seq_len)
     if check and page_table.is_cuda:
         _check_pages(page_table, seq_lens, 0, int(k_data.shape[0]), int(k_data.shape[2]))
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
-    _C.decode_attention(q, k_data, k_scales, v_data, v_scales, page_table, seq_lens, out, lse,
-                        scale, p_quant, int(num_splits),
-                        int(max_seq_len), stream=_stream_of(q))
+    _C.decode_attention(q, k_data, k_scales, v_data, v_scales, page_table, seq_lens, out, lse, opts,
+                        stream=_stream_of(q))
     return (out, lse) if return_lse else out
 
 
@@ -336,8 +340,7 @@ class FP4KVCache:
         import torch
 
         seq_ids = list(seq_ids)
-        check_softmax_scale("softmax_scale", softmax_scale)
-        check_choice("p_quant", p_quant, P_QUANT)
+        decode_options(softmax_scale, p_quant, num_splits)  # the options' errors before the tensors'
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
         if q.dim() != 4 or q.shape[0] != len(seq_ids):

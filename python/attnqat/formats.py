@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _C
 from ._util import is_torch_tensor, torch_ops
-from .attention import check_power_of_two
+from .attention import check_power_of_two, quantize_options
 
 _BLOCK = {"nvfp4": 16, "mxfp4": 32}
 
@@ -109,7 +109,7 @@ def _quantize(x, format: str, axis: str, global_scale) -> QuantizedTensor:
     data = np.empty(dshape, np.uint8)
     scales = np.empty(sshape, np.uint8)
     gt = np.full((1,), g, np.float32)
-    _C.quantize(x, data, scales, gt, format, axis, compute)
+    _C.quantize(x, data, scales, gt, quantize_options(format, axis, compute))
     return QuantizedTensor(data, scales, gt, format, axis, tuple(x.shape), x.dtype)
 
 
@@ -143,7 +143,8 @@ def dequantize(qt: QuantizedTensor, dtype=None):
     if is_torch_tensor(qt.data):
         return torch_ops().dequantize(qt.data, qt.scales, qt.global_scale, qt.format, qt.axis, list(qt.shape), dtype)
     out = np.empty(qt.shape, dtype)
-    _C.dequantize(qt.data, qt.scales, qt.global_scale if qt.format == "nvfp4" else None, out, qt.format, qt.axis)
+    _C.dequantize(qt.data, qt.scales, qt.global_scale if qt.format == "nvfp4" else None, out,
+                  quantize_options(qt.format, qt.axis))
     return out
 
 
@@ -160,5 +161,5 @@ def fake_quantize(x, *, format: str = "nvfp4", axis: str = "last", global_scale:
     x = np.asarray(x)
     out = np.empty(x.shape, x.dtype)
     gt = np.full((1,), g, np.float32)
-    _C.fake_quantize(x, out, gt if format == "nvfp4" else None, format, axis, compute)
+    _C.fake_quantize(x, out, gt if format == "nvfp4" else None, quantize_options(format, axis, compute))
     return out

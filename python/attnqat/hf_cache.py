@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import _C
 from .decode import FP4KVCache
 from .functional import _mask_structure
 from .hf import _PENDING
@@ -171,9 +172,10 @@ def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], 
     if opts.get("mode") != "fp4":
         raise ValueError(f"attnqat.hf.FP4Cache serves mode='fp4' attention (the FP4 inference of an Attn-QAT model); "
                          f"the configured mode is {opts.get('mode')!r}: use attnqat.config(mode='fp4')")
-    if opts.get("p_quant") == "paper" and opts.get("kv_tile", 128) != 128:
-        raise ValueError(f"attnqat.hf.FP4Cache: p_quant='paper' decodes with 128-key P tiles; the configured kv_tile "
-                         f"is {opts.get('kv_tile')}: use kv_tile=128 or p_quant='anchored'")
+    try:  # the decode runs on 128-key tiles: the core's one rule for p_quant='paper'
+        _C.check_paper_kv_tile(_C.AttentionOptions(mode="fp4", p_quant=opts["p_quant"], kv_tile=opts.get("kv_tile", 128)))
+    except ValueError as e:
+        raise ValueError(f"attnqat.hf.FP4Cache: {e}") from None
     b, hq, nq, _ = query.shape
     nk = cache.layers[layer].seen
     past = nk - nq

@@ -1,7 +1,8 @@
 // attnqat._C — the Python binding of the C++ API (include/attnqat/attnqat.h).
 //
 // Every array argument is an nb::ndarray (numpy arrays, torch tensors, anything with
-// __dlpack__), converted to a non-owning TensorView. Outputs are allocated by the Python layer
+// __dlpack__), converted to a non-owning TensorView; the options of a call are one object, the
+// C++ option struct bound as a class (AttentionOptions, DecodeOptions, QuantizeOptions). Outputs are allocated by the Python layer
 // and passed in. The GIL is released while the C++ code runs. A non-OK Status becomes
 // ValueError (bad argument), NotImplementedError or RuntimeError (CUDA error).
 #include <nanobind/nanobind.h>
@@ -9,13 +10,17 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
 #include "attnqat/attnqat.h"
+#include "common/validate.h"
 
 namespace nb = nanobind;
 using namespace attnqat;
@@ -119,69 +124,193 @@ void check(const Status& st) {
   }
 }
 
-// The one conversion of option strings to enums: `s` must be one of `choices`; the message lists
-// them. (Types and values of the options are checked by the Python front end and, for every
-// caller of the C++ API, by validate_attention_options() in src/common/validate.cpp.)
+// ---- Options ------------------------------------------------------------------------------------
+//
+// The option structs of the C++ API (AttentionOptions with its BackwardSwitches, DecodeOptions,
+// QuantizeOptions) are bound as classes whose attributes are named as the Python keyword
+// arguments. Enums read and write as strings, converted in one place (parse_choice); softmax_scale
+// reads and writes as None (1/sqrt(head_dim)) or a number. Every value is checked by
+// src/common/validate.cpp: validate_*_options(), which the _C functions run before touching data
+// and which attnqat._C.validate_*_options() runs on an object without tensors.
+
 template <typename E>
-E parse_choice(const char* name, const std::string& s,
-               std::initializer_list<std::pair<const char*, E>> choices) {
-  for (const auto& [text, value] : choices)
-    if (s == text) return value;
-  std::string list;
-  size_t i = 0;
-  for (const auto& c : choices) {
-    list += (i == 0 ? "" : (i + 1 == choices.size() ? (choices.size() == 2 ? " or " : ", or ") : ", "));
-    list += "'" + std::string(c.first) + "'";
-    ++i;
+struct Choice {
+  const char* text;
+  E value;
+};
+
+constexpr Choice<Format> kFormats[] = {{"nvfp4", Format::kNVFP4}, {"mxfp4", Format::kMXFP4}};
+constexpr Choice<BlockAxis> kAxes[] = {{"last", BlockAxis::kLast}, {"token", BlockAxis::kToken}};
+constexpr Choice<Mode> kModes[] = {{"bf16", Mode::kBF16}, {"fp4", Mode::kFP4},
+                                   {"drop_in_qat", Mode::kDropInQAT}, {"attn_qat", Mode::kAttnQAT}};
+constexpr Choice<PQuant> kPQuants[] = {{"paper", PQuant::kPaper}, {"anchored", PQuant::kAnchored}};
+constexpr Choice<VBlocks> kVBlocks[] = {{"channel", VBlocks::kChannel}, {"token", VBlocks::kToken}};
+constexpr Choice<Precision> kPrecisions[] = {{"fp32", Precision::kFloat32}, {"fp64", Precision::kFloat64},
+                                             {"bf16_operands", Precision::kBF16Operands}};
+constexpr Choice<PackedUnpack> kUnpacks[] = {{"auto", PackedUnpack::kAuto}, {"kernel", PackedUnpack::kInKernel},
+                                             {"temporary", PackedUnpack::kTemporary}};
+
+// The one conversion of option strings to enums: `value` must be one of `choices` (a str); the
+// message lists them ("'a' or 'b'", "one of 'a', 'b', 'c'") and shows what came (its repr).
+template <typename E, size_t N>
+E parse_choice(const char* name, nb::handle value, const Choice<E> (&choices)[N]) {
+  if (nb::isinstance<nb::str>(value)) {
+    const char* s = nb::borrow<nb::str>(value).c_str();
+    for (const auto& c : choices)
+      if (std::strcmp(s, c.text) == 0) return c.value;
   }
-  throw nb::value_error((std::string(name) + ": expected " + (choices.size() > 2 ? "one of " : "") +
-                         list + ", got '" + s + "'").c_str());
+  std::string list = N > 2 ? "one of " : "";
+  for (size_t i = 0; i < N; ++i)
+    list += std::string(i == 0 ? "" : (N == 2 ? " or " : ", ")) + "'" + choices[i].text + "'";
+  throw nb::value_error((std::string(name) + ": expected " + list + ", got " +
+                         nb::repr(value).c_str()).c_str());
 }
 
-Format parse_format(const std::string& s) {
-  return parse_choice<Format>("format", s, {{"nvfp4", Format::kNVFP4}, {"mxfp4", Format::kMXFP4}});
-}
-BlockAxis parse_axis(const std::string& s) {
-  return parse_choice<BlockAxis>("axis", s, {{"last", BlockAxis::kLast}, {"token", BlockAxis::kToken}});
-}
-PQuant parse_p_quant(const std::string& s) {
-  return parse_choice<PQuant>("p_quant", s, {{"paper", PQuant::kPaper}, {"anchored", PQuant::kAnchored}});
-}
-VBlocks parse_v_blocks(const std::string& s) {
-  return parse_choice<VBlocks>("v_blocks", s, {{"channel", VBlocks::kChannel}, {"token", VBlocks::kToken}});
+template <typename E, size_t N>
+const char* choice_text(E value, const Choice<E> (&choices)[N]) {
+  for (const auto& c : choices)
+    if (c.value == value) return c.text;
+  return "?";
 }
 
-QuantizeOptions quant_opts(const std::string& format, const std::string& axis, bool compute) {
-  QuantizeOptions o;
-  o.format = parse_format(format);
-  o.axis = parse_axis(axis);
-  o.compute_global_scale = compute;
-  return o;
+// A string-valued attribute for an enum field reached by `field` (a member pointer or a lambda).
+template <typename T, typename E, size_t N, typename Field>
+void choice_attr(nb::class_<T>& cls, const char* name, Field field, const Choice<E> (&choices)[N]) {
+  cls.def_prop_rw(
+      name, [field, &choices](T& o) { return choice_text(std::invoke(field, o), choices); },
+      [name, field, &choices](T& o, nb::handle v) { std::invoke(field, o) = parse_choice(name, v, choices); },
+      nb::for_setter(nb::arg("value").none()));
 }
 
-AttentionOptions attn_opts(const std::string& mode, const std::string& p_quant,
-                           const std::string& v_blocks, bool causal, float softmax_scale,
-                           int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p,
-                           bool bwd_high_precision_o, const std::string& precision,
-                           bool inputs_quantized, bool deterministic) {
-  AttentionOptions o;
-  o.mode = parse_choice<Mode>("mode", mode, {{"bf16", Mode::kBF16}, {"fp4", Mode::kFP4},
-                                             {"drop_in_qat", Mode::kDropInQAT}, {"attn_qat", Mode::kAttnQAT}});
-  o.p_quant = parse_p_quant(p_quant);
-  o.v_blocks = parse_v_blocks(v_blocks);
-  o.causal = causal;
-  o.softmax_scale = softmax_scale;
-  o.kv_tile = kv_tile;
-  o.bwd = BackwardSwitches{bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o};
-  o.precision = parse_choice<Precision>("precision", precision,
-                                        {{"fp32", Precision::kFloat32}, {"fp64", Precision::kFloat64},
-                                         {"bf16_operands", Precision::kBF16Operands}});
-  o.inputs_quantized = inputs_quantized;
-  o.deterministic = deterministic;
-  return o;
+// softmax_scale as Python spells it: None (1/sqrt(head_dim), the structs' 0) or a number.
+template <typename T>
+void softmax_scale_attr(nb::class_<T>& cls) {
+  cls.def_prop_rw(
+      "softmax_scale",
+      [](T& o) -> std::optional<double> {
+        if (o.softmax_scale == 0.0f) return std::nullopt;
+        return o.softmax_scale;
+      },
+      [](T& o, std::optional<double> v) {
+        if (!v) {
+          o.softmax_scale = 0.0f;
+          return;
+        }
+        check(softmax_scale_from_double(*v, &o.softmax_scale));
+      },
+      nb::for_setter(nb::arg("value").none()));
+}
+
+// Keyword construction, e.g. AttentionOptions(mode="fp4", causal=True): each keyword sets the
+// attribute of that name; an unknown one is a TypeError that lists the attributes.
+template <typename T>
+void kwargs_init(nb::class_<T>& cls, const char* fields) {
+  cls.def("__init__", [fields](nb::pointer_and_handle<T> self, nb::kwargs kwargs) {
+    new (self.p) T();
+    nb::inst_mark_ready(self.h);  // so that the attributes' setters below may run
+    for (auto [key, value] : kwargs) {
+      if (!nb::hasattr(self.h.type(), key))
+        throw nb::type_error((std::string(nb::type_name(self.h.type()).c_str()) + ": unknown option " +
+                              nb::repr(key).c_str() + "; expected one of " + fields).c_str());
+      nb::setattr(self.h, key, value);
+    }
+  });
+}
+
+template <typename T>
+void bind_repr(nb::class_<T>& cls, const char* fields) {
+  cls.def("__repr__", [fields](nb::handle self) {
+    std::string out = std::string(nb::type_name(self.type()).c_str()) + "(";
+    std::string names = fields;
+    size_t pos = 0;
+    bool first = true;
+    while (pos < names.size()) {
+      const size_t end = std::min(names.find(", ", pos), names.size());
+      const std::string n = names.substr(pos, end - pos);
+      out += (first ? "" : ", ") + n + "=" + nb::repr(nb::getattr(self, n.c_str())).c_str();
+      first = false;
+      pos = end + 2;
+    }
+    return out + ")";
+  });
+}
+
+void bind_options(nb::module_& m) {
+  static constexpr const char* kAttentionFields =
+      "mode, p_quant, v_blocks, causal, softmax_scale, kv_tile, bwd_quantized_qkv, bwd_quant_p, "
+      "bwd_high_precision_o, precision, inputs_quantized, deterministic";
+  nb::class_<AttentionOptions> attn(m, "AttentionOptions",
+                                    "The options of attention_forward/attention_backward (attnqat.h).");
+  kwargs_init(attn, kAttentionFields);
+  choice_attr(attn, "mode", &AttentionOptions::mode, kModes);
+  choice_attr(attn, "p_quant", &AttentionOptions::p_quant, kPQuants);
+  choice_attr(attn, "v_blocks", &AttentionOptions::v_blocks, kVBlocks);
+  attn.def_rw("causal", &AttentionOptions::causal);
+  softmax_scale_attr(attn);
+  attn.def_rw("kv_tile", &AttentionOptions::kv_tile);
+  attn.def_prop_rw("bwd_quantized_qkv", [](AttentionOptions& o) { return o.bwd.quantized_qkv; },
+                   [](AttentionOptions& o, bool v) { o.bwd.quantized_qkv = v; });
+  attn.def_prop_rw("bwd_quant_p", [](AttentionOptions& o) { return o.bwd.quant_p; },
+                   [](AttentionOptions& o, bool v) { o.bwd.quant_p = v; });
+  attn.def_prop_rw("bwd_high_precision_o", [](AttentionOptions& o) { return o.bwd.high_precision_o; },
+                   [](AttentionOptions& o, bool v) { o.bwd.high_precision_o = v; });
+  choice_attr(attn, "precision", &AttentionOptions::precision, kPrecisions);
+  attn.def_rw("inputs_quantized", &AttentionOptions::inputs_quantized);
+  attn.def_rw("deterministic", &AttentionOptions::deterministic);
+  attn.def_prop_ro("needs_o_hp", [](const AttentionOptions& o) { return needs_o_hp(o); });
+  bind_repr(attn, kAttentionFields);
+
+  static constexpr const char* kDecodeFields = "softmax_scale, p_quant, num_splits, max_seq_len";
+  nb::class_<DecodeOptions> dec(m, "DecodeOptions", "The options of decode_attention (attnqat.h).");
+  kwargs_init(dec, kDecodeFields);
+  softmax_scale_attr(dec);
+  choice_attr(dec, "p_quant", &DecodeOptions::p_quant, kPQuants);
+  dec.def_rw("num_splits", &DecodeOptions::num_splits);
+  dec.def_rw("max_seq_len", &DecodeOptions::max_seq_len);
+  bind_repr(dec, kDecodeFields);
+
+  static constexpr const char* kQuantizeFields = "format, axis, compute_global_scale";
+  nb::class_<QuantizeOptions> quant(m, "QuantizeOptions", "The options of quantize/dequantize/fake_quantize.");
+  kwargs_init(quant, kQuantizeFields);
+  choice_attr(quant, "format", &QuantizeOptions::format, kFormats);
+  choice_attr(quant, "axis", &QuantizeOptions::axis, kAxes);
+  quant.def_rw("compute_global_scale", &QuantizeOptions::compute_global_scale);
+  bind_repr(quant, kQuantizeFields);
+
+  m.def("validate_attention_options", [](const AttentionOptions& o) { check(validate_attention_options(o)); },
+        nb::arg("options"), "Raises ValueError naming the option when `options` are not valid.");
+  m.def("validate_decode_options", [](const DecodeOptions& o) { check(validate_decode_options(o)); },
+        nb::arg("options"));
+  m.def("check_paper_kv_tile", [](const AttentionOptions& o) { check(check_paper_kv_tile(o)); },
+        nb::arg("options"),
+        "Raises ValueError unless the options run on a fixed 128-key tile (p_quant 'paper', quantized).");
 }
 
 void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
+
+// Runs a call of the C++ API without the GIL; a non-OK Status raises (check()).
+template <typename F>
+void run(F&& call) {
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = call();
+  }
+  check(st);
+}
+
+// ForwardOutputs or ForwardState: the same five tensors of a forward (o_hp, m_ref, l optional).
+template <typename S>
+S forward_tensors(const OptArray& o, const OptArray& o_hp, const AnyArray& lse, const OptArray& m_ref,
+                  const OptArray& l) {
+  S out;
+  out.o = opt_view(o, "o");
+  out.o_hp = opt_view(o_hp, "o_hp");
+  out.lse = to_view(lse, "lse", Accepts::kFloat32);
+  out.m_ref = opt_view(m_ref, "m_ref", Accepts::kFloat32);
+  out.l = opt_view(l, "l", Accepts::kFloat32);
+  return out;
+}
 
 // An int32 tensor (page table, lengths) as an IndexView; any other dtype is a ValueError.
 IndexView to_index(const AnyArray& a, const char* name) {
@@ -228,130 +357,67 @@ NB_MODULE(_C, m) {
     return d;
   });
 
+  bind_options(m);
+
   m.def("quantize",
-        [](AnyArray x, AnyArray data, AnyArray scales, OptArray g, const std::string& format,
-           const std::string& axis, bool compute_g, uintptr_t stream) {
+        [](AnyArray x, AnyArray data, AnyArray scales, OptArray g, const QuantizeOptions& o, uintptr_t stream) {
           const TensorView xv = to_view(x, "x"), dv = to_view(data, "data", Accepts::kUInt8),
                            sv = to_view(scales, "scales", Accepts::kUInt8),
                            gv = opt_view(g, "global_scale", Accepts::kFloat32);
-          const QuantizeOptions o = quant_opts(format, axis, compute_g);
-          Status st;
-          {
-            nb::gil_scoped_release release;
-            st = quantize(xv, dv, sv, gv, o, stream_ptr(stream));
-          }
-          check(st);
+          run([&] { return quantize(xv, dv, sv, gv, o, stream_ptr(stream)); });
         },
-        nb::arg("x"), nb::arg("data"), nb::arg("scales"), nb::arg("global_scale").none(),
-        nb::arg("format"), nb::arg("axis"), nb::arg("compute_global_scale"), nb::arg("stream") = 0);
+        nb::arg("x"), nb::arg("data"), nb::arg("scales"), nb::arg("global_scale").none(), nb::arg("options"),
+        nb::arg("stream") = 0);
 
   m.def("dequantize",
-        [](AnyArray data, AnyArray scales, OptArray g, AnyArray out, const std::string& format,
-           const std::string& axis, uintptr_t stream) {
+        [](AnyArray data, AnyArray scales, OptArray g, AnyArray out, const QuantizeOptions& o, uintptr_t stream) {
           const TensorView dv = to_view(data, "data", Accepts::kUInt8),
                            sv = to_view(scales, "scales", Accepts::kUInt8),
                            gv = opt_view(g, "global_scale", Accepts::kFloat32), ov = to_view(out, "out");
-          const QuantizeOptions o = quant_opts(format, axis, false);
-          Status st;
-          {
-            nb::gil_scoped_release release;
-            st = dequantize(dv, sv, gv, ov, o, stream_ptr(stream));
-          }
-          check(st);
+          run([&] { return dequantize(dv, sv, gv, ov, o, stream_ptr(stream)); });
         },
-        nb::arg("data"), nb::arg("scales"), nb::arg("global_scale").none(), nb::arg("out"),
-        nb::arg("format"), nb::arg("axis"), nb::arg("stream") = 0);
+        nb::arg("data"), nb::arg("scales"), nb::arg("global_scale").none(), nb::arg("out"), nb::arg("options"),
+        nb::arg("stream") = 0);
 
   m.def("fake_quantize",
-        [](AnyArray x, AnyArray out, OptArray g, const std::string& format, const std::string& axis,
-           bool compute_g, uintptr_t stream) {
+        [](AnyArray x, AnyArray out, OptArray g, const QuantizeOptions& o, uintptr_t stream) {
           const TensorView xv = to_view(x, "x"), ov = to_view(out, "out"),
                            gv = opt_view(g, "global_scale", Accepts::kFloat32);
-          const QuantizeOptions o = quant_opts(format, axis, compute_g);
-          Status st;
-          {
-            nb::gil_scoped_release release;
-            st = fake_quantize(xv, ov, gv, o, stream_ptr(stream));
-          }
-          check(st);
+          run([&] { return fake_quantize(xv, ov, gv, o, stream_ptr(stream)); });
         },
-        nb::arg("x"), nb::arg("out"), nb::arg("global_scale").none(), nb::arg("format"),
-        nb::arg("axis"), nb::arg("compute_global_scale"), nb::arg("stream") = 0);
+        nb::arg("x"), nb::arg("out"), nb::arg("global_scale").none(), nb::arg("options"), nb::arg("stream") = 0);
 
   m.def("attention_forward",
         [](AnyArray q, AnyArray k, AnyArray v, AnyArray o, OptArray o_hp, AnyArray lse, OptArray m_ref,
-           OptArray l, const std::string& mode, const std::string& p_quant, const std::string& v_blocks,
-           bool causal, float softmax_scale, int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p,
-           bool bwd_high_precision_o, const std::string& precision, bool inputs_quantized,
-           bool deterministic, uintptr_t stream) {
-          const AttentionOptions opts = attn_opts(mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
-                                                  bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision,
-                                                  inputs_quantized, deterministic);
+           OptArray l, const AttentionOptions& opts, uintptr_t stream) {
           const TensorView qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
-          ForwardOutputs out;
-          out.o = to_view(o, "o");
-          out.o_hp = opt_view(o_hp, "o_hp");
-          out.lse = to_view(lse, "lse", Accepts::kFloat32);
-          out.m_ref = opt_view(m_ref, "m_ref", Accepts::kFloat32);
-          out.l = opt_view(l, "l", Accepts::kFloat32);
-          Status st;
-          {
-            nb::gil_scoped_release release;
-            st = attention_forward(qv, kv, vv, opts, out, stream_ptr(stream));
-          }
-          check(st);
+          const ForwardOutputs out = forward_tensors<ForwardOutputs>(o, o_hp, lse, m_ref, l);
+          run([&] { return attention_forward(qv, kv, vv, opts, out, stream_ptr(stream)); });
         },
         nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("o_hp").none(), nb::arg("lse"),
-        nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("mode"), nb::arg("p_quant"),
-        nb::arg("v_blocks"), nb::arg("causal"), nb::arg("softmax_scale"), nb::arg("kv_tile"),
-        nb::arg("bwd_quantized_qkv"), nb::arg("bwd_quant_p"), nb::arg("bwd_high_precision_o"),
-        nb::arg("precision") = "fp32", nb::arg("inputs_quantized") = false, nb::arg("deterministic") = false, nb::arg("stream") = 0);
+        nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("options"), nb::arg("stream") = 0);
 
   m.def("attention_backward",
         [](AnyArray dout, AnyArray q, AnyArray k, AnyArray v, OptArray o, OptArray o_hp, AnyArray lse,
-           OptArray m_ref, OptArray l, AnyArray dq, AnyArray dk, AnyArray dv, const std::string& mode,
-           const std::string& p_quant, const std::string& v_blocks, bool causal, float softmax_scale,
-           int kv_tile, bool bwd_quantized_qkv, bool bwd_quant_p, bool bwd_high_precision_o,
-           const std::string& precision, bool inputs_quantized, bool deterministic, uintptr_t stream) {
-          const AttentionOptions opts = attn_opts(mode, p_quant, v_blocks, causal, softmax_scale, kv_tile,
-                                                  bwd_quantized_qkv, bwd_quant_p, bwd_high_precision_o, precision,
-                                                  inputs_quantized, deterministic);
+           OptArray m_ref, OptArray l, AnyArray dq, AnyArray dk, AnyArray dv, const AttentionOptions& opts,
+           uintptr_t stream) {
           const TensorView dov = to_view(dout, "dout"), qv = to_view(q, "q"), kv = to_view(k, "k"),
                            vv = to_view(v, "v");
-          ForwardState s;
-          s.o = opt_view(o, "o");
-          s.o_hp = opt_view(o_hp, "o_hp");
-          s.lse = to_view(lse, "lse", Accepts::kFloat32);
-          s.m_ref = opt_view(m_ref, "m_ref", Accepts::kFloat32);
-          s.l = opt_view(l, "l", Accepts::kFloat32);
-          BackwardOutputs g;
-          g.dq = to_view(dq, "dq");
-          g.dk = to_view(dk, "dk");
-          g.dv = to_view(dv, "dv");
-          Status st;
-          {
-            nb::gil_scoped_release release;
-            st = attention_backward(dov, qv, kv, vv, s, opts, g, stream_ptr(stream));
-          }
-          check(st);
+          const ForwardState s = forward_tensors<ForwardState>(o, o_hp, lse, m_ref, l);
+          const BackwardOutputs g{to_view(dq, "dq"), to_view(dk, "dk"), to_view(dv, "dv")};
+          run([&] { return attention_backward(dov, qv, kv, vv, s, opts, g, stream_ptr(stream)); });
         },
         nb::arg("dout"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o").none(), nb::arg("o_hp").none(),
         nb::arg("lse"), nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("dq"), nb::arg("dk"),
-        nb::arg("dv"), nb::arg("mode"), nb::arg("p_quant"), nb::arg("v_blocks"), nb::arg("causal"),
-        nb::arg("softmax_scale"), nb::arg("kv_tile"), nb::arg("bwd_quantized_qkv"), nb::arg("bwd_quant_p"),
-        nb::arg("bwd_high_precision_o"), nb::arg("precision") = "fp32", nb::arg("inputs_quantized") = false,
-        nb::arg("deterministic") = false, nb::arg("stream") = 0);
+        nb::arg("dv"), nb::arg("options"), nb::arg("stream") = 0);
 
   // ---- FP4 inference ------------------------------------------------------------------------------
 
   m.def("attention_forward_packed",
         [](AnyArray qd, AnyArray qs, AnyArray qg, AnyArray kd, AnyArray ks, AnyArray kg, AnyArray vd,
            AnyArray vs, AnyArray vg, AnyArray o, AnyArray lse, OptArray m_ref, OptArray l,
-           const std::string& p_quant, const std::string& v_blocks, bool causal, float softmax_scale,
-           int kv_tile, const std::string& decode, uintptr_t stream) {
-          const PackedUnpack where = parse_choice<PackedUnpack>(
-              "decode", decode, {{"auto", PackedUnpack::kAuto}, {"kernel", PackedUnpack::kInKernel},
-                                 {"temporary", PackedUnpack::kTemporary}});
+           const AttentionOptions& opts, nb::handle unpack, uintptr_t stream) {
+          const PackedUnpack where = parse_choice("unpack", unpack, kUnpacks);
           const auto packed = [](const AnyArray& d, const AnyArray& s, const AnyArray& g, const char* dn,
                                  const char* sn, const char* gn) {
             return PackedTensor{to_view(d, dn, Accepts::kUInt8), to_view(s, sn, Accepts::kUInt8),
@@ -360,30 +426,13 @@ NB_MODULE(_C, m) {
           const PackedTensor q = packed(qd, qs, qg, "q.data", "q.scales", "q.global_scale");
           const PackedTensor k = packed(kd, ks, kg, "k.data", "k.scales", "k.global_scale");
           const PackedTensor v = packed(vd, vs, vg, "v.data", "v.scales", "v.global_scale");
-          AttentionOptions opts;
-          opts.mode = Mode::kFP4;
-          opts.p_quant = parse_p_quant(p_quant);
-          opts.v_blocks = parse_v_blocks(v_blocks);
-          opts.causal = causal;
-          opts.softmax_scale = softmax_scale;
-          opts.kv_tile = kv_tile;
-          ForwardOutputs out;
-          out.o = to_view(o, "o");
-          out.lse = to_view(lse, "lse", Accepts::kFloat32);
-          out.m_ref = opt_view(m_ref, "m_ref", Accepts::kFloat32);
-          out.l = opt_view(l, "l", Accepts::kFloat32);
-          Status st;
-          {
-            nb::gil_scoped_release release;
-            st = attention_forward_packed(q, k, v, opts, out, stream_ptr(stream), where);
-          }
-          check(st);
+          const ForwardOutputs out = forward_tensors<ForwardOutputs>(o, std::nullopt, lse, m_ref, l);
+          run([&] { return attention_forward_packed(q, k, v, opts, out, stream_ptr(stream), where); });
         },
         nb::arg("q_data"), nb::arg("q_scales"), nb::arg("q_global_scale"), nb::arg("k_data"),
         nb::arg("k_scales"), nb::arg("k_global_scale"), nb::arg("v_data"), nb::arg("v_scales"),
         nb::arg("v_global_scale"), nb::arg("o"), nb::arg("lse"), nb::arg("m_ref").none(),
-        nb::arg("l").none(), nb::arg("p_quant"), nb::arg("v_blocks"), nb::arg("causal"),
-        nb::arg("softmax_scale"), nb::arg("kv_tile"), nb::arg("decode") = "auto", nb::arg("stream") = 0);
+        nb::arg("l").none(), nb::arg("options"), nb::arg("unpack") = "auto", nb::arg("stream") = 0);
 
   m.def("kv_cache_append",
         [](AnyArray kd, AnyArray ks, AnyArray vd, AnyArray vs, AnyArray k_new, AnyArray v_new,
@@ -391,12 +440,7 @@ NB_MODULE(_C, m) {
           const PagedKVCache cache = to_cache(kd, ks, vd, vs);
           const TensorView kn = to_view(k_new, "k_new"), vn = to_view(v_new, "v_new");
           const IndexView pt = to_index(page_table, "page_table"), st0 = to_index(start, "start");
-          Status st;
-          {
-            nb::gil_scoped_release release;
-            st = kv_cache_append(cache, kn, vn, pt, st0, stream_ptr(stream));
-          }
-          check(st);
+          run([&] { return kv_cache_append(cache, kn, vn, pt, st0, stream_ptr(stream)); });
         },
         nb::arg("k_data"), nb::arg("k_scales"), nb::arg("v_data"), nb::arg("v_scales"),
         nb::arg("k_new"), nb::arg("v_new"), nb::arg("page_table"), nb::arg("start"),
@@ -404,26 +448,14 @@ NB_MODULE(_C, m) {
 
   m.def("decode_attention",
         [](AnyArray q, AnyArray kd, AnyArray ks, AnyArray vd, AnyArray vs, AnyArray page_table,
-           AnyArray seq_lens, AnyArray out, OptArray lse, float softmax_scale,
-           const std::string& p_quant, int num_splits, int max_seq_len, uintptr_t stream) {
+           AnyArray seq_lens, AnyArray out, OptArray lse, const DecodeOptions& opts, uintptr_t stream) {
           const PagedKVCache cache = to_cache(kd, ks, vd, vs);
           const TensorView qv = to_view(q, "q"), ov = to_view(out, "out"),
                            lv = opt_view(lse, "lse", Accepts::kFloat32);
           const IndexView pt = to_index(page_table, "page_table"), sl = to_index(seq_lens, "seq_lens");
-          DecodeOptions opts;
-          opts.softmax_scale = softmax_scale;
-          opts.p_quant = parse_p_quant(p_quant);
-          opts.num_splits = num_splits;
-          opts.max_seq_len = max_seq_len;
-          Status st;
-          {
-            nb::gil_scoped_release release;
-            st = decode_attention(qv, cache, pt, sl, opts, ov, lv, stream_ptr(stream));
-          }
-          check(st);
+          run([&] { return decode_attention(qv, cache, pt, sl, opts, ov, lv, stream_ptr(stream)); });
         },
         nb::arg("q"), nb::arg("k_data"), nb::arg("k_scales"), nb::arg("v_data"), nb::arg("v_scales"),
         nb::arg("page_table"), nb::arg("seq_lens"), nb::arg("out"), nb::arg("lse").none(),
-        nb::arg("softmax_scale"), nb::arg("p_quant"), nb::arg("num_splits") = 0,
-        nb::arg("max_seq_len") = 0, nb::arg("stream") = 0);
+        nb::arg("options"), nb::arg("stream") = 0);
 }

@@ -2,6 +2,9 @@
 #include "common/validate.h"
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -121,7 +124,9 @@ Status check_global_scale(const TensorView& g, const TensorView& x, const Quanti
   return Status::Ok();
 }
 
-Status check_quantize_options(const QuantizeOptions& opts) {
+}  // namespace
+
+Status validate_quantize_options(const QuantizeOptions& opts) {
   if (opts.format != Format::kNVFP4 && opts.format != Format::kMXFP4)
     return Status::Invalid("format: expected NVFP4 or MXFP4, got enum value " +
                            std::to_string(static_cast<int>(opts.format)));
@@ -131,9 +136,11 @@ Status check_quantize_options(const QuantizeOptions& opts) {
   return Status::Ok();
 }
 
+namespace {
+
 // The block axis of x: its length must be a multiple of the block size (channel blocks).
 Status check_block_axis(const TensorView& x, const QuantizeOptions& opts) {
-  ATTNQAT_RETURN_IF_ERROR(check_quantize_options(opts));
+  ATTNQAT_RETURN_IF_ERROR(validate_quantize_options(opts));
   if (opts.axis == BlockAxis::kToken) {
     if (opts.format != Format::kNVFP4)
       return Status::NotImplemented(std::string(x.name) +
@@ -240,6 +247,40 @@ Status check_softmax_scale(float softmax_scale) {
   return Status::Ok();
 }
 
+namespace {
+
+// A double as Python's repr() writes it (0.0, -1.0, 0.1, 1e-50, nan, inf), for the messages of
+// values that came from Python.
+std::string repr_double(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[40];
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof buf, "%.*g", precision, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  std::string s = buf;
+  if (s.find_first_of(".en") == std::string::npos) s += ".0";
+  return s;
+}
+
+}  // namespace
+
+Status softmax_scale_from_double(double value, float* out) {
+  if (!(value > 0.0) || !std::isfinite(value))
+    return Status::Invalid("softmax_scale: expected a positive finite number, got " + repr_double(value));
+  const float f = static_cast<float>(value);
+  if (!(f > 0.0f) || !std::isfinite(f)) {
+    std::ostringstream os;
+    os << "softmax_scale: expected a positive finite number in float32 range ["
+       << std::numeric_limits<float>::min() << ", " << std::numeric_limits<float>::max()
+       << "], got " << repr_double(value);
+    return Status::Invalid(os.str());
+  }
+  *out = f;
+  return Status::Ok();
+}
+
 Status validate_attention_options(const AttentionOptions& opts) {
   const int mode = static_cast<int>(opts.mode), pq = static_cast<int>(opts.p_quant),
             vb = static_cast<int>(opts.v_blocks), pr = static_cast<int>(opts.precision);
@@ -256,7 +297,31 @@ Status validate_attention_options(const AttentionOptions& opts) {
   if (opts.kv_tile <= 0 || opts.kv_tile % kNvBlock != 0 || opts.kv_tile > kMaxKvTile)
     return Status::Invalid("kv_tile: expected a positive multiple of 16 up to " +
                            std::to_string(kMaxKvTile) + ", got " + std::to_string(opts.kv_tile));
-  return check_softmax_scale(opts.softmax_scale);
+  ATTNQAT_RETURN_IF_ERROR(check_softmax_scale(opts.softmax_scale));
+  if (opts.causal && opts.v_blocks == VBlocks::kToken && opts.mode != Mode::kBF16)
+    return Status::Invalid("v_blocks: 'token' cannot be used with causal attention (a token "
+                           "block's scale would depend on future tokens); use v_blocks='channel'");
+  return Status::Ok();
+}
+
+Status validate_decode_options(const DecodeOptions& opts) {
+  ATTNQAT_RETURN_IF_ERROR(check_softmax_scale(opts.softmax_scale));
+  if (static_cast<int>(opts.p_quant) > static_cast<int>(PQuant::kAnchored))
+    return Status::Invalid("p_quant: expected paper or anchored, got enum value " +
+                           std::to_string(static_cast<int>(opts.p_quant)));
+  if (opts.num_splits < 0 || opts.max_seq_len < 0)
+    return Status::Invalid("num_splits, max_seq_len: expected non-negative values (0: automatic), got " +
+                           std::to_string(opts.num_splits) + " and " + std::to_string(opts.max_seq_len));
+  return Status::Ok();
+}
+
+Status check_paper_kv_tile(const AttentionOptions& opts) {
+  if (opts.mode != Mode::kBF16 && opts.p_quant == PQuant::kPaper && opts.kv_tile != kKernelKvTile)
+    return Status::Invalid("kv_tile: p_quant='paper' depends on the key tile, and the CUDA kernels and the "
+                           "FP4 KV cache's decode use " + std::to_string(kKernelKvTile) +
+                           "-key tiles; got kv_tile=" + std::to_string(opts.kv_tile) +
+                           " (use kv_tile=" + std::to_string(kKernelKvTile) + " or p_quant='anchored')");
+  return Status::Ok();
 }
 
 namespace {
@@ -300,9 +365,6 @@ Status check_qkv(const TensorView& q, const TensorView& k, const TensorView& v,
     return Status::Invalid("q, k: expected the number of query heads (" + std::to_string(hq) +
                            ") to be a multiple of the number of key/value heads (" +
                            std::to_string(hkv) + ")");
-  if (opts.causal && opts.v_blocks == VBlocks::kToken && opts.mode != Mode::kBF16)
-    return Status::Invalid("v_blocks: 'token' cannot be used with causal attention (a token "
-                           "block's scale would depend on future tokens); use v_blocks='channel'");
   return Status::Ok();
 }
 
@@ -610,10 +672,7 @@ Status validate_decode_attention(const TensorView& q, const PagedKVCache& cache,
                                  const IndexView& page_table, const IndexView& seq_lens,
                                  const DecodeOptions& opts, const TensorView& out,
                                  const TensorView& lse, KVCacheDims* dims) {
-  ATTNQAT_RETURN_IF_ERROR(check_softmax_scale(opts.softmax_scale));
-  if (static_cast<int>(opts.p_quant) > static_cast<int>(PQuant::kAnchored))
-    return Status::Invalid("p_quant: expected paper or anchored, got enum value " +
-                           std::to_string(static_cast<int>(opts.p_quant)));
+  ATTNQAT_RETURN_IF_ERROR(validate_decode_options(opts));
   ATTNQAT_RETURN_IF_ERROR(validate_kv_cache(cache, dims));
   ATTNQAT_RETURN_IF_ERROR(check_float_input(q, q.device == Device::kCPU));
   if (q.ndim != 4)
@@ -637,9 +696,6 @@ Status validate_decode_attention(const TensorView& q, const PagedKVCache& cache,
     const int64_t shape[3] = {q.shape[0], q.shape[1], q.shape[2]};
     ATTNQAT_RETURN_IF_ERROR(check_output(lse, q, DType::kFloat32, 3, shape));
   }
-  if (opts.num_splits < 0 || opts.max_seq_len < 0)
-    return Status::Invalid("num_splits, max_seq_len: expected non-negative values (0: automatic), got " +
-                           std::to_string(opts.num_splits) + " and " + std::to_string(opts.max_seq_len));
   if (q.device == Device::kCPU) return validate_page_values(page_table, seq_lens, 0, *dims);
   return Status::Ok();
 }

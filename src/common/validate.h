@@ -13,11 +13,28 @@ namespace attnqat {
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxKvTile = 4096;
 
-// The options of an attention call (enum values in range, kv_tile, softmax_scale); every
-// validate_attention_* calls it, so each option is checked in this one place.
+// The options of an attention call, without tensors: enum values in range, kv_tile,
+// softmax_scale, v_blocks 'token' only without the causal mask. Every validate_attention_* calls
+// it, and the Python binding exposes it (attnqat._C.validate_attention_options) so that the
+// front end checks a configuration when it resolves one: each option is checked here and
+// nowhere else.
 Status validate_attention_options(const AttentionOptions& opts);
-// softmax_scale: finite and >= 0 (0: 1/sqrt(head_dim)); shared by attention and decode.
+// The options of decode_attention(): softmax_scale, p_quant, num_splits, max_seq_len.
+Status validate_decode_options(const DecodeOptions& opts);
+// QuantizeOptions: format and axis in range.
+Status validate_quantize_options(const QuantizeOptions& opts);
+// softmax_scale as the structs hold it: finite and >= 0 (0: 1/sqrt(head_dim)).
 Status check_softmax_scale(float softmax_scale);
+// A softmax scale given explicitly as a number (Python: not None): a positive finite number that
+// stays positive and finite in float32 (0 would mean "the default"); *out receives it.
+Status softmax_scale_from_double(double value, float* out);
+
+// The key tile of the CUDA kernels and of the FP4 decode (paged cache): 128 keys.
+constexpr int kKernelKvTile = 128;
+// p_quant 'paper' depends on the key tile; paths with a fixed tile of kKernelKvTile keys (the
+// CUDA attention kernels, decode over the FP4 KV cache) call this: in a quantized mode with
+// p_quant 'paper', opts.kv_tile must be kKernelKvTile.
+Status check_paper_kv_tile(const AttentionOptions& opts);
 
 // Shapes of the packed outputs of quantize() for an input of the given shape.
 struct PackedShapes {

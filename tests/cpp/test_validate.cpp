@@ -160,6 +160,50 @@ TEST_F(AttentionArgs, SoftmaxScaleIsCheckedOnceForEveryEntryPoint) {
   EXPECT_THAT(validate_attention_options(opts).message(), HasSubstr("kv_tile: expected a positive multiple of 16 up to 4096, got 8192"));
 }
 
+TEST(OptionArgs, EachStructHasOneCheckerWithoutTensors) {
+  // validate_attention_options() holds every rule between options (attnqat._C exposes it).
+  AttentionOptions opts;
+  opts.causal = true;
+  opts.v_blocks = VBlocks::kToken;
+  EXPECT_THAT(validate_attention_options(opts).message(), HasSubstr("v_blocks: 'token' cannot be used with causal attention"));
+  opts.mode = Mode::kBF16;  // nothing is quantized
+  EXPECT_TRUE(validate_attention_options(opts).ok());
+  DecodeOptions d;
+  EXPECT_TRUE(validate_decode_options(d).ok());
+  d.num_splits = -1;
+  EXPECT_THAT(validate_decode_options(d).message(), HasSubstr("num_splits, max_seq_len: expected non-negative values"));
+  QuantizeOptions qo;
+  qo.axis = static_cast<BlockAxis>(4);
+  EXPECT_THAT(validate_quantize_options(qo).message(), HasSubstr("axis: expected last or token, got enum value 4"));
+}
+
+TEST(OptionArgs, PaperNeedsTheKernelTile) {
+  AttentionOptions opts;
+  EXPECT_TRUE(check_paper_kv_tile(opts).ok());
+  opts.kv_tile = 64;
+  EXPECT_THAT(check_paper_kv_tile(opts).message(),
+              HasSubstr("kv_tile: p_quant='paper' depends on the key tile, and the CUDA kernels and the FP4 KV "
+                        "cache's decode use 128-key tiles; got kv_tile=64 (use kv_tile=128 or p_quant='anchored')"));
+  opts.p_quant = PQuant::kAnchored;  // tile-size independent
+  EXPECT_TRUE(check_paper_kv_tile(opts).ok());
+  opts.p_quant = PQuant::kPaper;
+  opts.mode = Mode::kBF16;  // no P quantization
+  EXPECT_TRUE(check_paper_kv_tile(opts).ok());
+}
+
+TEST(OptionArgs, ExplicitSoftmaxScaleMustStayPositiveInFloat32) {
+  float c = -1.0f;
+  EXPECT_TRUE(softmax_scale_from_double(0.125, &c).ok());
+  EXPECT_EQ(c, 0.125f);
+  EXPECT_THAT(softmax_scale_from_double(0.0, &c).message(), HasSubstr("softmax_scale: expected a positive finite number, got 0.0"));
+  EXPECT_THAT(softmax_scale_from_double(-1.0, &c).message(), HasSubstr("got -1.0"));
+  EXPECT_THAT(softmax_scale_from_double(NAN, &c).message(), HasSubstr("got nan"));
+  EXPECT_THAT(softmax_scale_from_double(1e-50, &c).message(),
+              HasSubstr("softmax_scale: expected a positive finite number in float32 range"));
+  EXPECT_THAT(softmax_scale_from_double(1e39, &c).message(), HasSubstr("got 1e+39"));
+  EXPECT_EQ(c, 0.125f);  // unchanged by the errors
+}
+
 TEST_F(AttentionArgs, MismatchedDevices) {
   k.device = Device::kCUDA;
   EXPECT_THAT(fwd_error(), HasSubstr("k: expected a tensor on cpu (the device of q), got one on cuda:0"));

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import attnqat
+from attnqat.attention import resolve_config
 from conftest import rel_err
 
 MODES = ["bf16", "fp4", "drop_in_qat", "attn_qat"]
@@ -83,8 +84,7 @@ def test_autograd_matches_the_backward_op(mode, p_quant):
 def test_no_grad_skips_o_hp():
     q, k, v = qkv(requires_grad=True)
     with torch.no_grad():
-        _, o_hp, *_ = torch.ops.attnqat.attention_fwd(q, k, v, False, 0.0, "attn_qat", "paper", "channel", 128,
-                                                       True, True, True, "fp32", False, False, False)
+        _, o_hp, *_ = torch.ops.attnqat.attention_fwd(q, k, v, resolve_config().op_options(False), False)
     assert o_hp.numel() == 0
 
 
@@ -114,12 +114,12 @@ def test_ablation_switches_change_the_gradient():
 
 def test_opcheck_attention_ops():
     q, k, v = qkv(b=1, hq=2, hkv=1, nq=9, nk=20, d=32, requires_grad=True)
-    args = (q, k, v, True, 0.0, "attn_qat", "anchored", "channel", 128, True, True, True, "fp32", False, False, True)
+    options = resolve_config(causal=True, p_quant="anchored").op_options(False)
+    args = (q, k, v, options, True)
     torch.library.opcheck(torch.ops.attnqat.attention_fwd.default, args)
     o, o_hp, lse, m_ref, l = torch.ops.attnqat.attention_fwd(*args)
     q, k, v, o, o_hp = (t.detach() for t in (q, k, v, o, o_hp))  # no double backward
-    bwd_args = (torch.randn_like(o), q, k, v, o, o_hp, lse, m_ref, l, True, 0.0, "attn_qat", "anchored",
-                "channel", 128, True, True, True, "fp32", False, False)
+    bwd_args = (torch.randn_like(o), q, k, v, o, o_hp, lse, m_ref, l, options)
     torch.library.opcheck(torch.ops.attnqat.attention_bwd.default, bwd_args)
 
 

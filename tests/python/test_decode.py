@@ -133,8 +133,8 @@ def test_cpu_bad_input_errors():
     with pytest.raises(TypeError, match="QuantizedTensor"):
         attnqat.attention_packed(torch.zeros(1, 1, 16, 64), torch.zeros(1, 1, 16, 64), torch.zeros(1, 1, 16, 64))
     p = attnqat.quantize_nvfp4(torch.randn(1, 1, 16, 64))
-    with pytest.raises(ValueError, match="decode: expected 'auto', 'kernel' or 'temporary'"):
-        attnqat.attention_packed(p, p, p, decode="fused")
+    with pytest.raises(ValueError, match="unpack: expected one of 'auto', 'kernel', 'temporary', got 'fused'"):
+        attnqat.attention_packed(p, p, p, unpack="fused")
 
 
 # ---- GPU ---------------------------------------------------------------------------------------
@@ -193,27 +193,27 @@ def test_gpu_decode_head_dim_64_matches_reference(cuda, nq, group, p_quant, dtyp
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("decode", ["auto", "kernel", "temporary"])
-def test_gpu_attention_packed_bit_identical(cuda, causal, decode):
+@pytest.mark.parametrize("unpack", ["auto", "kernel", "temporary"])
+def test_gpu_attention_packed_bit_identical(cuda, causal, unpack):
     q = torch.randn(2, 8, 300, 128, device=cuda, dtype=torch.bfloat16)
     k = torch.randn(2, 2, 333, 128, device=cuda, dtype=torch.bfloat16)
     v = torch.randn(2, 2, 333, 128, device=cuda, dtype=torch.bfloat16)
     pq, pk, pv = (attnqat.quantize_nvfp4(t) for t in (q, k, v))
     with torch.no_grad():
-        o = attnqat.attention_packed(pq, pk, pv, causal=causal, p_quant="anchored", decode=decode)
+        o = attnqat.attention_packed(pq, pk, pv, causal=causal, p_quant="anchored", unpack=unpack)
         ref = attnqat.attention(q, k, v, mode="fp4", causal=causal, p_quant="anchored")
     assert torch.equal(o, ref)
 
 
 @pytest.mark.gpu
-def test_gpu_attention_packed_kernel_decode_needs_channel_blocks(cuda):
+def test_gpu_attention_packed_kernel_unpack_needs_channel_blocks(cuda):
     q = torch.randn(1, 2, 64, 128, device=cuda, dtype=torch.bfloat16)
     pq, pk = attnqat.quantize_nvfp4(q), attnqat.quantize_nvfp4(q)
     pv = attnqat.quantize_nvfp4(q, axis="token")
     with pytest.raises(ValueError, match="in-kernel decode needs channel blocks"):
-        attnqat.attention_packed(pq, pk, pv, decode="kernel")
-    o = attnqat.attention_packed(pq, pk, pv, decode="auto")  # falls back to the temporaries
-    assert torch.equal(o, attnqat.attention_packed(pq, pk, pv, decode="temporary"))
+        attnqat.attention_packed(pq, pk, pv, unpack="kernel")
+    o = attnqat.attention_packed(pq, pk, pv, unpack="auto")  # falls back to the temporaries
+    assert torch.equal(o, attnqat.attention_packed(pq, pk, pv, unpack="temporary"))
 
 
 @pytest.mark.gpu

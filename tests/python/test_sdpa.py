@@ -193,7 +193,7 @@ def test_config_explicit_mode_drops_configured_switches():
 def test_config_errors_and_decorator():
     with pytest.raises(TypeError, match="unknown option 'modes'"):
         attnqat.config(modes="fp4")
-    with pytest.raises(ValueError, match="p_quant: expected one of"):
+    with pytest.raises(ValueError, match="p_quant: expected 'paper' or 'anchored'"):
         attnqat.config(p_quant="x")
     with pytest.raises(ValueError, match="kv_tile: expected a positive multiple of 16"):
         attnqat.set_config(kv_tile=20)

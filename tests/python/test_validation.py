@@ -280,7 +280,7 @@ def test_one_checker_for_every_entry_point():
         attnqat.hf.register("attnqat_bad", kv_tile="64")
     with raises(TypeError, "deterministic: expected a bool"):
         attnqat.set_config(deterministic="yes")
-    with raises(ValueError, "attnqat.config: p_quant: expected one of 'paper', 'anchored', got 'x'"):
+    with raises(ValueError, "attnqat.config: p_quant: expected 'paper' or 'anchored', got 'x'"):
         attnqat.config(p_quant="x")
     with raises(TypeError, "is_causal: expected a bool"):
         attnqat.nn.FP4Attention(is_causal="yes")

@@ -49,8 +49,8 @@ cudaError_t launch_amax(DType dtype, bool vec16, const AmaxParams& p, int grid,
                         cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto dt) {
     constexpr DType kDt = decltype(dt)::value;
-    return launch_kernel(vec16 ? &amax_bits_kernel<kDt, true> : &amax_bits_kernel<kDt, false>,
-                         grid, p, stream);
+    return launch_quant_kernel(
+        vec16 ? &amax_bits_kernel<kDt, true> : &amax_bits_kernel<kDt, false>, grid, p, stream);
   });
 }
 

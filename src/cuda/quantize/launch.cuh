@@ -35,7 +35,8 @@ cudaError_t dispatch_dtype(DType dtype, Launch&& launch) {
 
 // kernel<<<grid, kQuantThreads, 0, stream>>>(p) and the launch's error.
 template <class Params>
-cudaError_t launch_kernel(void (*kernel)(Params), int grid, const Params& p, cudaStream_t stream) {
+cudaError_t launch_quant_kernel(void (*kernel)(Params), int grid, const Params& p,
+                                cudaStream_t stream) {
   kernel<<<grid, kQuantThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -57,8 +58,8 @@ cudaError_t launch_last_axis(DType dtype, Format format, LastAxisMapping mapping
                                        : kQuantThreads / (block / kChunk);
     const int grid = grid_for(p.num_blocks, blocks_per_cta);
     if (format == Format::kNVFP4)
-      return launch_kernel(kernel_for(dt, BlockTag<kNvBlock>{}), grid, p, stream);
-    return launch_kernel(kernel_for(dt, BlockTag<kMxBlock>{}), grid, p, stream);
+      return launch_quant_kernel(kernel_for(dt, BlockTag<kNvBlock>{}), grid, p, stream);
+    return launch_quant_kernel(kernel_for(dt, BlockTag<kMxBlock>{}), grid, p, stream);
   });
 }
 

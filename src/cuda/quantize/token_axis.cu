@@ -135,7 +135,7 @@ auto token_kernel(TokenOp op) -> void (*)(TokenAxisParams) {
 cudaError_t launch_op(TokenOp op, DType dtype, const TokenAxisParams& p, cudaStream_t stream) {
   const int grid = grid_for(p.num_tiles, 1);  // one tile per CTA
   return dispatch_dtype(dtype, [&](auto dt) {
-    return launch_kernel(token_kernel<decltype(dt)::value>(op), grid, p, stream);
+    return launch_quant_kernel(token_kernel<decltype(dt)::value>(op), grid, p, stream);
   });
 }
 

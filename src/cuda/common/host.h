@@ -6,7 +6,7 @@
 // Scratch memory (Workspace): outside graph capture, allocations come from a memory pool that
 // attnqat owns per device, whose release threshold is unlimited: freed memory stays in the pool
 // for the next call instead of going back to the driver at every synchronization (the default
-// pool's behaviour, which costs ~1 ms per call for a few hundred MB). During stream capture,
+// pool's behaviour, which makes every call map its scratch memory again). During stream capture,
 // plain cudaMallocAsync / cudaFreeAsync are used, which become graph memory nodes. Nothing here
 // synchronizes, so every entry point built on these helpers can be captured in a CUDA graph.
 #pragma once

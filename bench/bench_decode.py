@@ -37,6 +37,40 @@ import common  # noqa: E402
 import attnqat  # noqa: E402
 from attnqat import _C  # noqa: E402
 
+# The raw binding calls below (no Python overhead in the timed region) in both of its forms: one
+# options object (this tree), or positional options (older builds, which tools/ab_bench.sh times
+# with this same script).
+_OPTIONS_OBJECT = hasattr(_C, "AttentionOptions")
+
+
+def _c_decode(q, kd, ks, vd, vs, table, lens, out, ctx, stream):
+    if _OPTIONS_OBJECT:
+        _C.decode_attention(q, kd, ks, vd, vs, table, lens, out, None,
+                            _C.DecodeOptions(p_quant="anchored", max_seq_len=ctx), stream=stream)
+    else:
+        _C.decode_attention(q, kd, ks, vd, vs, table, lens, out, None, 0.0, "anchored", 0, ctx, stream=stream)
+
+
+def _c_fp4_forward_quantized(q, k, v, o, lse, causal, stream):
+    if _OPTIONS_OBJECT:
+        opts = _C.AttentionOptions(mode="fp4", p_quant="anchored", causal=causal, bwd_quantized_qkv=False,
+                                   bwd_quant_p=False, bwd_high_precision_o=False, inputs_quantized=True)
+        _C.attention_forward(q, k, v, o, None, lse, None, None, opts, stream=stream)
+    else:
+        _C.attention_forward(q, k, v, o, None, lse, None, None, "fp4", "anchored", "channel", causal, 0.0,
+                             128, False, False, False, "fp32", True, False, stream=stream)
+
+
+def _c_packed_forward(pq, pk, pv, o, lse, causal, where, stream):
+    arrays = (pq.data, pq.scales, pq.global_scale, pk.data, pk.scales, pk.global_scale, pv.data, pv.scales,
+              pv.global_scale)
+    if _OPTIONS_OBJECT:
+        opts = _C.AttentionOptions(mode="fp4", p_quant="anchored", causal=causal)
+        _C.attention_forward_packed(*arrays, o, lse, None, None, opts, where, stream=stream)
+    else:
+        _C.attention_forward_packed(*arrays, o, lse, None, None, "anchored", "channel", causal, 0.0, 128, where,
+                                    stream=stream)
+
 HQ, HKV, D = 32, 8, 128
 PAGE = 256
 TARGET_SPEEDUP, TARGET_BW, TARGET_PACKED = 3.0, 0.8, 0.9
@@ -130,8 +164,7 @@ def bench_decode(batch: int, ctx: int, bw_copy: float, reps: int, d: int = D) ->
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
 
     def fp4(i):
-        _C.decode_attention(qs[i], kd, ks, vd, vs, tables[i], lens, out, None, 0.0, "anchored", 0, ctx,
-                            stream=stream())
+        _c_decode(qs[i], kd, ks, vd, vs, tables[i], lens, out, ctx, stream())
 
     row = {"batch": batch, "context": ctx, "hq": HQ, "hkv": HKV, "d": d, "page_size": PAGE,
            "fp4_bytes": fp4_set, "bf16_bytes": bf16_set}
@@ -217,14 +250,11 @@ def bench_packed(b: int, h: int, n: int, causal: bool, reps: int, hkv: int = 0, 
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
 
     def fp4_fwd(i):  # the fp4 forward on fake-quantized bf16 inputs (no re-quantization)
-        _C.attention_forward(qh, kh, vh, o, None, lse, None, None, "fp4", "anchored", "channel", causal, 0.0,
-                             128, False, False, False, "fp32", True, False, stream=stream())
+        _c_fp4_forward_quantized(qh, kh, vh, o, lse, causal, stream())
 
     def packed(where):
         def run(i):
-            _C.attention_forward_packed(pq.data, pq.scales, pq.global_scale, pk.data, pk.scales, pk.global_scale,
-                                        pv.data, pv.scales, pv.global_scale, o, lse, None, None, "anchored",
-                                        "channel", causal, 0.0, 128, where, stream=stream())
+            _c_packed_forward(pq, pk, pv, o, lse, causal, where, stream())
         return run
 
     flops = common.attention_flops(b, h, nq, n, D, causal)

@@ -119,51 +119,40 @@ __device__ __forceinline__ float ex2_approx(float x) {
 
 // ---- 16-bit pairs (low half = first element, as MMA fragments want) -----------------------------
 
-// RN(lo), RN(hi) packed; PTX cvt puts its first source in the upper half.
-__device__ __forceinline__ uint32_t pack_rn_bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-__device__ __forceinline__ uint32_t pack_rn_f16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-// RN(lo), RN(hi) in the element type (kF16: fp16, else bf16).
+// RN(lo), RN(hi) in the element type (kF16: fp16, else bf16), packed (low half = lo).
 template <bool kF16>
 __device__ __forceinline__ uint32_t pack_rn(float lo, float hi) {
-  return kF16 ? pack_rn_f16x2(lo, hi) : pack_rn_bf16x2(lo, hi);
+  if constexpr (kF16) {
+    const __half2 v = __floats2half2_rn(lo, hi);  // cvt.rn.f16x2.f32
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // cvt.rn.bf16x2.f32
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
 }
-// The upper halves of two fp32 patterns: bf16x2 of values that are exact in bf16 (no rounding
-// needed), one PRMT instead of a convert.
-__device__ __forceinline__ uint32_t pack_exact_bf16x2(float lo, float hi) {
-  return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
-}
-// Two values exact in the element type, packed: bf16 by PRMT, fp16 by a convert (exact,
-// subnormals kept).
+__device__ __forceinline__ uint32_t pack_rn_bf16x2(float lo, float hi) { return pack_rn<false>(lo, hi); }
+__device__ __forceinline__ uint32_t pack_rn_f16x2(float lo, float hi) { return pack_rn<true>(lo, hi); }
+// Two values exact in the element type, packed: bf16 as the upper halves of the fp32 patterns (one
+// PRMT instead of a convert), fp16 by a convert (exact, subnormals kept).
 template <bool kF16>
 __device__ __forceinline__ uint32_t pack_exact(float lo, float hi) {
   if constexpr (kF16)
-    return pack_rn_f16x2(lo, hi);
+    return pack_rn<true>(lo, hi);
   else
-    return pack_exact_bf16x2(lo, hi);
-}
-__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
-  uint32_t r;
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-__device__ __forceinline__ uint32_t mul_f16x2(uint32_t a, uint32_t b) {
-  uint32_t r;
-  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  return r;
+    return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
 }
 // a * b of two packed pairs in the element type, round to nearest.
 template <bool kF16>
 __device__ __forceinline__ uint32_t mul_x2(uint32_t a, uint32_t b) {
-  return kF16 ? mul_f16x2(a, b) : mul_bf16x2(a, b);
+  uint32_t r;
+  if constexpr (kF16)
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
 }
+__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) { return mul_x2<false>(a, b); }
+__device__ __forceinline__ uint32_t mul_f16x2(uint32_t a, uint32_t b) { return mul_x2<true>(a, b); }
 // Two E4M3 bytes (bits 0-7 -> low half, 8-15 -> high half) -> f16x2, exact (NaN stays NaN).
 // sm_89+.
 __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two_bytes) {

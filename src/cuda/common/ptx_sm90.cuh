@@ -71,6 +71,10 @@ __device__ __forceinline__ void tma_load_4d(uint32_t smem_dst, const void* tmap,
 __device__ __forceinline__ void prefetch_tma_descriptor(const void* tmap) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
 }
+template <class... Maps>
+__device__ __forceinline__ void prefetch_tma_descriptors(const Maps*... tmaps) {
+  (prefetch_tma_descriptor(tmaps), ...);
+}
 
 // ---- Named barriers ----------------------------------------------------------------------------
 // bar.sync waits until `threads` arrivals (its own warps' included) were counted on barrier `id`;
@@ -123,6 +127,22 @@ template <typename T, int N, int M>
 __device__ __forceinline__ void reg_fence(T (&x)[N][M]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) reg_fence(x[i]);
+}
+
+// ---- Warp specialization ------------------------------------------------------------------------
+// Warpgroup 0 gives registers back (setmaxnreg.dec to kProducerRegs) and runs producer(); the
+// others take them (setmaxnreg.inc to kConsumerRegs) and run consumer(w), w = warpgroup - 1. The
+// sum must stay within the CTA's launch allocation (the kernels' configs assert it).
+template <int kProducerRegs, int kConsumerRegs, class Producer, class Consumer>
+__device__ __forceinline__ void split_warpgroups(Producer&& producer, Consumer&& consumer) {
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    setmaxnreg_dec<kProducerRegs>();
+    producer();
+  } else {
+    setmaxnreg_inc<kConsumerRegs>();
+    consumer(warpgroup - 1);
+  }
 }
 
 // ---- 1-D bulk copies, proxy fence, acquire load ------------------------------------------------

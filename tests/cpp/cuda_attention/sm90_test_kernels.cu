@@ -11,7 +11,7 @@
 #include "cuda/attention/sm90/fwd_load.cuh"
 #include "cuda/attention/sm90/fwd_smem.cuh"
 #include "cuda/attention/sm90/fwd_softmax.cuh"
-#include "cuda/attention/sm90/tile_mask.cuh"
+#include "cuda/attention/sm90/fragment.cuh"
 #include "cuda/common/p_quant.cuh"
 #include "cuda/common/ptx.cuh"
 #include "cuda/common/ptx_sm90.cuh"

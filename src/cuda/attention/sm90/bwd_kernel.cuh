@@ -37,7 +37,7 @@
 
 #include "cuda/attention/sm90/bwd_config.h"
 #include "cuda/attention/sm90/bwd_params.h"
-#include "cuda/attention/sm90/tile_mask.cuh"
+#include "cuda/attention/sm90/fragment.cuh"
 #include "cuda/common/ptx_sm90.cuh"
 #include "cuda/common/wgmma.cuh"
 #include "common/mask.h"
@@ -230,31 +230,11 @@ __device__ __forceinline__ void store_dq_ordered(const float (&dq)[Cfg::kAccDq],
 template <class Cfg, class Mask>
 __device__ __forceinline__ int dq_turn(const BwdParams& p, int m, int n_block, int wg) {
   const int last_row = min((m + 1) * Cfg::kBlockM, p.seqlen_q) - 1;
-  const int n_last = (Mask::keys(last_row, SeqInfo{p.seqlen_q, p.seqlen_k}).end - 1) / Cfg::kBlockN;
+  const int n_last = (Mask::keys(last_row, p.seq()).end - 1) / Cfg::kBlockN;
   return (n_last - n_block) * Cfg::kDqWriters + (Cfg::kDqWriters == 2 ? wg : 0);
 }
 
 // ---- dK, dV out -------------------------------------------------------------------------------
-
-// Rows row0 and row0 + 8 (keys) of a [64, d] accumulator fragment times mult, rounded to the
-// element type, as 4-byte pairs into a contiguous [.., d] tensor whose element row0 * d is at
-// `row_offset0`.
-template <bool kF16, int kD>
-__device__ __forceinline__ void store_key_rows(void* out, int64_t row_offset0, bool valid0,
-                                               bool valid1, const float (&acc)[kD / 2], float mult) {
-  uint32_t* base = static_cast<uint32_t*>(out);
-  const int t = threadIdx.x % 4;
-#pragma unroll
-  for (int k = 0; k < kD / 8; ++k) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (!(h ? valid1 : valid0)) continue;
-      const uint32_t pair =
-          cuda::pack_rn<kF16>(__fmul_rn(acc[4 * k + 2 * h], mult), __fmul_rn(acc[4 * k + 2 * h + 1], mult));
-      base[(row_offset0 + static_cast<int64_t>(8 * h) * kD + 8 * k + 2 * t) / 2] = pair;
-    }
-  }
-}
 
 // ---- Consumer ---------------------------------------------------------------------------------
 
@@ -264,7 +244,7 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
   constexpr bool kF16 = Cfg::kF16;
   const int tid = threadIdx.x % 128, warp = tid / 32, g = (tid % 32) / 4;
   const int key0 = n_block * Cfg::kBlockN + Cfg::kWgKeys * wg;  // this warpgroup's first key
-  const SeqInfo seq{p.seqlen_q, p.seqlen_k};
+  const SeqInfo seq = p.seq();
   const uint32_t bar_wg = Cfg::kBarWg + wg;
   const bool leader = tid == 0;
 
@@ -393,8 +373,9 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
   const int64_t offset0 =
       ((static_cast<int64_t>(b) * p.heads_kv + h_kv) * p.seqlen_k + key_row0) * Cfg::kHeadDim;
   const bool valid0 = key_row0 < p.seqlen_k, valid1 = key_row0 + 8 < p.seqlen_k;
-  store_key_rows<kF16, Cfg::kHeadDim>(p.dk, offset0, valid0, valid1, dk, p.scale);
-  store_key_rows<kF16, Cfg::kHeadDim>(p.dv, offset0, valid0, valid1, dv, 1.0f);
+  const bool keep[2] = {false, false};
+  store_rows<kF16, Cfg::kHeadDim>(p.dk, offset0, valid0, valid1, dk, {p.scale, p.scale}, keep);
+  store_rows<kF16, Cfg::kHeadDim>(p.dv, offset0, valid0, valid1, dv, {1.0f, 1.0f}, keep);
 }
 
 // ---- The kernel -------------------------------------------------------------------------------
@@ -411,7 +392,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_kernel(const __grid_cons
   // The query blocks that meet this key block: [m_begin, m_blocks) for every policy here (the
   // loops below run to m_blocks; a policy whose ranges end earlier needs m_end threaded through).
   const IndexRange qb =
-      query_blocks<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, SeqInfo{p.seqlen_q, p.seqlen_k});
+      query_blocks<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, p.seq());
   const int m_begin = qb.empty() ? p.m_blocks : qb.begin;
   const int n_iters = p.m_blocks > m_begin ? p.group * (p.m_blocks - m_begin) : 0;
 
@@ -425,20 +406,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_kernel(const __grid_cons
   }
   __syncthreads();  // barriers initialized before anyone waits on or arrives at them
 
-  const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {
-    cuda::setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (threadIdx.x == 0 && n_iters > 0) {
-      cuda::prefetch_tma_descriptor(&p.tma_q);
-      cuda::prefetch_tma_descriptor(&p.tma_k);
-      cuda::prefetch_tma_descriptor(&p.tma_v);
-      cuda::prefetch_tma_descriptor(&p.tma_do);
-      bwd_producer<Cfg>(p, sm, n_block, h_kv, b, m_begin);
-    }
-  } else {
-    cuda::setmaxnreg_inc<Cfg::kConsumerRegs>();
-    bwd_consumer<Cfg, Mask>(p, sm, warpgroup - 1, n_block, h_kv, b, m_begin, n_iters);
-  }
+  cuda::split_warpgroups<Cfg::kProducerRegs, Cfg::kConsumerRegs>(
+      [&] {
+        if (threadIdx.x == 0 && n_iters > 0) {
+          cuda::prefetch_tma_descriptors(&p.tma_q, &p.tma_k, &p.tma_v, &p.tma_do);
+          bwd_producer<Cfg>(p, sm, n_block, h_kv, b, m_begin);
+        }
+      },
+      [&](int wg) { bwd_consumer<Cfg, Mask>(p, sm, wg, n_block, h_kv, b, m_begin, n_iters); });
 }
 
 }  // namespace attnqat::sm90

@@ -10,12 +10,13 @@
 #include "cuda/attention/sm90/bwd_kernel.cuh"
 #include "cuda/attention/sm90/bwd_launch.h"
 #include "cuda/attention/sm90/tma_host.h"
+#include "cuda/common/launch.cuh"
 
 namespace attnqat::sm90 {
 
 template <class Cfg, class Mask>
 Status launch_bwd(const BwdArgs& a) {
-  const int64_t batch = a.q.shape[0], heads_q = a.q.shape[1], seqlen_q = a.q.shape[2];
+  const int64_t batch = a.q.shape[0], seqlen_q = a.q.shape[2];
   const int64_t heads_kv = a.k.shape[1], seqlen_k = a.k.shape[2];
   const int64_t n_blocks = (seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN;
   const int64_t m_blocks = (seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
@@ -26,6 +27,7 @@ Status launch_bwd(const BwdArgs& a) {
         "sequences up to 2^30, got q " +
         a.q.shape_str() + ", k " + a.k.shape_str());
   BwdParams p{};
+  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant);
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_do, a.dout, Cfg::kBlockM));
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));
@@ -35,33 +37,16 @@ Status launch_bwd(const BwdArgs& a) {
   p.dq_sem = a.dq_sem;
   p.dk = a.dk.data;
   p.dv = a.dv.data;
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
-  p.group = static_cast<int>(heads_q / heads_kv);
-  p.seqlen_q = static_cast<int>(seqlen_q);
-  p.seqlen_k = static_cast<int>(seqlen_k);
   p.m_blocks = static_cast<int>(m_blocks);
-  p.c2 = a.c2;
   p.scale = a.scale;
   p.quant_p = a.quant_p;
-  p.p_quant = a.p_quant;
   p.deterministic = a.deterministic;
-  p.pq = cuda::p_quant_consts(a.p_quant);
 
-  auto* kernel = bwd_kernel<Cfg, Mask>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemAlloc);
-  if (err == cudaSuccess) {
-    const dim3 grid(static_cast<unsigned>(n_blocks), static_cast<unsigned>(heads_kv),
-                    static_cast<unsigned>(batch));
-    kernel<<<grid, Cfg::kThreads, Cfg::kSmemAlloc, a.stream>>>(p);
-    err = cudaGetLastError();
-  }
-  if (err != cudaSuccess)
-    return Status::Cuda(std::string("attention_backward: launching the sm90 kernel (d = ") +
-                        std::to_string(Cfg::kHeadDim) + ", mask " + Mask::kName + ") failed: " +
-                        cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-  return Status::Ok();
+  const dim3 grid(static_cast<unsigned>(n_blocks), static_cast<unsigned>(heads_kv),
+                  static_cast<unsigned>(batch));
+  return cuda::launch_kernel(bwd_kernel<Cfg, Mask>, p, grid, Cfg::kThreads, Cfg::kSmemAlloc, a.stream,
+                             "attention_backward", "launching the sm90 kernel (d = " + std::to_string(Cfg::kHeadDim) + ", mask " +
+                                 Mask::kName + ")");
 }
 
 }  // namespace attnqat::sm90

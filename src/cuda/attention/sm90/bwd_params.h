@@ -22,12 +22,12 @@
 
 #include <cstdint>
 
-#include "attnqat/attnqat.h"
-#include "cuda/common/p_quant.cuh"
+#include "cuda/attention/sm90/attn_params.h"
 
 namespace attnqat::sm90 {
 
-struct BwdParams {
+// Shapes, c2 and the P quantization: AttnParams.
+struct BwdParams : AttnParams {
   // q, dout [B, Hq, Nq, d]: boxes of 64 columns x 64 rows; k, v [B, Hkv, Nk, d]: 64 x 128 rows;
   // 128-byte swizzle, out-of-bounds rows read as zeros (tma_host.h).
   CUtensorMap tma_q;
@@ -41,18 +41,11 @@ struct BwdParams {
   void* dk;  // [B, Hkv, Nk, d] contiguous, input dtype
   void* dv;
 
-  int heads_q;
-  int heads_kv;
-  int group;     // Hq / Hkv
-  int seqlen_q;  // Nq
-  int seqlen_k;  // Nk
   int m_blocks;  // ceil(Nq / 64)
-  float c2;      // RN(c * RN(log2 e)): S2 = c2 * (q . k)
   float scale;   // c: dK = c * dS^T Q (dQ's c is applied by the postprocess)
-  bool quant_p;        // dV uses P_F (quantized) instead of P
-  PQuant p_quant;      // anchored: P_F = phi_nv(exp2(S2 - m_ref); 2^-11) / l; paper: phi_nv(P; 1)
+  bool quant_p;        // dV uses P_F (quantized) instead of P: phi_nv(exp2(S2 - m_ref); 2^-11) / l
+                       // (anchored) or phi_nv(P; 1) (paper)
   bool deterministic;  // dQ by ordered read-add-write instead of bulk reduce-add
-  cuda::PQuantConsts pq;  // of the P_F quantizer (anchored or paper)
 };
 
 }  // namespace attnqat::sm90

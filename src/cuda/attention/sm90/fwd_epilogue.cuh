@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "common/mask.h"
+#include "cuda/attention/sm90/fragment.cuh"
 #include "cuda/attention/sm90/fwd_params.h"
 #include "cuda/attention/sm90/fwd_softmax.cuh"
 #include "cuda/common/p_quant.cuh"
@@ -21,28 +22,6 @@
 namespace attnqat::sm90 {
 
 constexpr float kLn2 = 0.693147180559945309417f;  // RN(ln 2)
-
-// Row h's elements are acc * inv_l[h], or +0 for an empty row (its accumulator may hold 0 * NaN
-// from a masked position of the diagonal tile; an empty row's output is 0 regardless).
-template <bool kF16, int kD>
-__device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, bool valid0, bool valid1,
-                                           const float (&acc)[kD / 2], const float (&inv_l)[2],
-                                           const bool (&empty)[2]) {
-  uint32_t* base = static_cast<uint32_t*>(out);  // pairs of 16-bit elements
-  const int t = threadIdx.x % 4;
-#pragma unroll
-  for (int k = 0; k < kD / 8; ++k) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (!(h ? valid1 : valid0)) continue;
-      const float lo = empty[h] ? 0.0f : acc[4 * k + 2 * h] * inv_l[h];
-      const float hi = empty[h] ? 0.0f : acc[4 * k + 2 * h + 1] * inv_l[h];
-      const uint32_t pair = kF16 ? cuda::pack_rn_f16x2(lo, hi) : cuda::pack_rn_bf16x2(lo, hi);
-      const int64_t elem = row_offset0 + static_cast<int64_t>(8 * h) * kD + 8 * k + 2 * t;
-      base[elem / 2] = pair;
-    }
-  }
-}
 
 // row0: the thread's first query row (16w + g of its warpgroup's 64); the second is row0 + 8.
 template <class Cfg, class Mask>
@@ -55,7 +34,7 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const float (&o)[Cfg
   for (int r = 0; r < 2; ++r) {
     l[r] = st.l[r] + __shfl_xor_sync(0xffffffffu, st.l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    empty[r] = Mask::keys(row0 + 8 * r, SeqInfo{p.seqlen_q, p.seqlen_k}).empty();
+    empty[r] = Mask::keys(row0 + 8 * r, p.seq()).empty();
     inv_l[r] = l[r] > 0.0f ? __frcp_rn(l[r]) : __int_as_float(0x7fffffff);  // NaN: poisoned
   }
   const int64_t row_index0 = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + row0;

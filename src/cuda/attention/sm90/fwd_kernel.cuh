@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int h = blockIdx.y, b = blockIdx.z;
   // The key blocks this CTA visits, [n_begin, n_begin + n_tiles) (src/common/mask.h).
   const IndexRange kb =
-      key_blocks<Mask>(m_block, Cfg::kBlockM, Cfg::kBlockN, SeqInfo{p.seqlen_q, p.seqlen_k});
+      key_blocks<Mask>(m_block, Cfg::kBlockM, Cfg::kBlockN, p.seq());
   const int n_begin = kb.begin, n_tiles = kb.empty() ? 0 : kb.end - kb.begin;
 
   // The P scale table: one entry per thread of the first 256 (filled also in mode bf16, where it
@@ -62,24 +62,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();  // barriers initialized and the table written before anyone uses them
 
-  const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {
-    cuda::setmaxnreg_dec<Cfg::kProducerRegs>();
-    if constexpr (Cfg::kPacked) {
-      if (n_tiles > 0) packed_producer_mainloop<Cfg>(p, sm, m_block, h, b, n_begin, n_tiles);
-    } else if (threadIdx.x == 0 && n_tiles > 0) {
-      cuda::prefetch_tma_descriptor(&p.tma_q);
-      cuda::prefetch_tma_descriptor(&p.tma_k);
-      cuda::prefetch_tma_descriptor(&p.tma_v);
-      producer_mainloop<Cfg>(p, sm, m_block, h, b, n_begin, n_tiles);
-    }
-  } else {
-    cuda::setmaxnreg_inc<Cfg::kConsumerRegs>();
-    if constexpr (Cfg::kOverlap)
-      consumer_mainloop_overlap<Cfg, Mask>(p, sm, warpgroup - 1, m_block, h, b, n_begin, n_tiles);
-    else
-      consumer_mainloop<Cfg, Mask>(p, sm, warpgroup - 1, m_block, h, b, n_begin, n_tiles);
-  }
+  cuda::split_warpgroups<Cfg::kProducerRegs, Cfg::kConsumerRegs>(
+      [&] {
+        if constexpr (Cfg::kPacked) {
+          if (n_tiles > 0) packed_producer_mainloop<Cfg>(p, sm, m_block, h, b, n_begin, n_tiles);
+        } else if (threadIdx.x == 0 && n_tiles > 0) {
+          cuda::prefetch_tma_descriptors(&p.tma_q, &p.tma_k, &p.tma_v);
+          producer_mainloop<Cfg>(p, sm, m_block, h, b, n_begin, n_tiles);
+        }
+      },
+      [&](int wg) {
+        if constexpr (Cfg::kOverlap)
+          consumer_mainloop_overlap<Cfg, Mask>(p, sm, wg, m_block, h, b, n_begin, n_tiles);
+        else
+          consumer_mainloop<Cfg, Mask>(p, sm, wg, m_block, h, b, n_begin, n_tiles);
+      });
 }
 
 }  // namespace attnqat::sm90

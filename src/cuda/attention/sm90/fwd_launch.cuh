@@ -10,6 +10,7 @@
 #include "cuda/attention/sm90/fwd_kernel.cuh"
 #include "cuda/attention/sm90/fwd_launch.h"
 #include "cuda/attention/sm90/tma_host.h"
+#include "cuda/common/launch.cuh"
 
 namespace attnqat::sm90 {
 
@@ -30,7 +31,7 @@ inline PackedOperand packed_operand(const PackedTensor& t) {
 template <class Cfg, class Mask>
 Status launch_fwd(const FwdArgs& a) {
   const int64_t batch = a.q.shape[0], heads_q = a.q.shape[1], seqlen_q = a.q.shape[2];
-  const int64_t heads_k = a.k.shape[1], seqlen_k = a.k.shape[2];
+  const int64_t seqlen_k = a.k.shape[2];
   const int64_t m_blocks = (seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   constexpr int64_t kMaxGridYZ = 65535, kMaxSeq = (int64_t{1} << 31) - Cfg::kBlockM;
   if (heads_q > kMaxGridYZ || batch > kMaxGridYZ || seqlen_q > kMaxSeq || seqlen_k > kMaxSeq)
@@ -39,6 +40,7 @@ Status launch_fwd(const FwdArgs& a) {
         "batches and sequences below 2^31, got q " +
         a.q.shape_str() + ", k " + a.k.shape_str());
   FwdParams p{};
+  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant);
   if constexpr (Cfg::kPacked) {
     p.pk_q = packed_operand(a.pq);
     p.kv_tma = a.kv_tma;
@@ -58,29 +60,13 @@ Status launch_fwd(const FwdArgs& a) {
   p.lse = static_cast<float*>(a.out.lse.data);
   p.m_ref = static_cast<float*>(a.out.m_ref.data);
   p.l = static_cast<float*>(a.out.l.data);
-  p.heads_q = static_cast<int>(heads_q);
-  p.group = static_cast<int>(heads_q / heads_k);
-  p.seqlen_q = static_cast<int>(seqlen_q);
-  p.seqlen_k = static_cast<int>(seqlen_k);
-  p.c2 = a.c2;
   p.quantize_p = a.quantize_p;
-  p.p_quant = a.p_quant;
-  p.pq = cuda::p_quant_consts(a.p_quant);
 
-  auto* kernel = fwd_kernel<Cfg, Mask>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemAlloc);
-  if (err == cudaSuccess) {
-    const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(heads_q),
-                    static_cast<unsigned>(batch));
-    kernel<<<grid, Cfg::kThreads, Cfg::kSmemAlloc, a.stream>>>(p);
-    err = cudaGetLastError();
-  }
-  if (err != cudaSuccess)
-    return Status::Cuda(std::string("attention_forward: launching the sm90 kernel (d = ") +
-                        std::to_string(Cfg::kHeadDim) + ", mask " + Mask::kName + ") failed: " +
-                        cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-  return Status::Ok();
+  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(heads_q),
+                  static_cast<unsigned>(batch));
+  return cuda::launch_kernel(fwd_kernel<Cfg, Mask>, p, grid, Cfg::kThreads, Cfg::kSmemAlloc, a.stream,
+                             "attention_forward", "launching the sm90 kernel (d = " + std::to_string(Cfg::kHeadDim) + ", mask " +
+                                 Mask::kName + ")");
 }
 
 }  // namespace attnqat::sm90

@@ -19,26 +19,29 @@
 
 namespace attnqat::sm90 {
 
-// Q rows [m_block * kBlockM, +kBlockM) of head h, batch b: one TMA box per 64-column chunk.
+// Rows [row0, row0 + chunk_bytes / 128) of head h, batch b of a tensor map (all d columns): one
+// TMA box per 64-column chunk, chunk c at smem + c * chunk_bytes, completing on mbarrier `bar`.
+template <class Cfg>
+__device__ __forceinline__ void load_rows(const CUtensorMap* tmap, uint32_t smem, uint32_t bar,
+                                          int chunk_bytes, int row0, int h, int b) {
+  cuda::mbar_arrive_expect_tx(bar, chunk_bytes * Cfg::kChunks);
+#pragma unroll
+  for (int c = 0; c < Cfg::kChunks; ++c)
+    cuda::tma_load_4d(smem + c * chunk_bytes, tmap, bar, c * Cfg::kChunkCols, row0, h, b);
+}
+
+// Q rows [m_block * kBlockM, +kBlockM) of head h, batch b.
 template <class Cfg>
 __device__ __forceinline__ void load_q(const CUtensorMap* tmap, uint32_t smem_q, uint32_t bar,
                                        int m_block, int h, int b) {
-  cuda::mbar_arrive_expect_tx(bar, Cfg::kQBytes);
-#pragma unroll
-  for (int c = 0; c < Cfg::kChunks; ++c)
-    cuda::tma_load_4d(smem_q + c * Cfg::kQChunkBytes, tmap, bar, c * Cfg::kChunkCols,
-                m_block * Cfg::kBlockM, h, b);
+  load_rows<Cfg>(tmap, smem_q, bar, Cfg::kQChunkBytes, m_block * Cfg::kBlockM, h, b);
 }
 
 // K or V rows [n * kBlockN, +kBlockN) of key/value head h_kv.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(const CUtensorMap* tmap, uint32_t smem_tile,
                                              uint32_t bar, int n, int h_kv, int b) {
-  cuda::mbar_arrive_expect_tx(bar, Cfg::kKVBytes);
-#pragma unroll
-  for (int c = 0; c < Cfg::kChunks; ++c)
-    cuda::tma_load_4d(smem_tile + c * Cfg::kKVChunkBytes, tmap, bar, c * Cfg::kChunkCols,
-                n * Cfg::kBlockN, h_kv, b);
+  load_rows<Cfg>(tmap, smem_tile, bar, Cfg::kKVChunkBytes, n * Cfg::kBlockN, h_kv, b);
 }
 
 // Tiles i in [i_begin, i_end) of the CTA's key blocks (tile i = key block n_begin + i), K[i] and

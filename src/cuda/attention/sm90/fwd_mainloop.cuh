@@ -34,7 +34,7 @@
 #include "cuda/attention/sm90/fwd_params.h"
 #include "cuda/attention/sm90/fwd_smem.cuh"
 #include "cuda/attention/sm90/fwd_softmax.cuh"
-#include "cuda/attention/sm90/tile_mask.cuh"
+#include "cuda/attention/sm90/fragment.cuh"
 #include "common/mask.h"
 #include "cuda/common/p_quant.cuh"
 #include "cuda/common/ptx.cuh"
@@ -70,7 +70,9 @@ struct RowKeys {
 };
 
 // The start of both mainloops: zeroed accumulators and row state, this thread's first row (the
-// other is row + 8), its key ranges, and the warpgroup's 64 rows of the Q tile (q_rows).
+// other is row + 8), its key ranges, and the warpgroup's 64 rows of the Q tile (q_rows). When the
+// CTA visits no key tile (n_tiles = 0: no row sees a key) it also stores O = 0, LSE = -inf, and
+// the caller returns (no barrier is used).
 struct ConsumerStart {
   int row;
   RowKeys keys;
@@ -79,7 +81,8 @@ struct ConsumerStart {
 
 template <class Cfg, class Mask>
 __device__ __forceinline__ ConsumerStart consumer_start(const FwdParams& p, const SmemMap<Cfg>& sm,
-                                                        ConsumerState<Cfg>& cs, int wg, int m_block) {
+                                                        ConsumerState<Cfg>& cs, int wg, int m_block,
+                                                        int h, int b, int n_tiles) {
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int wg_row0 = m_block * Cfg::kBlockM + 64 * wg;
   const int row = wg_row0 + 16 * warp + lane / 4;
@@ -88,7 +91,8 @@ __device__ __forceinline__ ConsumerStart consumer_start(const FwdParams& p, cons
 #pragma unroll
   for (int i = 0; i < (Cfg::kWithOHp ? Cfg::kAccO : 1); ++i) cs.o_hp[i] = 0.0f;
   cs.rows = row_state_init();
-  const SeqInfo seq{p.seqlen_q, p.seqlen_k};
+  if (n_tiles == 0) store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row);
+  const SeqInfo seq = p.seq();
   const int wg_last = min(wg_row0 + 63, p.seqlen_q - 1);
   const RowKeys keys{Mask::keys(row, seq), Mask::keys(row + 8, seq),
                      keys_seen_by_rows<Mask>(wg_row0, wg_last, seq)};
@@ -155,11 +159,8 @@ __device__ __forceinline__ void consumer_mainloop(const FwdParams& p, const Smem
                                                   int wg, int m_block, int h, int b, int n_begin,
                                                   int n_tiles) {
   ConsumerState<Cfg> cs;
-  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block);
-  if (n_tiles == 0) {  // no row of the CTA sees a key: O = 0, LSE = -inf (no barrier is used)
-    store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, start.row);
-    return;
-  }
+  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block, h, b, n_tiles);
+  if (n_tiles == 0) return;
   const uint32_t q_rows = start.q_rows;
 
   // Prologue: the first critical section issues S_0 = Q K[0]^T.
@@ -219,11 +220,8 @@ __device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
                                                           int n_tiles) {
   static_assert(!Cfg::kWithOHp, "the overlapped mainloop has no O' (registers, docs/hopper.md, section 3)");
   ConsumerState<Cfg> cs;
-  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block);
-  if (n_tiles == 0) {  // no row of the CTA sees a key: O = 0, LSE = -inf (no barrier is used)
-    store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, start.row);
-    return;
-  }
+  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block, h, b, n_tiles);
+  if (n_tiles == 0) return;
   const uint32_t q_rows = start.q_rows;
   const uint32_t my_token = Cfg::kBarSched + wg, other_token = Cfg::kBarSched + (wg ^ 1);
   const uint32_t table = sm.p_scale_table();

@@ -201,8 +201,7 @@ __device__ __forceinline__ void packed_producer_mainloop(const FwdParams& p, con
   if (p.kv_tma) {  // only Q is packed; K/V tiles by TMA from thread 0
     const int first = n_tiles < Cfg::kStages ? n_tiles : Cfg::kStages;
     if (tid == 0) {  // the first pass over the ring does not block: issue it before Q's unpacking
-      cuda::prefetch_tma_descriptor(&p.tma_k);
-      cuda::prefetch_tma_descriptor(&p.tma_v);
+      cuda::prefetch_tma_descriptors(&p.tma_k, &p.tma_v);
       load_kv_tiles<Cfg>(p, sm, h_kv, b, n_begin, 0, first);
     }
     cuda::cp_async_wait<0>();

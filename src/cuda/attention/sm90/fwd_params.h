@@ -7,8 +7,7 @@
 
 #include <cstdint>
 
-#include "attnqat/attnqat.h"
-#include "cuda/common/p_quant.cuh"
+#include "cuda/attention/sm90/attn_params.h"
 
 namespace attnqat::sm90 {
 
@@ -24,7 +23,8 @@ struct PackedOperand {
   int rows;                 // N
 };
 
-struct FwdParams {
+// Shapes, c2 and the P quantization: AttnParams.
+struct FwdParams : AttnParams {
   // q [B, Hq, Nq, d], k and v [B, Hkv, Nk, d]: 4-D maps (d, N, H, B), boxes of 64 columns by
   // kBlockM (q) or kBlockN (k, v) rows, 128-byte swizzle, out-of-bounds rows read as zeros.
   CUtensorMap tma_q;
@@ -40,14 +40,7 @@ struct FwdParams {
   float* m_ref;
   float* l;
 
-  int heads_q;
-  int group;        // Hq / Hkv: query head h reads key/value head h / group
-  int seqlen_q;     // Nq
-  int seqlen_k;     // Nk
-  float c2;         // RN(c * RN(log2 e)): S2 = c2 * (q . k), log2 units
   bool quantize_p;  // false in mode bf16: P = p~ rounded to the input dtype
-  PQuant p_quant;  // anchored: m_ref = ceil(m) and g = 2^-11; paper: m_ref = m, g = 1
-  cuda::PQuantConsts pq;
 
   // Configs with kPacked only: the packed Q, K, V. kv_tma: only Q is decoded in the kernel; K and
   // V (already decoded, bf16/fp16) come through tma_k / tma_v as in the other configs.

@@ -30,7 +30,9 @@ namespace attnqat::cuda {
 namespace {
 
 constexpr float kLog2e = 1.44269504088896340736f;  // RN(log2 e)
-constexpr int kKernelKeyTile = 128;                // sm90::FwdConfig::kBlockN
+static_assert(sm90::FwdConfig<false, 64, false>::kBlockN == kKernelKvTile &&
+                  sm90::FwdConfig<false, 128, false>::kBlockN == kKernelKvTile,
+              "check_paper_kv_tile() (common/validate.h) assumes the kernels' key tile");
 
 // Entry-point names in messages. The backward words the device check and the copies of q, k, v
 // with kFwdOp, like the forward (its messages are kept as they are).
@@ -126,14 +128,10 @@ Status check_output_alignment(const TensorView& t, const char* name) {
   return Status::Ok();
 }
 
-// What every forward checks before any launch: the 128-key tile of "paper" mode, output alignment.
-Status check_forward_options(const AttentionOptions& opts, const ForwardOutputs& out,
-                             bool quantized_mode) {
-  if (quantized_mode && opts.p_quant == PQuant::kPaper && opts.kv_tile != kKernelKeyTile)
-    return Status::Invalid(
-        "kv_tile: the CUDA kernels use 128-key tiles (p_quant='paper' depends "
-        "on the tile), got " +
-        std::to_string(opts.kv_tile));
+// What every forward checks before any launch: the key tile of "paper" mode (the kernels' tiles
+// are kKernelKvTile = sm90::FwdConfig::kBlockN keys), output alignment.
+Status check_forward_options(const AttentionOptions& opts, const ForwardOutputs& out) {
+  ATTNQAT_RETURN_IF_ERROR(check_paper_kv_tile(opts));
   ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o, "o"));
   return check_output_alignment(out.o_hp, "o_hp");
 }
@@ -227,7 +225,7 @@ Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& 
                     const AttentionOptions& opts, const ForwardOutputs& out, void* stream,
                     const PackedOperands* packed) {
   const bool quantized_mode = opts.mode != Mode::kBF16;
-  ATTNQAT_RETURN_IF_ERROR(check_forward_options(opts, out, quantized_mode));
+  ATTNQAT_RETURN_IF_ERROR(check_forward_options(opts, out));
   if (q.numel() == 0) return Status::Ok();  // no query row: nothing to write
 
   DeviceGuard guard;

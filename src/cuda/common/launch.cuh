@@ -6,6 +6,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
 #include <string>
 
 #include "attnqat/attnqat.h"
@@ -23,6 +24,17 @@ Status launch_kernel(void (*kernel)(Params), const Params& params, dim3 grid, in
     err = cudaGetLastError();
   }
   return err == cudaSuccess ? Status::Ok() : cuda_error(op, what.c_str(), err);
+}
+
+// An attention kernel of config Cfg (kThreads, kSmemAlloc, kHeadDim) and mask policy Mask on the
+// grid (x, y, z); a failure names the head dim and the mask.
+template <class Cfg, class Mask, class Params>
+Status launch_attention_kernel(void (*kernel)(Params), const Params& params, int64_t x, int64_t y,
+                               int64_t z, cudaStream_t stream, const char* op) {
+  const dim3 grid(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
+  return launch_kernel(kernel, params, grid, Cfg::kThreads, Cfg::kSmemAlloc, stream, op,
+                       "launching the sm90 kernel (d = " + std::to_string(Cfg::kHeadDim) +
+                           ", mask " + Mask::kName + ")");
 }
 
 }  // namespace attnqat::cuda

@@ -8,22 +8,28 @@
 
 namespace attnqat::decode {
 
-struct DecodeParams {
+// The paged cache as the kernels address it: K and V codes [num_pages, Hkv, page_size, D/2] and
+// E4M3 scales [.., D/16], contiguous; page_table int32 [B, pages_per_seq] (strides in elements).
+// Byte: const uint8_t where the cache is read (decode), uint8_t where it is written (append).
+template <class Byte>
+struct PagedCacheRef {
+  Byte* k_data;
+  Byte* k_scales;
+  Byte* v_data;
+  Byte* v_scales;
+  const int32_t* page_table;
+  int64_t pt_stride_b, pt_stride_p;
+  int pages_per_seq;
+  int num_pages;
+};
+
+struct DecodeParams : PagedCacheRef<const uint8_t> {
   // q [B, Hq, nq, D] (bf16 or fp16), strides in elements (last one 1).
   const void* q;
   int64_t q_stride_b, q_stride_h, q_stride_i;
-  // The cache: [num_pages, Hkv, page_size, D/2] codes and [.., D/16] E4M3 scales, contiguous.
-  const uint8_t* k_data;
-  const uint8_t* k_scales;
-  const uint8_t* v_data;
-  const uint8_t* v_scales;
-  // page_table int32 [B, pages_per_seq] and seq_lens int32 [B] (strides in elements).
-  const int32_t* page_table;
-  int64_t pt_stride_b, pt_stride_p;
+  // seq_lens int32 [B] (stride in elements).
   const int32_t* seq_lens;
   int64_t lens_stride;
-  int pages_per_seq;
-  int num_pages;
   int heads_kv;
   int page_size;
   int page_shift;  // log2(page_size) when it is a power of two, else -1
@@ -46,21 +52,13 @@ struct DecodeParams {
   float* part_ml;
 };
 
-struct AppendParams {
+struct AppendParams : PagedCacheRef<uint8_t> {
   const void* k_new;  // [B, Hkv, n_new, D], last dim contiguous
   const void* v_new;
   int64_t stride_b, stride_h, stride_i;  // of k_new (v_new has its own)
   int64_t v_stride_b, v_stride_h, v_stride_i;
-  uint8_t* k_data;
-  uint8_t* k_scales;
-  uint8_t* v_data;
-  uint8_t* v_scales;
-  const int32_t* page_table;
-  int64_t pt_stride_b, pt_stride_p;
   const int32_t* start;
   int64_t start_stride;
-  int pages_per_seq;
-  int num_pages;
   int batch, heads, n_new, head_dim, page_size;
 };
 

@@ -42,11 +42,8 @@ Status launch_bwd(const BwdArgs& a) {
   p.quant_p = a.quant_p;
   p.deterministic = a.deterministic;
 
-  const dim3 grid(static_cast<unsigned>(n_blocks), static_cast<unsigned>(heads_kv),
-                  static_cast<unsigned>(batch));
-  return cuda::launch_kernel(bwd_kernel<Cfg, Mask>, p, grid, Cfg::kThreads, Cfg::kSmemAlloc, a.stream,
-                             "attention_backward", "launching the sm90 kernel (d = " + std::to_string(Cfg::kHeadDim) + ", mask " +
-                                 Mask::kName + ")");
+  return cuda::launch_attention_kernel<Cfg, Mask>(bwd_kernel<Cfg, Mask>, p, n_blocks, heads_kv, batch, a.stream,
+                                                 "attention_backward");
 }
 
 }  // namespace attnqat::sm90

@@ -62,11 +62,8 @@ Status launch_fwd(const FwdArgs& a) {
   p.l = static_cast<float*>(a.out.l.data);
   p.quantize_p = a.quantize_p;
 
-  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(heads_q),
-                  static_cast<unsigned>(batch));
-  return cuda::launch_kernel(fwd_kernel<Cfg, Mask>, p, grid, Cfg::kThreads, Cfg::kSmemAlloc, a.stream,
-                             "attention_forward", "launching the sm90 kernel (d = " + std::to_string(Cfg::kHeadDim) + ", mask " +
-                                 Mask::kName + ")");
+  return cuda::launch_attention_kernel<Cfg, Mask>(fwd_kernel<Cfg, Mask>, p, m_blocks, heads_q, batch, a.stream,
+                                                 "attention_forward");
 }
 
 }  // namespace attnqat::sm90

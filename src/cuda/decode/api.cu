@@ -70,9 +70,9 @@ Status launch_status(const char* op, cudaError_t err, int device) {
   return cuda_error(op, "the kernel launch", err);
 }
 
-// The cache and its page table, the same fields in AppendParams and DecodeParams.
-template <class Params>
-void set_cache(Params& p, const PagedKVCache& cache, const KVCacheDims& dims,
+// The cache and its page table as the kernels address them (AppendParams and DecodeParams).
+template <class Byte>
+void set_cache(decode::PagedCacheRef<Byte>& p, const PagedKVCache& cache, const KVCacheDims& dims,
                const IndexView& page_table) {
   p.k_data = static_cast<uint8_t*>(cache.k_data.data);
   p.k_scales = static_cast<uint8_t*>(cache.k_scales.data);

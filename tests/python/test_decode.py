@@ -210,7 +210,7 @@ def test_gpu_attention_packed_kernel_unpack_needs_channel_blocks(cuda):
     q = torch.randn(1, 2, 64, 128, device=cuda, dtype=torch.bfloat16)
     pq, pk = attnqat.quantize_nvfp4(q), attnqat.quantize_nvfp4(q)
     pv = attnqat.quantize_nvfp4(q, axis="token")
-    with pytest.raises(ValueError, match="in-kernel decode needs channel blocks"):
+    with pytest.raises(ValueError, match="in-kernel unpack needs channel blocks"):
         attnqat.attention_packed(pq, pk, pv, unpack="kernel")
     o = attnqat.attention_packed(pq, pk, pv, unpack="auto")  # falls back to the temporaries
     assert torch.equal(o, attnqat.attention_packed(pq, pk, pv, unpack="temporary"))

@@ -301,7 +301,7 @@ struct PackedCase {
   PQuant pq;
   float gq, gk, gv;
   bool v_token = false;
-  bool q_misaligned = false;  // Q's codes 8 bytes off a 16-byte boundary: no in-kernel decode
+  bool q_misaligned = false;  // Q's codes 8 bytes off a 16-byte boundary: no in-kernel unpack
 };
 
 class PackedCuda : public Sm90Test, public ::testing::WithParamInterface<PackedCase> {};
@@ -388,7 +388,7 @@ TEST_P(PackedCuda, BitIdenticalToForwardOnDecodedTensors) {
     st = attention_forward_packed(q.t, k.t, v.t, opts, f1, nullptr, where);
     if ((c.v_token || c.q_misaligned) && where == PackedUnpack::kInKernel) {  // not fusable
       EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
-      EXPECT_NE(st.message().find("in-kernel decode needs"), std::string::npos) << st.message();
+      EXPECT_NE(st.message().find("in-kernel unpack needs"), std::string::npos) << st.message();
       continue;
     }
     ASSERT_TRUE(st.ok()) << wname << ": " << st.message();

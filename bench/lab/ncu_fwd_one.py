@@ -3,7 +3,7 @@ Nsight Compute (profile the second launch of fwd_kernel), e.g.
 
     ncu --clock-control none -k regex:fwd_kernel --launch-skip 1 --launch-count 1 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis \
-        python bench/ncu_fwd_one.py --mode fp4 --d 128 --n 4096 --b 2
+        python bench/lab/ncu_fwd_one.py --mode fp4 --d 128 --n 4096 --b 2
 """
 
 import argparse

@@ -1,7 +1,7 @@
-// bench/decode_probe.cu — a standalone driver of the FP4 decode kernel, for tuning on the GPU
+// bench/lab/decode_probe.cu — a standalone driver of the FP4 decode kernel, for tuning on the GPU
 // machine without building the whole library (seconds to compile instead of minutes):
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a -Isrc -Iinclude bench/decode_probe.cu src/cuda/decode/decode.cu \
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Isrc -Iinclude bench/lab/decode_probe.cu src/cuda/decode/decode.cu \
 //        -o /tmp/decode_probe
 //   /tmp/decode_probe [B ctx [page_size [reps [num_splits]]]]   (default: the benchmark's grid)
 //   /tmp/decode_probe floor      (a read-only kernel over the same bytes, and an empty kernel)
@@ -117,7 +117,7 @@ DecodeParams params(const Setup& s, int set, int splits, int split_keys) {
   p.num_splits = splits;
   p.split_keys = split_keys;
   p.c2 = (1.0f / std::sqrt(float(kD))) * 1.44269504088896340736f;
-  p.paper = false;
+  p.p_quant = attnqat::PQuant::kAnchored;
   p.o = s.out;
   p.lse = nullptr;
   p.heads_q = kHq;
@@ -304,8 +304,8 @@ void run(int B, int ctx, int page, int reps, double copy, int sms, int bps, int 
     });
   };
   if (splits > 1)
-    split_only_us = kD == 64 ? split_only(decode_kernel<64, false, true, false>, Layout<64>::kSmemBytes)
-                             : split_only(decode_kernel<128, false, true, false>, Layout<128>::kSmemBytes);
+    split_only_us = kD == 64 ? split_only(decode_kernel<64, false, true, attnqat::PQuant::kAnchored>, Layout<64>::kSmemBytes)
+                             : split_only(decode_kernel<128, false, true, attnqat::PQuant::kAnchored>, Layout<128>::kSmemBytes);
   std::printf("B=%-3d ctx=%-7d page=%-4d splits=%-4d split_keys=%-6d  %9.1f us  %7.0f GB/s  %5.1f%% of copy"
               "  (split kernel alone %.1f us) | split-invariance max|diff| %.3g (max|o| %.3g, nonfinite %d)\n",
               B, ctx, page, splits, split_keys, us, gbs, 100 * gbs / copy, split_only_us, max_rel, norm, nonfinite);

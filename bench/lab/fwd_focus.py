@@ -3,7 +3,7 @@ attention (torch SDPA), same process, same GPU, CUDA-graph replay (bench/common.
 the project's targets are read at (N >= 4k, B x N = 32k tokens, H x D = 2048). A subset of
 bench_attention_fwd.py, quick enough to run two builds back to back in one GPU call and compare.
 
-    python bench/bench_fwd_focus.py [--tag NAME] [--out DIR] [--reps 10] [--set quick|full]
+    python bench/lab/fwd_focus.py [--tag NAME] [--out DIR] [--reps 10] [--set quick|full]
 
 Prints one row per (shape, impl) and a summary of the ratios to cuDNN; --out writes JSON.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/common.py
 import common  # noqa: E402
 
 import attnqat  # noqa: E402

@@ -26,16 +26,13 @@ constexpr float kLog2e = 1.44269504088896340736f;  // RN(log2 e)
 constexpr int kRows = 8;              // decode::kRows
 constexpr int kCtaStepKeys = 128;     // decode::kCtaStepKeys: keys per CTA iteration
 constexpr int kMaxSplits = 1024;     // decode::kMaxSplits: the combine kernel's shared memory
-// Split heuristic, tuned on an H200 (bench/decode_probe.cu sweeps, bench/bench_decode.py): a
-// whole number of waves of CTAs — every split has the same work, so a partial last wave would
-// run alone — one wave when that gives a unit (sequence, KV head) at least kOneWaveSplits splits
-// or splits of at most kOneWaveMaxKeys keys, else two; and no split under 32 keys per unit of the
+// Split heuristic (tuned with bench/lab/decode_probe.cu; the sweep is in docs/decode.md): a whole
+// number of waves of CTAs — every split has the same work, so a partial last wave would run
+// alone — one wave when that gives a unit (sequence, KV head) at least kOneWaveSplits splits or
+// splits of at most kOneWaveMaxKeys keys, else two; and no split under 32 keys per unit of the
 // launch, clamped to [kMinSplitKeys, kMaxMinSplitKeys] (small batches: fewer, longer CTAs spread
 // their fixed costs — Q quantization, the merge of their warps, the partial write, the combine —
-// better). Measured (bench/decode_probe.cu, 2026-11-26): B = 1 at 8k: 32 splits, 13.3 us, where
-// 64 splits of one step each took 15.8 us; B = 2 at 8k: 16 splits 17.3 us, 32 splits 19.3 us;
-// B = 8 at 8k: 8 splits 40.7 us, 16 splits 45.5 us; B = 16 at 8k: 4 splits 68.1 us, 8 splits
-// 71.5 us; B = 8 at 128k: 16 splits, 3% faster than 8.
+// better).
 constexpr int kMinSplitKeys = 256;
 constexpr int kMaxMinSplitKeys = 1024;
 constexpr int kOneWaveSplits = 16;

@@ -3,6 +3,9 @@
 // in log2 units and the P quantization. Host and device.
 #pragma once
 
+#include <cstdint>
+#include <string>
+
 #include "attnqat/attnqat.h"
 #include "common/mask.h"
 #include "cuda/common/p_quant.cuh"
@@ -35,6 +38,21 @@ inline AttnParams attn_params(const TensorView& q, const TensorView& k, float c2
   a.p_quant = p_quant;
   a.pq = cuda::p_quant_consts(p_quant);
   return a;
+}
+
+// The limits a launch's grid puts on a call: `heads` (grid y: query heads in the forward, KV
+// heads in the backward) and the batch (grid z) at most 65535, both sequence lengths at most
+// max_seq (seq_text says it in the message).
+inline Status check_grid_limits(const char* op, const char* heads_name, int64_t heads,
+                                int64_t max_seq, const char* seq_text, const TensorView& q,
+                                const TensorView& k) {
+  constexpr int64_t kMaxGridYZ = 65535;
+  if (heads <= kMaxGridYZ && q.shape[0] <= kMaxGridYZ && q.shape[2] <= max_seq &&
+      k.shape[2] <= max_seq)
+    return Status::Ok();
+  return Status::NotImplemented(std::string(op) + ": the sm90 kernel supports up to 65535 " +
+                                heads_name + " and batches and sequences " + seq_text + ", got q " +
+                                q.shape_str() + ", k " + k.shape_str());
 }
 
 }  // namespace attnqat::sm90

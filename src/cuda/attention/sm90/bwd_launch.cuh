@@ -20,12 +20,8 @@ Status launch_bwd(const BwdArgs& a) {
   const int64_t heads_kv = a.k.shape[1], seqlen_k = a.k.shape[2];
   const int64_t n_blocks = (seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN;
   const int64_t m_blocks = (seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
-  constexpr int64_t kMaxGridYZ = 65535, kMaxSeq = (int64_t{1} << 30);
-  if (heads_kv > kMaxGridYZ || batch > kMaxGridYZ || seqlen_q > kMaxSeq || seqlen_k > kMaxSeq)
-    return Status::NotImplemented(
-        "attention_backward: the sm90 kernel supports up to 65535 KV heads and batches and "
-        "sequences up to 2^30, got q " +
-        a.q.shape_str() + ", k " + a.k.shape_str());
+  ATTNQAT_RETURN_IF_ERROR(check_grid_limits("attention_backward", "KV heads", heads_kv,
+                                            int64_t{1} << 30, "up to 2^30", a.q, a.k));
   BwdParams p{};
   static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant);
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));

@@ -33,12 +33,9 @@ Status launch_fwd(const FwdArgs& a) {
   const int64_t batch = a.q.shape[0], heads_q = a.q.shape[1], seqlen_q = a.q.shape[2];
   const int64_t seqlen_k = a.k.shape[2];
   const int64_t m_blocks = (seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
-  constexpr int64_t kMaxGridYZ = 65535, kMaxSeq = (int64_t{1} << 31) - Cfg::kBlockM;
-  if (heads_q > kMaxGridYZ || batch > kMaxGridYZ || seqlen_q > kMaxSeq || seqlen_k > kMaxSeq)
-    return Status::NotImplemented(
-        "attention_forward: the sm90 kernel supports up to 65535 heads and "
-        "batches and sequences below 2^31, got q " +
-        a.q.shape_str() + ", k " + a.k.shape_str());
+  ATTNQAT_RETURN_IF_ERROR(check_grid_limits("attention_forward", "heads", heads_q,
+                                            (int64_t{1} << 31) - Cfg::kBlockM, "below 2^31", a.q,
+                                            a.k));
   FwdParams p{};
   static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant);
   if constexpr (Cfg::kPacked) {

@@ -11,11 +11,14 @@
 // what makes "first row of a block, last row of a block" enough to bound the whole block.
 //
 // Per-sequence information is a SeqInfo: the query and key lengths of the sequence (one batch
-// entry today; packed sequences and windows add fields here, not new code paths).
+// entry today; packed sequences add fields here, not new code paths) and the sliding window.
 //
 // Causal is bottom-right aligned: row i sees keys j <= i + len_k - len_q, so rows
-// i < len_q - len_k see no key (an empty row: O = 0, LSE = -inf). Every policy also hides keys
-// >= len_k: the kernels read whole tiles, and keys past the end must never count.
+// i < len_q - len_k see no key (an empty row: O = 0, LSE = -inf). A sliding window (LocalMask)
+// is aligned the same way: with d = i + len_k - len_q (row i's "diagonal" key) it sees
+// d - window_left <= j <= d + window_right, a side of -1 being unbounded, so (-1, 0) is causal
+// and (-1, -1) no mask. Every policy also hides keys < 0 and >= len_k: the kernels read whole
+// tiles, and keys past the end must never count.
 //
 // Adding a policy: a struct with kKind, kName, keys(), first_row(), last_row(); a MaskKind value;
 // one case in with_mask() of the CUDA dispatch; its kernel instantiations (docs/design.md).
@@ -31,16 +34,26 @@
 
 namespace attnqat {
 
-enum class MaskKind : uint8_t { kNone, kCausal };
+enum class MaskKind : uint8_t { kNone, kCausal, kLocal };
 
 inline const char* mask_kind_name(MaskKind kind) {
-  return kind == MaskKind::kCausal ? "causal" : "none";
+  switch (kind) {
+    case MaskKind::kCausal:
+      return "causal";
+    case MaskKind::kLocal:
+      return "local";
+    default:
+      return "none";
+  }
 }
 
-// One sequence's lengths.
+// One sequence's lengths and its sliding window (LocalMask only; -1: unbounded on that side).
+// SeqInfo{len_q, len_k} has no window.
 struct SeqInfo {
   int len_q;
   int len_k;
+  int window_left = -1;
+  int window_right = -1;
 };
 
 // A half-open range of indices [begin, end); empty when end <= begin.
@@ -81,16 +94,44 @@ struct CausalMask {
   ATTNQAT_HD static int last_row(int /*key*/, SeqInfo s) { return s.len_q - 1; }
 };
 
+// Sliding window, bottom-right aligned: with d = row + len_k - len_q, row `row` sees keys
+// [d - window_left, d + window_right] ∩ [0, len_k); a side of -1 is unbounded.
+struct LocalMask {
+  static constexpr MaskKind kKind = MaskKind::kLocal;
+  static constexpr const char* kName = "local";
+  ATTNQAT_HD static IndexRange keys(int row, SeqInfo s) {
+    const int64_t diag = static_cast<int64_t>(row) + s.len_k - s.len_q;
+    const int begin = s.window_left < 0 ? 0 : mask_detail::clamp64(diag - s.window_left, 0, s.len_k);
+    const int end = s.window_right < 0 ? s.len_k : mask_detail::clamp64(diag + s.window_right + 1, 0, s.len_k);
+    return IndexRange{begin, end};
+  }
+  // Row i sees key j iff j - window_right <= d_i <= j + window_left, i.e.
+  // j - window_right - (len_k - len_q) <= i <= j + window_left - (len_k - len_q).
+  ATTNQAT_HD static int first_row(int key, SeqInfo s) {
+    if (s.window_right < 0) return 0;
+    const int64_t row = static_cast<int64_t>(key) - s.window_right - (static_cast<int64_t>(s.len_k) - s.len_q);
+    return mask_detail::clamp64(row, 0, s.len_q);
+  }
+  ATTNQAT_HD static int last_row(int key, SeqInfo s) {
+    if (s.window_left < 0) return s.len_q - 1;
+    const int64_t row = static_cast<int64_t>(key) + s.window_left - (static_cast<int64_t>(s.len_k) - s.len_q);
+    return mask_detail::clamp64(row, -1, s.len_q - 1);
+  }
+};
+
 // The policy of a MaskKind, as a value: with_mask_policy(kind, [&](auto mask) { ... decltype(mask) ... }).
 template <class F>
 decltype(auto) with_mask_policy(MaskKind kind, F&& f) {
   if (kind == MaskKind::kCausal) return f(CausalMask{});
+  if (kind == MaskKind::kLocal) return f(LocalMask{});
   return f(NoMask{});
 }
 
 // The keys row `row` sees under a mask chosen at run time (the reference and the tests).
 ATTNQAT_HD IndexRange visible_keys(MaskKind kind, int row, SeqInfo s) {
-  return kind == MaskKind::kCausal ? CausalMask::keys(row, s) : NoMask::keys(row, s);
+  if (kind == MaskKind::kCausal) return CausalMask::keys(row, s);
+  if (kind == MaskKind::kLocal) return LocalMask::keys(row, s);
+  return NoMask::keys(row, s);
 }
 
 // ---- Block ranges, derived from a policy ---------------------------------------------------------

@@ -12,20 +12,27 @@
 namespace attnqat {
 namespace {
 
-// The rule of numerics section 3: row i sees key j (0 <= j < Nk) always (no mask), or iff
-// j <= i + Nk - Nq (causal, bottom-right aligned).
+// The rule of numerics section 3: row i sees key j (0 <= j < Nk) always (no mask), iff
+// j <= i + Nk - Nq (causal, bottom-right aligned), or, with d = i + Nk - Nq, iff
+// d - left <= j (left >= 0) and j <= d + right (right >= 0) (sliding window (left, right)).
 bool sees(MaskKind kind, int i, int j, SeqInfo s) {
   if (j < 0 || j >= s.len_k) return false;
-  return kind == MaskKind::kNone || j <= i + s.len_k - s.len_q;
+  const int d = i + s.len_k - s.len_q;
+  if (kind == MaskKind::kLocal)
+    return (s.window_left < 0 || d - s.window_left <= j) && (s.window_right < 0 || j <= d + s.window_right);
+  return kind == MaskKind::kNone || j <= d;
 }
 
 const SeqInfo kSeqs[] = {{1, 1},   {1, 300}, {300, 1},  {127, 129}, {128, 128}, {129, 127},
                          {200, 65}, {65, 200}, {0, 10},  {10, 0},    {257, 1000}};
 
 template <class Mask>
-void check_policy(MaskKind kind) {
-  for (const SeqInfo s : kSeqs) {
-    SCOPED_TRACE(testing::Message() << Mask::kName << " Nq " << s.len_q << " Nk " << s.len_k);
+void check_policy(MaskKind kind, int window_left = -1, int window_right = -1) {
+  for (SeqInfo s : kSeqs) {
+    s.window_left = window_left;
+    s.window_right = window_right;
+    SCOPED_TRACE(testing::Message() << Mask::kName << " Nq " << s.len_q << " Nk " << s.len_k << " window ("
+                                    << window_left << ", " << window_right << ")");
     // Row ranges: exactly the visible keys, contiguous.
     for (int i = 0; i < s.len_q; ++i) {
       const IndexRange r = Mask::keys(i, s);
@@ -106,12 +113,58 @@ void check_policy(MaskKind kind) {
 TEST(MaskPolicy, NoMaskMatchesItsDefinition) { check_policy<NoMask>(MaskKind::kNone); }
 TEST(MaskPolicy, CausalMatchesItsDefinition) { check_policy<CausalMask>(MaskKind::kCausal); }
 
+TEST(MaskPolicy, LocalMatchesItsDefinition) {
+  const int windows[][2] = {{0, 0},  {1, 0},   {0, 1},   {3, 5},   {127, 0},
+                            {128, 0}, {-1, 0}, {0, -1}, {16, 16}, {4096, 4096}};
+  for (const auto& w : windows) check_policy<LocalMask>(MaskKind::kLocal, w[0], w[1]);
+}
+
+// (-1, 0) is causal and (-1, -1) no mask, answer for answer.
+TEST(MaskPolicy, LocalWithUnboundedSidesIsCausalOrNoMask) {
+  for (SeqInfo s : kSeqs) {
+    SCOPED_TRACE(testing::Message() << "Nq " << s.len_q << " Nk " << s.len_k);
+    SeqInfo causal = s, none = s;
+    causal.window_left = -1, causal.window_right = 0;
+    none.window_left = -1, none.window_right = -1;
+    for (int i = 0; i < s.len_q; ++i) {
+      const IndexRange c = LocalMask::keys(i, causal), rc = CausalMask::keys(i, s);
+      const IndexRange n = LocalMask::keys(i, none), rn = NoMask::keys(i, s);
+      ASSERT_EQ(c.begin, rc.begin);
+      ASSERT_EQ(c.end, rc.end);
+      ASSERT_EQ(n.begin, rn.begin);
+      ASSERT_EQ(n.end, rn.end);
+    }
+    for (int j = 0; j < s.len_k; ++j) {
+      ASSERT_EQ(LocalMask::first_row(j, causal), CausalMask::first_row(j, s));
+      ASSERT_EQ(LocalMask::last_row(j, causal), CausalMask::last_row(j, s));
+      ASSERT_EQ(LocalMask::first_row(j, none), NoMask::first_row(j, s));
+      ASSERT_EQ(LocalMask::last_row(j, none), NoMask::last_row(j, s));
+    }
+    for (const int bm : {16, 64, 128})
+      for (const int bn : {16, 128}) {
+        for (int m = 0; m * bm < s.len_q; ++m) {
+          const IndexRange a = key_blocks<LocalMask>(m, bm, bn, causal), b = key_blocks<CausalMask>(m, bm, bn, s);
+          ASSERT_EQ(a.begin, b.begin);
+          ASSERT_EQ(a.end, b.end);
+        }
+        for (int n = 0; n * bn < s.len_k; ++n) {
+          const IndexRange a = query_blocks<LocalMask>(n, bn, bm, causal), b = query_blocks<CausalMask>(n, bn, bm, s);
+          ASSERT_EQ(a.begin, b.begin);
+          ASSERT_EQ(a.end, b.end);
+        }
+      }
+  }
+}
+
 TEST(MaskPolicy, DispatchPicksThePolicyOfTheKind) {
   EXPECT_EQ(with_mask_policy(MaskKind::kNone, [](auto m) { return decltype(m)::kKind; }),
             MaskKind::kNone);
   EXPECT_EQ(with_mask_policy(MaskKind::kCausal, [](auto m) { return decltype(m)::kKind; }),
             MaskKind::kCausal);
+  EXPECT_EQ(with_mask_policy(MaskKind::kLocal, [](auto m) { return decltype(m)::kKind; }),
+            MaskKind::kLocal);
   EXPECT_STREQ(mask_kind_name(MaskKind::kCausal), "causal");
+  EXPECT_STREQ(mask_kind_name(MaskKind::kLocal), "local");
 }
 
 }  // namespace

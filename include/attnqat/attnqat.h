@@ -83,6 +83,13 @@ struct AttentionOptions {
   PQuant p_quant = PQuant::kPaper;
   VBlocks v_blocks = VBlocks::kChannel;
   bool causal = false;           // bottom-right aligned
+  // Sliding window (numerics section 3), bottom-right aligned like causal: query row i, with
+  // d = i + Nk - Nq, sees keys d - window_left <= j <= d + window_right; -1 leaves that side
+  // unbounded ((-1, -1): no window). With causal, window_right is 0 (FlashAttention's
+  // window_size with causal=True), so (-1, 0) and causal are the same mask. CPU reference only:
+  // the CUDA kernels return NotImplemented for a window that is neither causal nor no mask.
+  int window_left = -1;
+  int window_right = -1;
   float softmax_scale = 0.0f;    // c > 0; 0 means 1/sqrt(D)
   int kv_tile = 128;             // keys per tile of the online softmax (matters for "paper")
   BackwardSwitches bwd{};        // used by the backward (and to decide whether O' is needed)

@@ -298,10 +298,35 @@ Status validate_attention_options(const AttentionOptions& opts) {
     return Status::Invalid("kv_tile: expected a positive multiple of 16 up to " +
                            std::to_string(kMaxKvTile) + ", got " + std::to_string(opts.kv_tile));
   ATTNQAT_RETURN_IF_ERROR(check_softmax_scale(opts.softmax_scale));
+  if (opts.window_left < -1 || opts.window_right < -1) {
+    const bool left = opts.window_left < -1;
+    return Status::Invalid(std::string(left ? "window_left" : "window_right") +
+                           ": expected -1 (unbounded) or a number of keys >= 0, got " +
+                           std::to_string(left ? opts.window_left : opts.window_right));
+  }
   if (opts.causal && opts.v_blocks == VBlocks::kToken && opts.mode != Mode::kBF16)
     return Status::Invalid("v_blocks: 'token' cannot be used with causal attention (a token "
                            "block's scale would depend on future tokens); use v_blocks='channel'");
+  if (opts.window_right == 0 && opts.v_blocks == VBlocks::kToken && opts.mode != Mode::kBF16)
+    return Status::Invalid("v_blocks: 'token' cannot be used with a window whose right side is 0 (a token "
+                           "block's scale would depend on future tokens); use v_blocks='channel'");
   return Status::Ok();
+}
+
+MaskKind attention_mask_kind(const AttentionOptions& opts) {
+  const int right = opts.causal ? 0 : opts.window_right;
+  if (opts.window_left < 0 && right < 0) return MaskKind::kNone;
+  if (opts.window_left < 0 && right == 0) return MaskKind::kCausal;
+  return MaskKind::kLocal;
+}
+
+SeqInfo attention_seq(const AttentionOptions& opts, int64_t len_q, int64_t len_k) {
+  SeqInfo s{static_cast<int>(len_q), static_cast<int>(len_k)};
+  if (attention_mask_kind(opts) == MaskKind::kLocal) {
+    s.window_left = opts.window_left;
+    s.window_right = opts.causal ? 0 : opts.window_right;
+  }
+  return s;
 }
 
 Status validate_decode_options(const DecodeOptions& opts) {

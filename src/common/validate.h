@@ -4,6 +4,7 @@
 #pragma once
 
 #include "attnqat/attnqat.h"
+#include "common/mask.h"
 
 namespace attnqat {
 
@@ -19,6 +20,12 @@ constexpr int kMaxKvTile = 4096;
 // front end checks a configuration when it resolves one: each option is checked here and
 // nowhere else.
 Status validate_attention_options(const AttentionOptions& opts);
+// The mask of an attention call (numerics section 3): no mask, causal, or a sliding window
+// (LocalMask). causal clamps the window's right side to 0; a window that comes out as (-1, 0)
+// is kCausal and (-1, -1) kNone, so only a bounded window is kLocal.
+MaskKind attention_mask_kind(const AttentionOptions& opts);
+// One sequence of that mask: the lengths, and the window (causal-clamped) for kLocal.
+SeqInfo attention_seq(const AttentionOptions& opts, int64_t len_q, int64_t len_k);
 // The options of decode_attention(): softmax_scale, p_quant, num_splits, max_seq_len.
 Status validate_decode_options(const DecodeOptions& opts);
 // QuantizeOptions: format and axis in range.

@@ -165,13 +165,22 @@ Operands<Acc> make_operands(const TensorView& q, const TensorView& k, const Tens
   return op;
 }
 
-// Last key visible to query row i (exclusive bound), numerics section 3: the mask policy of
-// src/common/mask.h, the same one the CUDA kernels ask. (Its ranges begin at key 0 for every
-// policy the reference takes today.)
-int64_t key_end(int64_t i, int64_t Nq, int64_t Nk, bool causal) {
-  const SeqInfo seq{static_cast<int>(Nq), static_cast<int>(Nk)};
-  return visible_keys(causal ? MaskKind::kCausal : MaskKind::kNone, static_cast<int>(i), seq).end;
-}
+// The keys query row i sees, [begin, end) (numerics section 3): the mask policy of
+// src/common/mask.h (no mask, causal or a sliding window), the same one the CUDA kernels ask.
+// Keys before `begin` are skipped exactly as keys from `end` on; a row whose range is empty is
+// an empty row. The ranges are monotone in i: the first row of a block has the smallest begin,
+// the last row the largest end.
+struct RowMask {
+  MaskKind kind;
+  SeqInfo seq;
+  RowMask(const AttentionOptions& opts, int64_t Nq, int64_t Nk)
+      : kind(attention_mask_kind(opts)), seq(attention_seq(opts, Nq, Nk)) {}
+  IndexRange keys(int64_t i) const { return visible_keys(kind, static_cast<int>(i), seq); }
+};
+
+// The start of the 16-key P block holding offset `off` of a tile or chunk (both start at
+// multiples of 16, so P blocks start at key 0): masked keys of that block are p~ = 0 in it.
+int64_t p_block_start(int64_t off) { return off / kNvBlock * kNvBlock; }
 
 // s[r][j - j0] = q_r . k_j for rows r < nrows, keys j in [j0, j1): fp32 (or fp64) accumulation
 // over d in order; the inner loop runs over keys (unit stride in kt) and vectorizes.
@@ -230,6 +239,7 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
   const int64_t tile = opts.kv_tile;
   const bool want_hp = out.o_hp.data != nullptr;
   const bool want_stats = out.m_ref.data != nullptr;
+  const RowMask mask(opts, Nq, Nk);
 
   const int64_t row_blocks = (Nq + kRowBlock - 1) / kRowBlock;
   parallel_for(B * Hq * row_blocks, [&](int64_t item) {
@@ -246,17 +256,22 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
     Acc m[kRowBlock], m_ref[kRowBlock], l[kRowBlock];
     for (int r = 0; r < kRowBlock; ++r) m[r] = m_ref[r] = -std::numeric_limits<Acc>::infinity(), l[r] = 0;
 
-    const int64_t last_key = key_end(i0 + nrows - 1, Nq, Nk, opts.causal);  // widest row
-    for (int64_t j0 = 0; j0 < last_key; j0 += tile) {
+    // Tiles start at multiples of kv_tile from key 0, from the tile of the first row's begin to
+    // the last row's end (the rows' ranges are monotone).
+    const int64_t first_key = mask.keys(i0).begin, last_key = mask.keys(i0 + nrows - 1).end;
+    for (int64_t j0 = first_key / tile * tile; j0 < last_key; j0 += tile) {
       const int64_t j1 = std::min(j0 + tile, Nk);
       scores(q_rows, nrows, kt, Nk, D, j0, j1, s.data(), tile);
       for (int r = 0; r < nrows; ++r) {
-        const int64_t end = std::min(j1, key_end(i0 + r, Nq, Nk, opts.causal));
-        if (end <= j0) continue;  // no visible key in this tile: nothing changes for this row
-        const int64_t n = end - j0;
+        const IndexRange rk = mask.keys(i0 + r);
+        const int64_t begin = std::max<int64_t>(j0, rk.begin), end = std::min<int64_t>(j1, rk.end);
+        if (end <= begin) continue;  // no visible key in this tile: nothing changes for this row
+        // Tile offsets: visible keys [off, n); masked keys before them are p~ = 0 in their P
+        // block (from pb) and take no part in the tile's max (paper) or sum.
+        const int64_t n = end - j0, off = begin - j0, pb = p_block_start(off);
         Acc* sr = s.data() + (r * tile);
         Acc tile_max = -std::numeric_limits<Acc>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = off; j < n; ++j) {
           sr[j] = c2 * sr[j];  // S2, log2 units
           tile_max = max_nan(tile_max, sr[j]);
         }
@@ -264,18 +279,19 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
         const Acc m_ref_new = anchored ? std::ceil(m_new) : m_new;
         const Acc f = std::isinf(m[r]) ? Acc(0) : exp2_acc<Acc>(m_ref[r] - m_ref_new);
         Acc sum = 0;
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = pb; j < off; ++j) p[j] = 0;
+        for (int64_t j = off; j < n; ++j) {
           p[j] = exp2_acc<Acc>(sr[j] - m_ref_new);  // p~
           sum += p[j];
         }
-        if (quant) quantize_p_row(p.data(), n, g_p, p_hat.data());
-        else for (int64_t j = 0; j < n; ++j) p_hat[j] = p[j];
+        if (quant) quantize_p_row(p.data() + pb, n - pb, g_p, p_hat.data() + pb);
+        else for (int64_t j = off; j < n; ++j) p_hat[j] = p[j];
         l[r] = l[r] * f + sum;
         Acc* o = o_acc.data() + (r * D);
         Acc* o_hp = o_hp_acc.data() + (r * D);
         for (int64_t d = 0; d < D; ++d) o[d] *= f;
         if (want_hp) for (int64_t d = 0; d < D; ++d) o_hp[d] *= f;
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = off; j < n; ++j) {
           const Acc* vj = op.v_row(b, hk, j0 + j);
           const Acc pq = operand(p_hat[j], bf16_ops);
           for (int64_t d = 0; d < D; ++d) o[d] += pq * vj[d];
@@ -295,7 +311,7 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
       // Empty only by the mask (O = 0, LSE = -inf). A row that saw keys but has no positive
       // sum (NaN, or 0 when every score is -inf) is poisoned: its divisor is NaN, so O, O' and
       // LSE come out NaN.
-      const bool empty = key_end(i, Nq, Nk, opts.causal) == 0;
+      const bool empty = mask.keys(i).empty();
       const Acc l_div = l[r] > 0 ? l[r] : std::numeric_limits<Acc>::quiet_NaN();
       for (int64_t d = 0; d < D; ++d) {
         const int64_t off = b * out.o.stride[0] + h * out.o.stride[1] + i * out.o.stride[2] + d;
@@ -326,7 +342,7 @@ struct RowStats {
 // Recomputes the row statistics of the scores the backward sees, in one pass over each row:
 // used when those scores are not the forward's (drop_in_qat: unquantized Q and K).
 template <typename Acc>
-RowStats<Acc> recompute_stats(const Operands<Acc>& op, Acc c2, bool anchored, bool causal) {
+RowStats<Acc> recompute_stats(const Operands<Acc>& op, Acc c2, bool anchored, const RowMask& mask) {
   RowStats<Acc> st;
   const int64_t rows = op.B * op.Hq * op.Nq;
   st.lse2.resize(rows);
@@ -334,20 +350,21 @@ RowStats<Acc> recompute_stats(const Operands<Acc>& op, Acc c2, bool anchored, bo
   st.l.resize(rows);
   parallel_for(rows, [&](int64_t row) {
     const int64_t i = row % op.Nq, bh = row / op.Nq, b = bh / op.Hq, h = bh % op.Hq;
-    const int64_t hk = h / op.group, end = key_end(i, op.Nq, op.Nk, causal);
-    std::vector<Acc> s(static_cast<size_t>(std::max<int64_t>(end, 1)));
+    const IndexRange rk = mask.keys(i);
+    const int64_t hk = h / op.group, n = rk.empty() ? 0 : rk.end - rk.begin;
+    std::vector<Acc> s(static_cast<size_t>(std::max<int64_t>(n, 1)));
     const Acc* qr = op.q_row(b, h, i);
-    scores(&qr, 1, op.kt_head(b, hk), op.Nk, op.D, 0, end, s.data(), end);
+    if (n > 0) scores(&qr, 1, op.kt_head(b, hk), op.Nk, op.D, rk.begin, rk.end, s.data(), n);
     Acc m = -std::numeric_limits<Acc>::infinity();
-    for (int64_t j = 0; j < end; ++j) m = max_nan(m, s[j] = c2 * s[j]);
-    if (end == 0) {
+    for (int64_t j = 0; j < n; ++j) m = max_nan(m, s[j] = c2 * s[j]);
+    if (n == 0) {
       st.lse2[row] = st.m_ref[row] = m;
       st.l[row] = 0;
       return;
     }
     const Acc mr = anchored ? std::ceil(m) : m;
     Acc l = 0;
-    for (int64_t j = 0; j < end; ++j) l += exp2_acc<Acc>(s[j] - mr);
+    for (int64_t j = 0; j < n; ++j) l += exp2_acc<Acc>(s[j] - mr);
     st.m_ref[row] = mr;
     st.l[row] = l;
     st.lse2[row] = l > 0 ? mr + std::log2(l) : std::numeric_limits<Acc>::quiet_NaN();
@@ -400,7 +417,8 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
   // Row statistics: the forward's when the backward recomputes the forward's scores.
   const bool recompute = quantizes(opts.mode) && !sw.quantized_qkv;
   const bool use_p_f = quantizes(opts.mode) && sw.quant_p;
-  const RowStats<Acc> st = recompute ? recompute_stats(op, c2, anchored, opts.causal)
+  const RowMask mask(opts, Nq, Nk);
+  const RowStats<Acc> st = recompute ? recompute_stats(op, c2, anchored, mask)
                                      : saved_stats<Acc>(saved, B * Hq * Nq, use_p_f && anchored);
 
   // P = exp2(S2 - LSE/ln2) for a row over keys [j0, j0+n), from scores s (overwritten by S2).
@@ -421,23 +439,27 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
     const int64_t b = bh / Hq, h = bh % Hq, hk = h / op.group;
     const int64_t i0 = rb * kRowBlock;
     const int nrows = static_cast<int>(std::min<int64_t>(kRowBlock, Nq - i0));
-    const int64_t end_max = key_end(i0 + nrows - 1, Nq, Nk, opts.causal);
-    if (end_max == 0) return;
+    // Keys [key0, key1): from the first row's begin to the last row's end (monotone ranges).
+    const int64_t key0 = mask.keys(i0).begin, key1 = mask.keys(i0 + nrows - 1).end, w = key1 - key0;
+    if (w <= 0) return;
     const Acc* q_rows[kRowBlock];
     const Acc* do_rows[kRowBlock];
     for (int r = 0; r < nrows; ++r) {
       q_rows[r] = op.q_row(b, h, i0 + r);
       do_rows[r] = dout.data() + (((bh * Nq) + i0 + r) * D);
     }
-    std::vector<Acc> s(static_cast<size_t>(kRowBlock * end_max)), dp(s.size()), p(end_max);
-    scores(q_rows, nrows, op.kt_head(b, hk), Nk, D, 0, end_max, s.data(), end_max);
-    scores(do_rows, nrows, op.vt_head(b, hk), Nk, D, 0, end_max, dp.data(), end_max);
+    std::vector<Acc> s(static_cast<size_t>(kRowBlock * w)), dp(s.size()), p(w);
+    scores(q_rows, nrows, op.kt_head(b, hk), Nk, D, key0, key1, s.data(), w);
+    scores(do_rows, nrows, op.vt_head(b, hk), Nk, D, key0, key1, dp.data(), w);
     for (int r = 0; r < nrows; ++r) {
-      const int64_t row = bh * Nq + i0 + r, end = key_end(i0 + r, Nq, Nk, opts.causal);
-      probs(row, s.data() + (r * end_max), end, p.data());
+      const int64_t row = bh * Nq + i0 + r;
+      const IndexRange rk = mask.keys(i0 + r);
+      if (rk.empty()) continue;  // an empty row: dQ = 0
+      const int64_t begin = rk.begin, n = rk.end - rk.begin;  // p[j - begin], s and dp at j - key0
+      probs(row, s.data() + (r * w + begin - key0), n, p.data());
       Acc* dqr = dq.data() + (row * D);
-      for (int64_t j = 0; j < end; ++j) {
-        const Acc ds = operand(p[j] * (dp[r * end_max + j] - delta[row]), bf16_ops);
+      for (int64_t j = begin; j < rk.end; ++j) {
+        const Acc ds = operand(p[j - begin] * (dp[r * w + j - key0] - delta[row]), bf16_ops);
         const Acc* kj = op.k_row(b, hk, j);
         for (int64_t d = 0; d < D; ++d) dqr[d] += ds * kj[d];
       }
@@ -458,29 +480,34 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
     Acc* dv_c = dv.data() + ((bhk * Nk + j0) * D);
     for (int64_t h = hk * op.group; h < (hk + 1) * op.group; ++h) {
       for (int64_t i = 0; i < Nq; ++i) {
-        const int64_t end = std::min(j1, key_end(i, Nq, Nk, opts.causal));
-        if (end <= j0) continue;
-        const int64_t nv = end - j0;  // visible keys of this chunk
+        const IndexRange rk = mask.keys(i);
+        const int64_t begin = std::max<int64_t>(j0, rk.begin), end = std::min<int64_t>(j1, rk.end);
+        if (end <= begin) continue;
+        // Chunk offsets: visible keys [off, nv); the keys of off's P block before it (from pb)
+        // are masked, p = 0 there, and take no part in the sums.
+        const int64_t nv = end - j0, off = begin - j0, pb = p_block_start(off);
         const int64_t row = (b * Hq + h) * Nq + i;
         const Acc* qr = op.q_row(b, h, i);
         const Acc* dor = dout.data() + (row * D);
-        scores(&qr, 1, op.kt_head(b, hk), Nk, D, j0, end, s, kKeyChunk);
-        scores(&dor, 1, op.vt_head(b, hk), Nk, D, j0, end, dp, kKeyChunk);
-        probs(row, s, nv, p);
+        scores(&qr, 1, op.kt_head(b, hk), Nk, D, j0 + pb, end, s + pb, kKeyChunk);
+        scores(&dor, 1, op.vt_head(b, hk), Nk, D, j0 + pb, end, dp + pb, kKeyChunk);
+        probs(row, s + pb, nv - pb, p + pb);
+        for (int64_t j = pb; j < off; ++j) p[j] = 0;
         if (use_p_f && !anchored) {
-          quantize_p_row(p, nv, g_p, pf);  // Algorithm 3: phi_nv(P; 1) of the normalized P
+          quantize_p_row(p + pb, nv - pb, g_p, pf + pb);  // Algorithm 3: phi_nv(P; 1) of the normalized P
         } else if (use_p_f) {
           // Anchored: phi_nv(exp2(S2 - m_ref); 2^-11) / l, the forward's quantized P.
           const Acc mr = st.m_ref[row], l = st.l[row];
-          // The row sees keys (nv > 0), so m_ref and l are its forward statistics: finite, or
+          // The row sees keys (nv > off), so m_ref and l are its forward statistics: finite, or
           // NaN for a poisoned row (which then poisons P_F and every dV it reaches).
-          for (int64_t j = 0; j < nv; ++j) pt[j] = exp2_acc<Acc>(s[j] - mr);
-          quantize_p_row(pt, nv, g_p, pf);
-          for (int64_t j = 0; j < nv; ++j) pf[j] = pf[j] / l;
+          for (int64_t j = pb; j < off; ++j) pt[j] = 0;
+          for (int64_t j = off; j < nv; ++j) pt[j] = exp2_acc<Acc>(s[j] - mr);
+          quantize_p_row(pt + pb, nv - pb, g_p, pf + pb);
+          for (int64_t j = off; j < nv; ++j) pf[j] = pf[j] / l;
         } else {
-          for (int64_t j = 0; j < nv; ++j) pf[j] = p[j];
+          for (int64_t j = off; j < nv; ++j) pf[j] = p[j];
         }
-        for (int64_t j = 0; j < nv; ++j) {
+        for (int64_t j = off; j < nv; ++j) {
           const Acc pv = operand(pf[j], bf16_ops);
           const Acc ds = operand(p[j] * (dp[j] - delta[row]), bf16_ops);
           Acc* dvj = dv_c + j * D;

@@ -33,6 +33,23 @@ int64_t visible_count(int64_t i, int64_t nq, int64_t nk, bool causal) {
       .end;
 }
 
+// The keys [begin, end) row i sees under causal and a sliding window (left, right), numerics
+// section 3 written out here: d = i + nk - nq, keys d - left <= j <= d + right (-1: unbounded),
+// causal clamps right to 0.
+std::pair<int64_t, int64_t> window_keys(int64_t i, int64_t nq, int64_t nk, bool causal, int left, int right) {
+  if (causal) right = 0;
+  const int64_t d = i + nk - nq;
+  const int64_t begin = left < 0 ? 0 : std::clamp<int64_t>(d - left, 0, nk);
+  const int64_t end = right < 0 ? nk : std::clamp<int64_t>(d + right + 1, 0, nk);
+  return {begin, std::max(begin, end)};
+}
+
+AttentionOptions with_window(AttentionOptions o, int left, int right) {
+  o.window_left = left;
+  o.window_right = right;
+  return o;
+}
+
 // Fake quantization of one [D] row (NVFP4 along the head dim, g = 1).
 template <typename T>
 std::vector<double> fq_row(const T* x, int64_t D, bool quantize) {
@@ -157,9 +174,12 @@ TEST(AttentionBf16, MatchesNaiveFp64Softmax) {
 TEST(AttentionBf16, GradientsMatchFiniteDifferences) {
   // fp64 inputs run the fp64 reference; central differences with h = 1e-6 are accurate to
   // ~1e-9 relative here, so 1e-6 separates a wrong formula (errors of order 1) from rounding.
-  for (bool causal : {false, true}) {
+  // (causal, window left, window right): the masks, and windows that cut both sides.
+  const int masks[][3] = {{0, -1, -1}, {1, -1, -1}, {0, 1, 1}, {0, 0, 0}, {1, 2, 5}, {0, 3, -1}};
+  for (const auto& mk : masks) {
+    const bool causal = mk[0] != 0;
     Problem<double> p = random_problem<double>(1, 2, 1, 5, 7, 16, 5);
-    auto opts = options(Mode::kBF16, PQuant::kPaper, causal);
+    auto opts = with_window(options(Mode::kBF16, PQuant::kPaper, causal), mk[1], mk[2]);
     std::mt19937 rng(6);
     std::normal_distribution<double> n01;
     std::vector<double> w(p.q.size());
@@ -184,7 +204,7 @@ TEST(AttentionBf16, GradientsMatchFiniteDifferences) {
         (*x)[i] = x0;
         num[i] = (lp - lm) / (2 * h);
       }
-      EXPECT_LT(rel_err(*grad, num), 1e-6) << (causal ? "causal" : "full");
+      EXPECT_LT(rel_err(*grad, num), 1e-6) << (causal ? "causal" : "full") << " window " << mk[1] << ", " << mk[2];
     }
   }
 }
@@ -197,7 +217,10 @@ struct NaiveFwd {
 
 // One key tile covering the whole row: S in fp32 (the reference's order: sum over d from 0),
 // p~ = exp2f(S2 - m_ref) in fp32, so the quantized P is bit-identical to the reference's.
-NaiveFwd naive_forward(const Problem<float>& p, PQuant pq, bool causal, VBlocks vb) {
+// With a window, masked keys before the row's first visible key are p~ = 0 in the P blocks,
+// which start at key 0.
+NaiveFwd naive_forward(const Problem<float>& p, PQuant pq, bool causal, VBlocks vb, int left = -1,
+                       int right = -1) {
   NaiveFwd r;
   const int64_t D = p.D, rows = p.B * p.Hq * p.Nq;
   r.o.resize(rows * D);
@@ -225,12 +248,13 @@ NaiveFwd naive_forward(const Problem<float>& p, PQuant pq, bool causal, VBlocks 
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t h = 0; h < p.Hq; ++h)
       for (int64_t i = 0; i < p.Nq; ++i) {
-        const int64_t hk = h / (p.Hq / p.Hkv), n = visible_count(i, p.Nq, p.Nk, causal);
+        const auto [j_begin, n] = window_keys(i, p.Nq, p.Nk, causal, left, right);
+        const int64_t hk = h / (p.Hq / p.Hkv);
         const int64_t row = (b * p.Hq + h) * p.Nq + i;
         auto q = fq_row(&p.q[row * D], D, true);
         std::vector<float> s2(n);
         float m = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = j_begin; j < n; ++j) {
           auto k = fq_row(&p.k[((b * p.Hkv + hk) * p.Nk + j) * D], D, true);
           float dot = 0.0f;
           for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
@@ -238,13 +262,13 @@ NaiveFwd naive_forward(const Problem<float>& p, PQuant pq, bool causal, VBlocks 
           m = std::max(m, s2[j]);
         }
         const float m_ref = pq == PQuant::kAnchored ? std::ceil(m) : m;
-        std::vector<double> pt(n);
+        std::vector<double> pt(n, 0.0);
         double l = 0;
-        for (int64_t j = 0; j < n; ++j) l += (pt[j] = std::exp2(s2[j] - m_ref));
+        for (int64_t j = j_begin; j < n; ++j) l += (pt[j] = std::exp2(s2[j] - m_ref));
         auto ph = quantize_p(pt, g);
         for (int64_t d = 0; d < D; ++d) {
           double o = 0, ohp = 0;
-          for (int64_t j = 0; j < n; ++j) {
+          for (int64_t j = j_begin; j < n; ++j) {
             const double vj = vq[((b * p.Hkv + hk) * p.Nk + j) * D + d];
             o += ph[j] * vj;
             ohp += pt[j] * vj;
@@ -676,6 +700,149 @@ TEST(AttentionNonFinite, MaskedPositionsAndEmptyRowsNeverPoison) {
   for (int64_t i = 0; i < 16; ++i)
     for (int64_t d = 0; d < D; ++d) EXPECT_EQ(g.dq[i * D + d], 0.0f) << "empty row " << i;
   for (int64_t i = 16; i < Nq - 1; ++i) EXPECT_TRUE(all_finite(&g.dq[i * D], D)) << "row " << i;
+}
+
+// ---- Sliding windows (numerics section 3) ------------------------------------------------------
+
+TEST(AttentionWindow, UnboundedSidesAreCausalOrNoMaskBitForBit) {
+  // (-1, 0) is causal and (-1, -1) no mask; a window wider than the keys on a side cuts nothing,
+  // so (4096, 0) runs the window's path (a begin per row) and must give causal's bits too.
+  for (auto [nq, nk] : {std::pair<int64_t, int64_t>{45, 77}, {77, 45}}) {
+    Problem<float> p = random_problem<float>(1, 4, 2, nq, nk, 32, 21);
+    std::vector<float> dout(p.q.size());
+    std::mt19937 rng(22);
+    std::normal_distribution<float> n01;
+    for (auto& x : dout) x = n01(rng);
+    for (Mode mode : {Mode::kBF16, Mode::kDropInQAT, Mode::kAttnQAT}) {
+      for (PQuant pq : {PQuant::kPaper, PQuant::kAnchored}) {
+        for (bool causal : {false, true}) {
+          const AttentionOptions base = options(mode, pq, causal);
+          auto f0 = forward(p, base);
+          auto g0 = backward(p, f0, dout, base);
+          const int windows[][2] = {{-1, causal ? 7 : -1}, {4096, causal ? -1 : 4096}, {-1, causal ? 0 : 4096}};
+          for (const auto& w : windows) {
+            SCOPED_TRACE(testing::Message() << mode_name(mode) << " causal " << causal << " window (" << w[0]
+                                            << ", " << w[1] << ") Nq " << nq << " Nk " << nk);
+            const AttentionOptions o = with_window(base, w[0], w[1]);
+            auto f = forward(p, o);
+            auto g = backward(p, f, dout, o);
+            EXPECT_EQ(f.o, f0.o);
+            EXPECT_EQ(f.o_hp, f0.o_hp);
+            EXPECT_EQ(f.lse, f0.lse);
+            EXPECT_EQ(g.dq, g0.dq);
+            EXPECT_EQ(g.dk, g0.dk);
+            EXPECT_EQ(g.dv, g0.dv);
+          }
+          // And the window (4096, 0) without causal is causal.
+          if (causal) {
+            auto f = forward(p, with_window(options(mode, pq, false), 4096, 0));
+            EXPECT_EQ(f.o, f0.o);
+            EXPECT_EQ(f.lse, f0.lse);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(AttentionWindow, Bf16MatchesDenseFp64Softmax) {
+  // Dense softmax over each row's window in fp64, against the fp64 reference: the same math in
+  // another order, ~1e-15 relative before O and LSE are stored in fp32 (q's dtype; LSE is fp32),
+  // which leaves ~3e-8; 1e-7 allows that and catches any wrong key (errors of order 1e-2).
+  const int windows[][2] = {{3, 2}, {0, 0}, {7, 0}, {0, 5}, {20, -1}, {-1, 9}};
+  for (const auto& w : windows) {
+    SCOPED_TRACE(testing::Message() << "window (" << w[0] << ", " << w[1] << ")");
+    Problem<float> p = random_problem<float>(2, 4, 2, 45, 77, 64, 23);
+    auto opts = with_window(options(Mode::kBF16), w[0], w[1]);
+    opts.precision = Precision::kFloat64;
+    opts.kv_tile = 16;  // many tiles: rows begin past the first
+    auto f = forward(p, opts);
+    std::vector<double> o_ref(f.o.size()), lse_ref(f.lse.size());
+    const double c = 1.0 / std::sqrt(64.0);
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.Hq; ++h)
+        for (int64_t i = 0; i < p.Nq; ++i) {
+          const int64_t hk = h / 2, r = (b * p.Hq + h) * p.Nq + i;
+          const float* q = &p.q[r * 64];
+          std::vector<double> s(p.Nk, -kInf);
+          double m = -kInf;
+          for (int64_t j = 0; j < p.Nk; ++j) {
+            const int64_t d0 = i + p.Nk - p.Nq;
+            if ((w[0] >= 0 && j < d0 - w[0]) || (w[1] >= 0 && j > d0 + w[1])) continue;  // masked: -inf
+            const float* k = &p.k[((b * p.Hkv + hk) * p.Nk + j) * 64];
+            double dot = 0;
+            for (int d = 0; d < 64; ++d) dot += static_cast<double>(q[d]) * k[d];
+            m = std::max(m, s[j] = c * dot);
+          }
+          double l = 0;
+          for (auto& x : s) l += (x = std::exp(x - m));
+          lse_ref[r] = m + std::log(l);
+          for (int d = 0; d < 64; ++d) {
+            double acc = 0;
+            for (int64_t j = 0; j < p.Nk; ++j) acc += s[j] * p.v[((b * p.Hkv + hk) * p.Nk + j) * 64 + d];
+            o_ref[r * 64 + d] = acc / l;
+          }
+        }
+    EXPECT_LT(rel_err(f.o, o_ref), 1e-7);
+    EXPECT_LT(rel_err(f.lse, lse_ref), 1e-7);
+  }
+}
+
+TEST(AttentionWindow, QuantizedForwardMatchesNaiveSection4) {
+  // P blocks of 16 keys from key 0, keys outside the window p~ = 0 in them; paper: one tile
+  // (kv_tile 80) as in the naive version; anchored: any tile.
+  for (PQuant pq : {PQuant::kPaper, PQuant::kAnchored}) {
+    for (bool causal : {false, true}) {
+      for (auto [left, right] : {std::pair{3, 2}, {20, 0}, {0, 0}, {5, -1}, {37, 11}}) {
+        for (int tile : {80, 16, 48}) {
+          if (pq == PQuant::kPaper && tile != 80) continue;
+          SCOPED_TRACE(testing::Message() << (pq == PQuant::kPaper ? "paper" : "anchored") << " causal " << causal
+                                          << " window (" << left << ", " << right << ") kv_tile " << tile);
+          Problem<float> p = random_problem<float>(2, 4, 2, 33, 71, 32, 24);
+          auto opts = with_window(options(Mode::kAttnQAT, pq, causal), left, right);
+          opts.kv_tile = tile;
+          auto f = forward(p, opts);
+          auto ref = naive_forward(p, pq, causal, VBlocks::kChannel, left, right);
+          EXPECT_LT(rel_err(f.o, ref.o), 1e-5);
+          EXPECT_LT(rel_err(f.o_hp, ref.o_hp), 1e-5);
+          EXPECT_LT(rel_err(f.lse, ref.lse), 1e-6);
+        }
+      }
+    }
+  }
+}
+
+TEST(AttentionWindow, RowsOutsideTheWindowAreEmptyAndMaskedKeysNeverPoison) {
+  // Window (1, 0), Nq = 20 > Nk = 8: row i sees keys i - 13 and i - 12 (those >= 0), so rows 0-11
+  // see none. NaN in key 0: rows 12 and 13 (which see it) are NaN; rows 14+ finite; empty rows
+  // stay O = 0, LSE = -inf with zero dQ.
+  constexpr int64_t Nq = 20, Nk = 8, D = 16;
+  for (Mode mode : {Mode::kBF16, Mode::kAttnQAT}) {
+    for (PQuant pq : {PQuant::kPaper, PQuant::kAnchored}) {
+      Problem<float> p = random_problem<float>(1, 1, 1, Nq, Nk, D, 25);
+      p.k[0 * D + 4] = NAN;
+      const auto opts = with_window(options(mode, pq), 1, 0);
+      auto f = forward(p, opts);
+      for (int64_t i = 0; i < Nq; ++i) {
+        if (i < 12) {
+          EXPECT_EQ(f.lse[i], -kInf) << "row " << i;
+          for (int64_t d = 0; d < D; ++d) EXPECT_EQ(f.o[i * D + d], 0.0f);
+        } else {
+          EXPECT_EQ(std::isnan(f.lse[i]), i < 14) << "row " << i;
+          EXPECT_EQ(all_finite(&f.o[i * D], D), i >= 14) << "row " << i;
+        }
+      }
+      std::vector<float> dout(p.q.size(), 1.0f);
+      auto g = backward(p, f, dout, opts);
+      for (int64_t i = 0; i < 12; ++i)
+        for (int64_t d = 0; d < D; ++d) EXPECT_EQ(g.dq[i * D + d], 0.0f) << "empty row " << i;
+      for (int64_t i = 14; i < Nq; ++i) EXPECT_TRUE(all_finite(&g.dq[i * D], D)) << "row " << i;
+      for (int64_t j = 2; j < Nk; ++j) {
+        EXPECT_TRUE(all_finite(&g.dk[j * D], D)) << "key " << j;
+        EXPECT_TRUE(all_finite(&g.dv[j * D], D)) << "key " << j;
+      }
+    }
+  }
 }
 
 }  // namespace

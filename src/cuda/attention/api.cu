@@ -88,8 +88,17 @@ Status with_mask(MaskKind kind, F&& f) {
   }
 }
 
-MaskKind mask_kind(const AttentionOptions& opts) {
-  return opts.causal ? MaskKind::kCausal : MaskKind::kNone;
+// The kernels' mask: causal or none (a window that comes out as (-1, 0) is causal, (-1, -1) no
+// mask: attention_mask_kind, common/validate.h). check_kernel_mask() refuses any other window,
+// before anything runs; the forward (plain and packed) and the backward call it.
+MaskKind mask_kind(const AttentionOptions& opts) { return attention_mask_kind(opts); }
+
+Status check_kernel_mask(const AttentionOptions& opts) {
+  if (mask_kind(opts) == MaskKind::kLocal)
+    return Status::NotImplemented(
+        "window: sliding-window attention runs on the CPU reference only in this build; the CUDA "
+        "kernels take causal or no mask");
+  return Status::Ok();
 }
 
 Status dispatch(const sm90::FwdArgs& args, MaskKind mask) {
@@ -131,6 +140,7 @@ Status check_output_alignment(const TensorView& t, const char* name) {
 // What every forward checks before any launch: the key tile of "paper" mode (the kernels' tiles
 // are kKernelKvTile = sm90::FwdConfig::kBlockN keys), output alignment.
 Status check_forward_options(const AttentionOptions& opts, const ForwardOutputs& out) {
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_mask(opts));
   ATTNQAT_RETURN_IF_ERROR(check_paper_kv_tile(opts));
   ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o, "o"));
   return check_output_alignment(out.o_hp, "o_hp");
@@ -214,6 +224,7 @@ class RecomputedStats {
 
 Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionOptions& opts, const ForwardOutputs& out, void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_mask(opts));
   if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
     return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
   if (q.shape[3] != 64 && q.shape[3] != 128)
@@ -262,6 +273,7 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           const TensorView& v, const ForwardState& saved,
                           const AttentionOptions& opts, const BackwardOutputs& grads,
                           void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_mask(opts));
   if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
     return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
   if (q.shape[3] != 64 && q.shape[3] != 128)

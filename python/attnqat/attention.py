@@ -142,12 +142,34 @@ def check_qkv_scale(name: str, value):
     return tuple(check_power_of_two(f"{name}[{i}] ({part})", g) for i, (part, g) in enumerate(zip("qkv", value)))
 
 
+def check_window(name: str, value) -> Tuple[int, int]:
+    """None (no window) or a sliding window ``(left, right)`` of two ints, each -1 (unbounded) or
+    a number of keys >= 0; returns ``(window_left, window_right)`` (``(-1, -1)`` for None). The
+    type is checked here (TypeError), the values by the core (ValueError naming `name`)."""
+    if value is None:
+        return (-1, -1)
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or any(
+            _is_bool(w) or not isinstance(w, numbers.Integral) for w in value):
+        raise TypeError(f"{name}: expected None or a tuple (left, right) of two ints (each -1 for unbounded or a "
+                        f"number of keys >= 0), got {_describe(value)}")
+    left, right = int(value[0]), int(value[1])
+    if max(left, right) > 2**31 - 1:
+        raise ValueError(f"{name}: expected each side at most 2^31 - 1 keys, got {(left, right)}")
+    try:
+        validate_core_options((("window_left", max(left, -2**31)), ("window_right", max(right, -2**31))))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e} (window=(left, right) = {(left, right)})") from None
+    return left, right
+
+
 _BWD_SWITCHES = ("bwd_quantized_qkv", "bwd_quant_p", "bwd_high_precision_o")
 
 # What the front end checks per option: the Python type (TypeError naming the option), and the
 # front end's own options. Strings (mode, p_quant, v_blocks, precision) go to the core as they are.
 _TYPES = {
     "causal": check_bool,
+    "window_left": lambda n, v: check_int(n, v, "-1 or a number of keys >= 0"),
+    "window_right": lambda n, v: check_int(n, v, "-1 or a number of keys >= 0"),
     "softmax_scale": lambda n, v: v if v is None else check_softmax_scale(n, v),
     "kv_tile": lambda n, v: check_int(n, v, f"a positive multiple of 16 up to {KV_TILE_MAX}"),
     "bwd_quantized_qkv": lambda n, v: check_bool(n, v, allow_none=True),
@@ -159,7 +181,7 @@ _TYPES = {
 }
 # The options that the core's AttentionOptions holds (the others are the front end's).
 CORE_OPTIONS = ("causal", "softmax_scale", "mode", "p_quant", "v_blocks", "kv_tile", *_BWD_SWITCHES, "precision",
-                "deterministic")
+                "deterministic", "window_left", "window_right")
 OPTIONS = CORE_OPTIONS + ("qkv_scale", "check_finite")
 
 
@@ -190,6 +212,8 @@ class AttentionConfig:
     deterministic: bool = False
     qkv_scale: Union[None, str, Tuple[float, float, float]] = None
     check_finite: bool = False
+    window_left: int = -1  # sliding window (numerics section 3); -1: unbounded
+    window_right: int = -1
 
     @property
     def needs_o_hp(self) -> bool:
@@ -225,15 +249,16 @@ def core_options_from_string(options: str):
 def resolve_config(
     *, causal=False, softmax_scale=None, mode="attn_qat", p_quant="paper", v_blocks="channel",
     kv_tile=128, bwd_quantized_qkv=None, bwd_quant_p=None, bwd_high_precision_o=None, precision="fp32",
-    deterministic=False, qkv_scale=None, check_finite=False,
+    deterministic=False, qkv_scale=None, check_finite=False, window=None,
 ) -> AttentionConfig:
     """Checks every option (types here, values in the core) and fills in the mode's defaults for
-    the ablation switches."""
+    the ablation switches. ``window`` (None or ``(left, right)``) becomes window_left/right."""
     given = dict(causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,
                  kv_tile=kv_tile, bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
                  bwd_high_precision_o=bwd_high_precision_o, precision=precision, deterministic=deterministic,
                  qkv_scale=qkv_scale, check_finite=check_finite)
     o = {name: _TYPES.get(name, lambda n, v: v)(name, value) for name, value in given.items()}
+    o["window_left"], o["window_right"] = check_window("window", window)
     switches = [o[name] for name in _BWD_SWITCHES]
     if o["mode"] in ("bf16", "fp4") and any(s is not None for s in switches):
         raise ValueError(
@@ -314,7 +339,7 @@ def attention(
     p_quant: str = "paper", v_blocks: str = "channel", kv_tile: int = 128,
     bwd_quantized_qkv: Optional[bool] = None, bwd_quant_p: Optional[bool] = None,
     bwd_high_precision_o: Optional[bool] = None, return_lse: bool = False, precision: str = "fp32",
-    deterministic: bool = False, qkv_scale=None, check_finite: bool = False,
+    deterministic: bool = False, qkv_scale=None, check_finite: bool = False, window=None,
 ):
     """Scaled dot-product attention with FP4 (NVFP4) fake quantization, as in Attn-QAT.
 
@@ -328,6 +353,12 @@ def attention(
             results and zero gradients; a query row that sees no key gives ``O = 0`` and
             ``LSE = -inf`` (so ``Nk = 0`` gives zeros, like torch's SDPA).
         causal: bottom-right aligned causal mask (query i sees keys j <= i + Nk - Nq). A bool.
+        window: ``None`` (no window) or a sliding window ``(left, right)`` of two ints, aligned
+            like ``causal``: query i sees keys ``d - left <= j <= d + right`` with
+            ``d = i + Nk - Nq``; ``-1`` leaves a side unbounded. With ``causal=True`` the right
+            side is 0 (FlashAttention's ``window_size`` convention), so ``(-1, 0)`` is causal.
+            CPU tensors and numpy arrays (the reference) only for now: a window on CUDA tensors
+            raises ``NotImplementedError``.
         softmax_scale: a positive finite number; default ``1/sqrt(D)``.
         mode: ``"bf16"`` (ordinary attention), ``"fp4"`` (FP4 inference forward; no gradient),
             ``"drop_in_qat"`` (FP4 forward, the paper's naive high-precision backward),
@@ -372,16 +403,18 @@ def attention(
         when a gradient will be needed (``torch.no_grad()`` gives the plain inference forward).
 
     Raises:
-        TypeError: an option of the wrong type (``causal="no"``, ``softmax_scale="0.1"``), or
-            numpy arrays mixed with torch tensors.
+        TypeError: an option of the wrong type (``causal="no"``, ``softmax_scale="0.1"``,
+            ``window=4``), or numpy arrays mixed with torch tensors.
         ValueError: an option or tensor the kernels do not accept; the message names the
             argument, what it got and what is accepted.
+        NotImplementedError: what the CUDA kernels do not take yet (e.g. ``window`` on CUDA
+            tensors).
     """
     cfg = resolve_config(
         causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,
         kv_tile=kv_tile, bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
         bwd_high_precision_o=bwd_high_precision_o, precision=precision, deterministic=deterministic,
-        qkv_scale=qkv_scale, check_finite=check_finite,
+        qkv_scale=qkv_scale, check_finite=check_finite, window=window,
     )
     return_lse = check_bool("return_lse", return_lse)
     if check_same_kind(q=q, k=k, v=v):

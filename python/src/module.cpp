@@ -237,8 +237,8 @@ void bind_repr(nb::class_<T>& cls, const char* fields) {
 
 void bind_options(nb::module_& m) {
   static constexpr const char* kAttentionFields =
-      "mode, p_quant, v_blocks, causal, softmax_scale, kv_tile, bwd_quantized_qkv, bwd_quant_p, "
-      "bwd_high_precision_o, precision, inputs_quantized, deterministic";
+      "mode, p_quant, v_blocks, causal, window_left, window_right, softmax_scale, kv_tile, bwd_quantized_qkv, "
+      "bwd_quant_p, bwd_high_precision_o, precision, inputs_quantized, deterministic";
   nb::class_<AttentionOptions> attn(m, "AttentionOptions",
                                     "The options of attention_forward/attention_backward (attnqat.h).");
   kwargs_init(attn, kAttentionFields);
@@ -246,6 +246,8 @@ void bind_options(nb::module_& m) {
   choice_attr(attn, "p_quant", &AttentionOptions::p_quant, kPQuants);
   choice_attr(attn, "v_blocks", &AttentionOptions::v_blocks, kVBlocks);
   attn.def_rw("causal", &AttentionOptions::causal);
+  attn.def_rw("window_left", &AttentionOptions::window_left);
+  attn.def_rw("window_right", &AttentionOptions::window_right);
   softmax_scale_attr(attn);
   attn.def_rw("kv_tile", &AttentionOptions::kv_tile);
   attn.def_prop_rw("bwd_quantized_qkv", [](AttentionOptions& o) { return o.bwd.quantized_qkv; },

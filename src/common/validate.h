@@ -15,7 +15,8 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kMaxKvTile = 4096;
 
 // The options of an attention call, without tensors: enum values in range, kv_tile,
-// softmax_scale, v_blocks 'token' only without the causal mask. Every validate_attention_* calls
+// softmax_scale, the window's sides (-1 or >= 0), v_blocks 'token' only without the causal mask
+// (or a window whose right side is 0). Every validate_attention_* calls
 // it, and the Python binding exposes it (attnqat._C.validate_attention_options) so that the
 // front end checks a configuration when it resolves one: each option is checked here and
 // nowhere else.

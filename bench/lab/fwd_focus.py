@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/common.py
 import common  # noqa: E402
+from bench_attention_fwd import attnqat_mode  # noqa: E402
 
 import attnqat  # noqa: E402
 
@@ -38,16 +39,6 @@ def cudnn(q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def mode(m):
-    def run(q, k, v, causal):
-        if m == "attn_qat":
-            with torch.enable_grad():
-                return attnqat.attention(q, k, v, causal=causal, mode=m)
-        with torch.no_grad():
-            return attnqat.attention(q, k, v, causal=causal, mode=m)
-    return run
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tag", default="run")
@@ -56,7 +47,8 @@ def main():
     p.add_argument("--set", default="quick", choices=sorted(SETS))
     args = p.parse_args()
     torch.manual_seed(0)
-    impls = {"cudnn": cudnn, "bf16": mode("bf16"), "fp4": mode("fp4"), "attn_qat": mode("attn_qat")}
+    impls = {"cudnn": cudnn, "bf16": attnqat_mode("bf16"), "fp4": attnqat_mode("fp4"),
+             "attn_qat": attnqat_mode("attn_qat")}
     rows = []
     for d, n, causal in SETS[args.set]:
         h, b = 2048 // d, 32768 // n

@@ -68,7 +68,6 @@ ATTNQAT_HD int clamp64(int64_t x, int lo, int hi) {
   return x < lo ? lo : (x > hi ? hi : static_cast<int>(x));
 }
 ATTNQAT_HD int min_int(int a, int b) { return a < b ? a : b; }
-ATTNQAT_HD int max_int(int a, int b) { return a > b ? a : b; }
 }  // namespace mask_detail
 
 struct NoMask {

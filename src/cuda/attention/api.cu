@@ -78,27 +78,30 @@ Status with_o_hp(bool with, F&& f) {
   return with ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// The kernels are instantiated for causal and no mask (a window that comes out as (-1, 0) is
+// causal, (-1, -1) no mask: attention_mask_kind, common/validate.h); any other window is refused.
+Status unsupported_mask() {
+  return Status::NotImplemented(
+      "window: sliding-window attention runs on the CPU reference only in this build; the CUDA "
+      "kernels take causal or no mask");
+}
+
 template <class F>
 Status with_mask(MaskKind kind, F&& f) {
   switch (kind) {
+    case MaskKind::kNone:
+      return f(NoMask{});
     case MaskKind::kCausal:
       return f(CausalMask{});
     default:
-      return f(NoMask{});
+      return unsupported_mask();
   }
 }
 
-// The kernels' mask: causal or none (a window that comes out as (-1, 0) is causal, (-1, -1) no
-// mask: attention_mask_kind, common/validate.h). check_kernel_mask() refuses any other window,
-// before anything runs; the forward (plain and packed) and the backward call it.
-MaskKind mask_kind(const AttentionOptions& opts) { return attention_mask_kind(opts); }
-
+// The same refusal before anything runs (temporaries, zeroed gradients); the forward (plain and
+// packed) and the backward call it first.
 Status check_kernel_mask(const AttentionOptions& opts) {
-  if (mask_kind(opts) == MaskKind::kLocal)
-    return Status::NotImplemented(
-        "window: sliding-window attention runs on the CPU reference only in this build; the CUDA "
-        "kernels take causal or no mask");
-  return Status::Ok();
+  return attention_mask_kind(opts) == MaskKind::kLocal ? unsupported_mask() : Status::Ok();
 }
 
 Status dispatch(const sm90::FwdArgs& args, MaskKind mask) {
@@ -249,7 +252,7 @@ Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& 
     args.pk = *packed->k;
     args.pv = *packed->v;
     args.kv_tma = packed->kv_unpacked;
-    return dispatch_packed(args, mask_kind(opts));
+    return dispatch_packed(args, attention_mask_kind(opts));
   }
 
   QuantizedInputs temps;  // freed (stream-ordered) when this returns
@@ -259,7 +262,7 @@ Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& 
     args.k = temps.k();
     args.v = temps.v();
   }
-  return dispatch(args, mask_kind(opts));
+  return dispatch(args, attention_mask_kind(opts));
 }
 
 // Backward of numerics section 5 (switches: section 6 and 9.4). Steps, all on `stream`:
@@ -309,7 +312,8 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   const float* l = need_m_l ? static_cast<const float*>(saved.l.data) : nullptr;
   RecomputedStats recomputed;
   if (quantized_mode && !sw.quantized_qkv) {
-    ATTNQAT_RETURN_IF_ERROR(recomputed.make(oq, ok, ov, c2, mask_kind(opts), opts.p_quant, s));
+    ATTNQAT_RETURN_IF_ERROR(
+        recomputed.make(oq, ok, ov, c2, attention_mask_kind(opts), opts.p_quant, s));
     lse = recomputed.lse();
     if (need_m_l) m_ref = recomputed.m_ref(), l = recomputed.l();
   }
@@ -359,7 +363,7 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   args.p_quant = opts.p_quant;
   args.deterministic = opts.deterministic;
   args.stream = s;
-  ATTNQAT_RETURN_IF_ERROR(dispatch_bwd(args, mask_kind(opts)));
+  ATTNQAT_RETURN_IF_ERROR(dispatch_bwd(args, attention_mask_kind(opts)));
   return sm90::launch_bwd_postprocess(dq_accum, grads.dq, static_cast<int>(m_blocks), scale, s);
 }
 

@@ -43,7 +43,6 @@ namespace attnqat::cuda {
 // scalings of 6 and RN(1/6). two120_g = 2^120 g folds the E4M3 decode and the product with g into
 // one multiply (p_block_scale).
 struct PQuantConsts {
-  float g;
   float six_g;
   float rcp_six_g;
   float two120_g;
@@ -52,7 +51,7 @@ struct PQuantConsts {
 __host__ __device__ inline PQuantConsts p_quant_consts(PQuant p_quant) {
   constexpr float kTwo120 = 1.32922799578491587290e+36f;  // 2^120
   const float g = p_quant == PQuant::kAnchored ? kAnchoredPScale : 1.0f;
-  return PQuantConsts{g, 6.0f * g, (1.0f / 6.0f) / g, kTwo120 * g};
+  return PQuantConsts{6.0f * g, (1.0f / 6.0f) / g, kTwo120 * g};
 }
 
 // The E4M3 bytes of two blocks (amax a_lo in bits 0-7, a_hi in 8-15), one

@@ -32,7 +32,7 @@ TORCH_MODE=${ATTNQAT_TORCH:-auto}
 # transformers: the Hugging Face integration tests (tests/python/test_hf.py, examples); attnqat itself
 # does not need it (tested with 4.57 and 5.24).
 TORCH_PIN="torch==2.11.0"
-OTHER_PINS="numpy==2.2.6 pytest==8.4.2 hypothesis==6.140.2 nanobind==2.9.2 scikit-build-core==0.11.6 ninja==1.13.0 cmake==4.1.2 transformers==5.24.0"
+OTHER_PINS="numpy==2.2.6 pytest==8.4.2 hypothesis==6.140.2 nanobind==2.9.2 scikit-build-core==0.11.6 ninja==1.13.0 cmake==4.1.2 transformers==5.24.0 diffusers==0.42.1"
 TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
 ALL_ARCHS="90a;100a;120a"
 

@@ -357,8 +357,7 @@ def attention(
             like ``causal``: query i sees keys ``d - left <= j <= d + right`` with
             ``d = i + Nk - Nq``; ``-1`` leaves a side unbounded. With ``causal=True`` the right
             side is 0 (FlashAttention's ``window_size`` convention), so ``(-1, 0)`` is causal.
-            CPU tensors and numpy arrays (the reference) only for now: a window on CUDA tensors
-            raises ``NotImplementedError``.
+            The CUDA kernels skip the key tiles outside every row's window.
         softmax_scale: a positive finite number; default ``1/sqrt(D)``.
         mode: ``"bf16"`` (ordinary attention), ``"fp4"`` (FP4 inference forward; no gradient),
             ``"drop_in_qat"`` (FP4 forward, the paper's naive high-precision backward),
@@ -407,8 +406,8 @@ def attention(
             ``window=4``), or numpy arrays mixed with torch tensors.
         ValueError: an option or tensor the kernels do not accept; the message names the
             argument, what it got and what is accepted.
-        NotImplementedError: what the CUDA kernels do not take yet (e.g. ``window`` on CUDA
-            tensors).
+        NotImplementedError: what the CUDA kernels do not take yet (e.g. head dims other than
+            64 and 128).
     """
     cfg = resolve_config(
         causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,

@@ -125,11 +125,25 @@ double cosine(const std::vector<A>& a, const std::vector<A>& b) {
   return ab / std::sqrt(aa * bb);
 }
 
-inline AttentionOptions options(Mode mode, PQuant pq = PQuant::kPaper, bool causal = false) {
+// A test case's mask: causal or not (a bool converts, so case tables say true / false), and
+// a sliding window (numerics section 3; -1: that side unbounded).
+struct CaseMask {
+  bool causal = false;
+  int window_left = -1, window_right = -1;
+  CaseMask(bool c) : causal(c) {}  // NOLINT(google-explicit-constructor): tables say true/false
+  CaseMask(bool c, int left, int right) : causal(c), window_left(left), window_right(right) {}
+};
+inline CaseMask window(int left, int right, bool causal = false) {
+  return CaseMask(causal, left, right);
+}
+
+inline AttentionOptions options(Mode mode, PQuant pq = PQuant::kPaper, CaseMask mask = false) {
   AttentionOptions o;
   o.mode = mode;
   o.p_quant = pq;
-  o.causal = causal;
+  o.causal = mask.causal;
+  o.window_left = mask.window_left;
+  o.window_right = mask.window_right;
   o.bwd = default_switches(mode);
   return o;
 }

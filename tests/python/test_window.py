@@ -1,7 +1,8 @@
-"""attnqat.attention(..., window=(left, right)): sliding-window attention on the CPU reference
-(docs/numerics.md section 3). The mask is bottom-right aligned like causal: query i sees keys
+"""attnqat.attention(..., window=(left, right)): sliding-window attention, CPU reference and CUDA
+kernels (docs/numerics.md section 3). The mask is bottom-right aligned like causal: query i sees keys
 d - left <= j <= d + right with d = i + Nk - Nq, -1 leaving a side unbounded; causal=True makes
-the right side 0. The numerics are tested in tests/cpp/test_attention.cpp and test_mask.cpp."""
+the right side 0. The numerics are tested in tests/cpp/test_attention.cpp and test_mask.cpp (CPU) and
+the kernels' window cases of tests/cpp/cuda_attention*/ (GPU)."""
 
 import numpy as np
 import pytest
@@ -183,13 +184,26 @@ def test_token_v_blocks_refuse_a_causal_like_window():
 
 
 @pytest.mark.gpu
-def test_cuda_tensors_with_a_window_raise_not_implemented(cuda):
-    q, k, v = (t.to(cuda, torch.bfloat16) for t in qkv(d=64))
-    msg = ("window: sliding-window attention runs on the CPU reference only in this build; the CUDA "
-           "kernels take causal or no mask")
-    for kw in (dict(window=(4, 0)), dict(window=(4, 4), mode="bf16"), dict(window=(16, -1), causal=True)):
-        with pytest.raises(NotImplementedError, match="^" + msg.replace("(", "\\(")):
-            attnqat.attention(q, k, v, **kw)
-    # The windows that are causal or no mask run the kernels, with their answers.
-    assert torch.equal(attnqat.attention(q, k, v, window=(-1, 0)), attnqat.attention(q, k, v, causal=True))
-    assert torch.equal(attnqat.attention(q, k, v, window=(-1, -1)), attnqat.attention(q, k, v))
+@pytest.mark.parametrize("mode", ["bf16", "fp4", "attn_qat"])
+@pytest.mark.parametrize("window,causal", [((128, 0), False), ((1, 1), False), ((0, 127), False),
+                                           ((127, -1), False), ((64, 300), True)])
+def test_cuda_windows_match_the_cpu_reference(cuda, mode, window, causal):
+    # The kernels against the CPU reference on the same bf16 inputs (C++ tests check every output
+    # and statistic bit-level; this is the front end's path, forward and backward). bf16 mode:
+    # both round O to bf16 (~4e-3 relative); quantized modes: P's FP4 codes can flip on ex2.approx
+    # vs exp2 near a rounding boundary (numerics 9.1), ~1e-2. A wrong window costs > 0.1.
+    q, k, v = qkv(b=1, hq=4, hkv=2, nq=300, nk=333, d=64, dtype=torch.bfloat16, seed=3)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    run = lambda a, b, c: attnqat.attention(a, b, c, mode=mode, causal=causal, window=window)
+    o_gpu, g_gpu = grads(run, [t.to(cuda) for t in (q, k, v)], do.to(cuda))
+    o_cpu, g_cpu = grads(run, (q, k, v), do)
+    tol = 1e-2 if mode == "bf16" else 3e-2
+    assert rel_err(o_gpu.cpu(), o_cpu) < tol
+    for a, b in zip(g_gpu, g_cpu):
+        assert rel_err(a.cpu(), b) < 2 * tol
+    o_full = attnqat.attention(q.to(cuda), k.to(cuda), v.to(cuda), mode=mode, causal=causal)
+    assert rel_err(o_full.cpu(), o_cpu) > 0.1  # the window changed the answer
+    # The windows that are causal or no mask are those masks, bit for bit.
+    qc, kc, vc = (t.to(cuda) for t in (q, k, v))
+    assert torch.equal(attnqat.attention(qc, kc, vc, mode=mode, window=(-1, 0)), attnqat.attention(qc, kc, vc, mode=mode, causal=True))
+    assert torch.equal(attnqat.attention(qc, kc, vc, mode=mode, window=(-1, -1)), attnqat.attention(qc, kc, vc, mode=mode))

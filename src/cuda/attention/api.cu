@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "attnqat/attnqat.h"
 #include "common/mask.h"
@@ -78,33 +79,21 @@ Status with_o_hp(bool with, F&& f) {
   return with ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// The kernels are instantiated for causal and no mask (a window that comes out as (-1, 0) is
-// causal, (-1, -1) no mask: attention_mask_kind, common/validate.h); any other window is refused.
-Status unsupported_mask() {
-  return Status::NotImplemented(
-      "window: sliding-window attention runs on the CPU reference only in this build; the CUDA "
-      "kernels take causal or no mask");
-}
-
+// Every mask policy of common/mask.h has its kernels (a window that comes out as (-1, 0) is
+// causal, (-1, -1) no mask: attention_mask_kind, common/validate.h; the window's sizes are
+// runtime values of LocalMask).
 template <class F>
 Status with_mask(MaskKind kind, F&& f) {
-  switch (kind) {
-    case MaskKind::kNone:
-      return f(NoMask{});
-    case MaskKind::kCausal:
-      return f(CausalMask{});
-    default:
-      return unsupported_mask();
-  }
+  return with_mask_policy(kind, std::forward<F>(f));
 }
 
-// The same refusal before anything runs (temporaries, zeroed gradients); the forward (plain and
-// packed) and the backward call it first.
-Status check_kernel_mask(const AttentionOptions& opts) {
-  return attention_mask_kind(opts) == MaskKind::kLocal ? unsupported_mask() : Status::Ok();
-}
+// What the kernels refuse, checked before anything runs (temporaries, zeroed gradients): the
+// forward (plain and packed) and the backward call it first. "paper" P quantization depends on
+// the key tile, and the kernels' tile is kKernelKvTile keys.
+Status check_kernel_options(const AttentionOptions& opts) { return check_paper_kv_tile(opts); }
 
-Status dispatch(const sm90::FwdArgs& args, MaskKind mask) {
+Status dispatch(const sm90::FwdArgs& args) {
+  const MaskKind mask = args.mask;
   return with_dtype(args.q.dtype, [&](auto f16) {
     return with_head_dim(args.q.shape[3], [&](auto head_dim) {
       return with_o_hp(args.out.o_hp.data != nullptr, [&](auto o_hp) {
@@ -118,7 +107,8 @@ Status dispatch(const sm90::FwdArgs& args, MaskKind mask) {
   });
 }
 
-Status dispatch_packed(const sm90::FwdArgs& args, MaskKind mask) {
+Status dispatch_packed(const sm90::FwdArgs& args) {
+  const MaskKind mask = args.mask;
   return with_dtype(args.q.dtype, [&](auto f16) {
     return with_head_dim(args.q.shape[3], [&](auto head_dim) {
       return with_mask(mask, [&](auto mask_policy) {
@@ -140,11 +130,9 @@ Status check_output_alignment(const TensorView& t, const char* name) {
   return Status::Ok();
 }
 
-// What every forward checks before any launch: the key tile of "paper" mode (the kernels' tiles
-// are kKernelKvTile = sm90::FwdConfig::kBlockN keys), output alignment.
+// What every forward checks before any launch: check_kernel_options, output alignment.
 Status check_forward_options(const AttentionOptions& opts, const ForwardOutputs& out) {
-  ATTNQAT_RETURN_IF_ERROR(check_kernel_mask(opts));
-  ATTNQAT_RETURN_IF_ERROR(check_paper_kv_tile(opts));
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_options(opts));
   ATTNQAT_RETURN_IF_ERROR(check_output_alignment(out.o, "o"));
   return check_output_alignment(out.o_hp, "o_hp");
 }
@@ -160,13 +148,16 @@ sm90::FwdArgs forward_args(const TensorView& q, const TensorView& k, const Tenso
   args.c2 = resolve_softmax_scale(opts, q.shape[3]) * kLog2e;
   args.quantize_p = quantized_mode;
   args.p_quant = opts.p_quant;
+  args.mask = attention_mask_kind(opts);
+  args.seq = attention_seq(opts, q.shape[2], k.shape[2]);
   args.stream = stream;
   return args;
 }
 
 // ---- Backward -----------------------------------------------------------------------------------
 
-Status dispatch_bwd(const sm90::BwdArgs& args, MaskKind mask) {
+Status dispatch_bwd(const sm90::BwdArgs& args) {
+  const MaskKind mask = args.mask;
   return with_dtype(args.q.dtype, [&](auto f16) {
     return with_head_dim(args.q.shape[3], [&](auto head_dim) {
       return with_mask(mask, [&](auto mask_policy) {
@@ -189,8 +180,8 @@ Status zero_async(const TensorView& t, cudaStream_t stream) {
 // l (anchored: m_ref = ceil(m)). Costs one bf16 forward pass, including an O that is dropped.
 class RecomputedStats {
  public:
-  Status make(const TensorView& q, const TensorView& k, const TensorView& v, float c2, MaskKind mask,
-              PQuant p_quant, cudaStream_t stream) {
+  Status make(const TensorView& q, const TensorView& k, const TensorView& v, float c2,
+              const AttentionOptions& opts, cudaStream_t stream) {
     const int64_t rows = q.shape[0] * q.shape[1] * q.shape[2];
     const size_t o_bytes = round_up(static_cast<size_t>(q.numel()) * dtype_size(q.dtype));
     const size_t row_bytes = round_up(static_cast<size_t>(rows) * sizeof(float));
@@ -210,9 +201,11 @@ class RecomputedStats {
     args.out.l = l_ = row_view(o_bytes + 2 * row_bytes, "l (recomputed)");
     args.c2 = c2;
     args.quantize_p = false;
-    args.p_quant = p_quant;
+    args.p_quant = opts.p_quant;
+    args.mask = attention_mask_kind(opts);
+    args.seq = attention_seq(opts, q.shape[2], k.shape[2]);
     args.stream = stream;
-    return dispatch(args, mask);
+    return dispatch(args);
   }
   const float* lse() const { return static_cast<const float*>(lse_.data); }
   const float* m_ref() const { return static_cast<const float*>(m_ref_.data); }
@@ -227,7 +220,7 @@ class RecomputedStats {
 
 Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionOptions& opts, const ForwardOutputs& out, void* stream) {
-  ATTNQAT_RETURN_IF_ERROR(check_kernel_mask(opts));
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_options(opts));
   if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
     return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
   if (q.shape[3] != 64 && q.shape[3] != 128)
@@ -252,7 +245,7 @@ Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& 
     args.pk = *packed->k;
     args.pv = *packed->v;
     args.kv_tma = packed->kv_unpacked;
-    return dispatch_packed(args, attention_mask_kind(opts));
+    return dispatch_packed(args);
   }
 
   QuantizedInputs temps;  // freed (stream-ordered) when this returns
@@ -262,7 +255,7 @@ Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& 
     args.k = temps.k();
     args.v = temps.v();
   }
-  return dispatch(args, attention_mask_kind(opts));
+  return dispatch(args);
 }
 
 // Backward of numerics section 5 (switches: section 6 and 9.4). Steps, all on `stream`:
@@ -276,7 +269,7 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           const TensorView& v, const ForwardState& saved,
                           const AttentionOptions& opts, const BackwardOutputs& grads,
                           void* stream) {
-  ATTNQAT_RETURN_IF_ERROR(check_kernel_mask(opts));
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_options(opts));
   if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
     return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
   if (q.shape[3] != 64 && q.shape[3] != 128)
@@ -313,7 +306,7 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   RecomputedStats recomputed;
   if (quantized_mode && !sw.quantized_qkv) {
     ATTNQAT_RETURN_IF_ERROR(
-        recomputed.make(oq, ok, ov, c2, attention_mask_kind(opts), opts.p_quant, s));
+        recomputed.make(oq, ok, ov, c2, opts, s));
     lse = recomputed.lse();
     if (need_m_l) m_ref = recomputed.m_ref(), l = recomputed.l();
   }
@@ -362,8 +355,10 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   args.quant_p = sw.quant_p;
   args.p_quant = opts.p_quant;
   args.deterministic = opts.deterministic;
+  args.mask = attention_mask_kind(opts);
+  args.seq = attention_seq(opts, Nq, k.shape[2]);
   args.stream = s;
-  ATTNQAT_RETURN_IF_ERROR(dispatch_bwd(args, attention_mask_kind(opts)));
+  ATTNQAT_RETURN_IF_ERROR(dispatch_bwd(args));
   return sm90::launch_bwd_postprocess(dq_accum, grads.dq, static_cast<int>(m_blocks), scale, s);
 }
 

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "common/mask.h"
+#include "common/validate.h"
 #include "attention_util.h"
 #include "attnqat/attnqat.h"
 #include "gpu_util.h"
@@ -47,7 +48,7 @@ struct Case {
   const char* name;
   Mode mode;
   PQuant pq;
-  bool causal;
+  test::CaseMask mask;
   DType dt;
   int64_t D, B, Hq, Hkv, Nq, Nk;
   VBlocks vb = VBlocks::kChannel;
@@ -57,11 +58,13 @@ struct Case {
 bool quantizes(Mode m) { return m != Mode::kBF16; }
 bool wants_o_hp(Mode m) { return m == Mode::kAttnQAT; }
 
-// The keys row i sees: the mask policy (src/common/mask.h) that the kernels and the reference use.
-int64_t visible(int64_t i, int64_t nq, int64_t nk, bool causal) {
-  return visible_keys(causal ? MaskKind::kCausal : MaskKind::kNone, static_cast<int>(i),
-                      SeqInfo{static_cast<int>(nq), static_cast<int>(nk)})
-      .end;
+// How many keys row i sees: the mask policy (src/common/mask.h) that the kernels and the
+// reference use (test_mask checks it against the definition by brute force).
+int64_t visible(int64_t i, const Case& c) {
+  const AttentionOptions o = test::options(c.mode, c.pq, c.mask);
+  const IndexRange r = visible_keys(attention_mask_kind(o), static_cast<int>(i),
+                                    attention_seq(o, c.Nq, c.Nk));
+  return r.empty() ? 0 : r.end - r.begin;
 }
 
 // Q^, K^, V^ in the input dtype (16-bit patterns), contiguous [B, H, N, D].
@@ -89,7 +92,7 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
 }
 
 AttentionOptions options_of(const Case& c) {
-  AttentionOptions o = test::options(c.mode, c.pq, c.causal);
+  AttentionOptions o = test::options(c.mode, c.pq, c.mask);
   o.v_blocks = c.vb;
   o.kv_tile = 128;
   o.inputs_quantized = true;
@@ -238,7 +241,7 @@ std::string where(const Case& c, int64_t row_index) {
   std::ostringstream os;
   const int64_t i = row_index % c.Nq, bh = row_index / c.Nq;
   os << "(b " << bh / c.Hq << ", h " << bh % c.Hq << ", row " << i << " [CTA " << i / 128 << ", wg "
-     << (i % 128) / 64 << "], sees " << visible(i, c.Nq, c.Nk, c.causal) << " keys)";
+     << (i % 128) / 64 << "], sees " << visible(i, c) << " keys)";
   return os.str();
 }
 
@@ -306,7 +309,7 @@ void check_stats(const Case& c, const GpuOut& g, const RefOut& r) {
   };
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t i = row % c.Nq;
-    if (visible(i, c.Nq, c.Nk, c.causal) == 0) {
+    if (visible(i, c) == 0) {
       bool ok = g.lse[row] == -INFINITY && g.m_ref[row] == -INFINITY && g.l[row] == 0.0f;
       for (int64_t d = 0; d < c.D; ++d) {
         ok = ok && g.o[row * c.D + d] == 0.0f;
@@ -383,6 +386,16 @@ const Case kCases[] = {
   {"attnqat_anchored_bf16_d128_causal_bshd", kQat, kAnch, true,  kBf, 128, 2, 2, 2, 129, 257, kChan,
    Layout::kBSHD},
   {"attnqat_paper_fp16_d64_seq1",           kQat, kPaper, false, kHf, 64,  3, 2, 1, 1,    1},
+  // Sliding windows (LocalMask): left/right 0, 1, 127, 128, 4096, one side unbounded, with
+  // causal, Nq > Nk (rows that see no key), rows whose first visited tile has none of their keys.
+  {"attnqat_paper_bf16_d128_window128_0",   kQat, kPaper, test::window(128, 0), kBf, 128, 1, 2, 2, 1013, 1024},
+  {"fp4_anchored_fp16_d64_window1_1_gqa4",  kFp4, kAnch,  test::window(1, 1), kHf, 64, 1, 4, 1, 300, 300},
+  {"attnqat_anchored_bf16_d64_window127_right_open", kQat, kAnch, test::window(127, -1), kBf, 64, 2, 2, 2, 129, 1024},
+  {"bf16_bf16_d128_window0_127",            kBf16, kPaper, test::window(0, 127), kBf, 128, 1, 2, 1, 129, 1024},
+  {"attnqat_paper_bf16_d64_window0_0_nq_gt_nk", kQat, kPaper, test::window(0, 0), kBf, 64, 1, 2, 2, 300, 200},
+  {"attnqat_paper_fp16_d128_window4096_causal", kQat, kPaper, test::window(4096, -1, true), kHf, 128, 1, 2, 2, 1013, 1024},
+  {"attnqat_anchored_bf16_d128_window127_127_bshd", kQat, kAnch, test::window(127, 127), kBf, 128, 2, 2, 2, 700, 700, kChan,
+   Layout::kBSHD},
 };
 // clang-format on
 
@@ -427,7 +440,7 @@ TEST_P(AttentionFwdAnalytic, ZeroScoresGiveExactValues) {
   int64_t bad = 0;
   std::ostringstream os;
   for (int64_t row = 0; row < c.B * c.Hq * c.Nq; ++row) {
-    const int64_t n = visible(row % c.Nq, c.Nq, c.Nk, c.causal);
+    const int64_t n = visible(row % c.Nq, c);
     const float want_o = n ? 6.1875f : 0.0f, want_hp = n ? 6.0f : 0.0f;
     const double want_lse = n ? std::log(static_cast<double>(n)) : -kInf;
     bool ok = n ? std::fabs(g.lse[row] - want_lse) <= 2e-6 : g.lse[row] == -INFINITY;

@@ -64,7 +64,7 @@ struct Case {
   const char* name;
   Mode mode;
   PQuant pq;
-  bool causal;
+  test::CaseMask mask;
   DType dt;
   int64_t D, B, Hq, Hkv, Nq, Nk;
   Switches sw = {};
@@ -76,7 +76,7 @@ struct Case {
 bool quantizes(Mode m) { return m != Mode::kBF16; }
 
 AttentionOptions options_of(const Case& c) {
-  AttentionOptions o = test::options(c.mode, c.pq, c.causal);
+  AttentionOptions o = test::options(c.mode, c.pq, c.mask);
   if (c.sw.qkv >= 0) o.bwd.quantized_qkv = c.sw.qkv;
   if (c.sw.quant_p >= 0) o.bwd.quant_p = c.sw.quant_p;
   if (c.sw.hp_o >= 0) o.bwd.high_precision_o = c.sw.hp_o;
@@ -420,6 +420,16 @@ const Case kCases[] = {
   {"deterministic_bf16_bf16_d128_causal_gqa8",  kBf16, kPaper, true, kBf, 128, 1, 8, 1, 700, 1024, kDefault, false, false, true},
   {"deterministic_small_anchored_bf16_d64_gqa2", kQat, kAnch,  false, kBf, 64,  1, 2, 1, 129, 300, kDefault, false, false, true},
   {"deterministic_small_paper_bf16_d128_causal", kQat, kPaper, true,  kBf, 128, 1, 2, 2, 200, 333, kDefault, false, false, true},
+  // Sliding windows (LocalMask): key blocks meet a range [m_begin, m_end) of query blocks; the
+  // deterministic dQ turns run from n_last(m) down to n_first(m).
+  {"window_attnqat_paper_bf16_d128_128_0",      kQat, kPaper, test::window(128, 0), kBf, 128, 1, 4, 2, 1013, 1024},
+  {"window_attnqat_anchored_fp16_d64_1_1_gqa4", kQat, kAnch,  test::window(1, 1), kHf, 64, 1, 4, 1, 300, 333},
+  {"window_bf16_bf16_d128_127_127",             kBf16, kPaper, test::window(127, 127), kBf, 128, 1, 2, 2, 700, 700},
+  {"window_attnqat_paper_bf16_d64_0_0_nq_gt_nk", kQat, kPaper, test::window(0, 0), kBf, 64, 1, 2, 2, 300, 200},
+  {"window_attnqat_anchored_bf16_d128_4096_causal", kQat, kAnch, test::window(4096, -1, true), kBf, 128, 1, 2, 1, 1013, 1024},
+  {"window_dropin_paper_bf16_d64_0_127",        kDrop, kPaper, test::window(0, 127), kBf, 64, 1, 2, 2, 129, 1024},
+  {"deterministic_window_paper_bf16_d128_128_0", kQat, kPaper, test::window(128, 0), kBf, 128, 1, 2, 2, 1013, 1024, kDefault, false, false, true},
+  {"deterministic_window_bf16_fp16_d64_127_127_gqa4", kBf16, kPaper, test::window(127, 127), kHf, 64, 1, 4, 1, 700, 700, kDefault, false, false, true},
 };
 // clang-format on
 

@@ -18,22 +18,30 @@ struct AttnParams {
   int group;               // Hq / Hkv: query head h reads key/value head h / group
   int seqlen_q;            // Nq
   int seqlen_k;            // Nk
+  int window_left;         // LocalMask's window (-1: unbounded side; src/common/mask.h)
+  int window_right;
   float c2;                // RN(c * RN(log2 e)): S2 = c2 * (q . k), log2 units
   PQuant p_quant;          // anchored: m_ref = ceil(m), g = 2^-11; paper: m_ref = m, g = 1
   cuda::PQuantConsts pq;   // the constants of phi_nv(.; g) for p_quant
 
   // The sequence as the mask policy sees it (src/common/mask.h).
-  __host__ __device__ SeqInfo seq() const { return SeqInfo{seqlen_q, seqlen_k}; }
+  __host__ __device__ SeqInfo seq() const {
+    return SeqInfo{seqlen_q, seqlen_k, window_left, window_right};
+  }
 };
 
-// From the logical q [B, Hq, Nq, d] and k [B, Hkv, Nk, d] (the launchers check the ranges).
-inline AttnParams attn_params(const TensorView& q, const TensorView& k, float c2, PQuant p_quant) {
+// From the logical q [B, Hq, Nq, d] and k [B, Hkv, Nk, d] (the launchers check the ranges) and
+// the call's window (attention_seq, common/validate.h; only LocalMask reads it).
+inline AttnParams attn_params(const TensorView& q, const TensorView& k, float c2, PQuant p_quant,
+                              SeqInfo window) {
   AttnParams a;
   a.heads_q = static_cast<int>(q.shape[1]);
   a.heads_kv = static_cast<int>(k.shape[1]);
   a.group = static_cast<int>(q.shape[1] / k.shape[1]);
   a.seqlen_q = static_cast<int>(q.shape[2]);
   a.seqlen_k = static_cast<int>(k.shape[2]);
+  a.window_left = window.window_left;
+  a.window_right = window.window_right;
   a.c2 = c2;
   a.p_quant = p_quant;
   a.pq = cuda::p_quant_consts(p_quant);

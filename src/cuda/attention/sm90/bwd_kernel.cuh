@@ -144,7 +144,7 @@ __device__ __forceinline__ void gemm_dq(float (&acc)[Cfg::kAccDq], uint32_t ds_b
 // statistics (1-D bulk copy) into stage it % kStages, after the consumers released it.
 template <class Cfg>
 __device__ __forceinline__ void bwd_producer(const BwdParams& p, const BwdSmem<Cfg>& sm, int n_block,
-                                             int h_kv, int b, int m_begin) {
+                                             int h_kv, int b, int m_begin, int m_end) {
   cuda::mbar_arrive_expect_tx(sm.kv_full(), 2 * Cfg::kKVBytes);
 #pragma unroll
   for (int c = 0; c < Cfg::kChunks; ++c) {
@@ -156,7 +156,7 @@ __device__ __forceinline__ void bwd_producer(const BwdParams& p, const BwdSmem<C
   int it = 0;
   for (int hg = 0; hg < p.group; ++hg) {
     const int h = h_kv * p.group + hg;
-    for (int m = m_begin; m < p.m_blocks; ++m, ++it) {
+    for (int m = m_begin; m < m_end; ++m, ++it) {
       const int stage = it % Cfg::kStages;
       cuda::mbar_wait(sm.q_empty(stage), ((it / Cfg::kStages) & 1) ^ 1);
       cuda::mbar_arrive_expect_tx(sm.q_full(stage), 2 * Cfg::kQBytes + Cfg::kStatsBytes);
@@ -198,11 +198,11 @@ __device__ __forceinline__ void store_dq_reduce(const float (&dq)[Cfg::kAccDq], 
 // Deterministic path: the writers of a piece take turns in a fixed order, each a plain
 // read-add-write of its registers; `turn` is this writer's position (dq_turn), the semaphore
 // counts the writers done. The order is descending key block, then warpgroup when two share the
-// piece. The query blocks a key block contributes to are a suffix [m_begin(n), m_blocks) with
-// m_begin non-decreasing in n, so the writers of query block m are key blocks 0 .. n_last(m),
-// and block n waits only for blocks > n. In this mode the grid runs key blocks in descending
-// order (bwd_kernel), so those were scheduled before it (lower linear block index): no
-// deadlock. And under the causal mask block n + 1 starts at a later query block and has less
+// piece. The query blocks a key block contributes to are a range [m_begin(n), m_end(n)) with
+// both ends non-decreasing in n (monotone mask policies), so the writers of query block m are
+// the key blocks n_first(m) .. n_last(m), and block n waits only for blocks > n. In this mode
+// the grid runs key blocks in descending order (bwd_kernel), so those were scheduled before it
+// (lower linear block index): no deadlock. And under the causal mask block n + 1 starts at a later query block and has less
 // work, so it is ahead of block n at every query block: the turns cost almost no waiting.
 template <class Cfg>
 __device__ __forceinline__ void store_dq_ordered(const float (&dq)[Cfg::kAccDq], float* g_piece,
@@ -225,8 +225,8 @@ __device__ __forceinline__ void store_dq_ordered(const float (&dq)[Cfg::kAccDq],
   if (leader) atomicAdd(sem, 1);  // ... before the next writer's turn
 }
 
-// This writer's turn at query block m (see store_dq_ordered): key blocks n_last(m) down to 0,
-// kDqWriters warpgroups each.
+// This writer's turn at query block m (see store_dq_ordered): key blocks n_last(m) down to
+// n_first(m), kDqWriters warpgroups each.
 template <class Cfg, class Mask>
 __device__ __forceinline__ int dq_turn(const BwdParams& p, int m, int n_block, int wg) {
   const int last_row = min((m + 1) * Cfg::kBlockM, p.seqlen_q) - 1;
@@ -240,7 +240,8 @@ __device__ __forceinline__ int dq_turn(const BwdParams& p, int m, int n_block, i
 
 template <class Cfg, class Mask>
 __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<Cfg>& sm, int wg,
-                                             int n_block, int h_kv, int b, int m_begin, int n_iters) {
+                                             int n_block, int h_kv, int b, int m_begin, int m_end,
+                                             int n_iters) {
   constexpr bool kF16 = Cfg::kF16;
   const int tid = threadIdx.x % 128, warp = tid / 32, g = (tid % 32) / 4;
   const int key0 = n_block * Cfg::kBlockN + Cfg::kWgKeys * wg;  // this warpgroup's first key
@@ -262,7 +263,7 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
     int it = 0;
     for (int hg = 0; hg < p.group; ++hg) {
       const int h = h_kv * p.group + hg;
-      for (int m = m_begin; m < p.m_blocks; ++m, ++it) {
+      for (int m = m_begin; m < m_end; ++m, ++it) {
         const int stage = it % Cfg::kStages;
         const uint32_t q_tile = sm.q(stage), do_tile = sm.dout(stage);
         cuda::mbar_wait(sm.q_full(stage), (it / Cfg::kStages) & 1);
@@ -389,12 +390,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_kernel(const __grid_cons
   const int n_block = p.deterministic ? static_cast<int>(gridDim.x - 1 - blockIdx.x)
                                       : static_cast<int>(blockIdx.x);
   const int h_kv = blockIdx.y, b = blockIdx.z;
-  // The query blocks that meet this key block: [m_begin, m_blocks) for every policy here (the
-  // loops below run to m_blocks; a policy whose ranges end earlier needs m_end threaded through).
-  const IndexRange qb =
-      query_blocks<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, p.seq());
-  const int m_begin = qb.empty() ? p.m_blocks : qb.begin;
-  const int n_iters = p.m_blocks > m_begin ? p.group * (p.m_blocks - m_begin) : 0;
+  // The query blocks that meet this key block, [m_begin, m_end) (src/common/mask.h).
+  const IndexRange qb = query_blocks<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, p.seq());
+  const int m_begin = qb.empty() ? 0 : qb.begin, m_end = qb.empty() ? 0 : qb.end;
+  const int n_iters = p.group * (m_end - m_begin);
 
   if (threadIdx.x == 0) {
     cuda::mbar_init(sm.kv_full(), 1);
@@ -410,10 +409,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_kernel(const __grid_cons
       [&] {
         if (threadIdx.x == 0 && n_iters > 0) {
           cuda::prefetch_tma_descriptors(&p.tma_q, &p.tma_k, &p.tma_v, &p.tma_do);
-          bwd_producer<Cfg>(p, sm, n_block, h_kv, b, m_begin);
+          bwd_producer<Cfg>(p, sm, n_block, h_kv, b, m_begin, m_end);
         }
       },
-      [&](int wg) { bwd_consumer<Cfg, Mask>(p, sm, wg, n_block, h_kv, b, m_begin, n_iters); });
+      [&](int wg) { bwd_consumer<Cfg, Mask>(p, sm, wg, n_block, h_kv, b, m_begin, m_end, n_iters); });
 }
 
 }  // namespace attnqat::sm90

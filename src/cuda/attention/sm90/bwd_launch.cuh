@@ -23,7 +23,7 @@ Status launch_bwd(const BwdArgs& a) {
   ATTNQAT_RETURN_IF_ERROR(check_grid_limits("attention_backward", "KV heads", heads_kv,
                                             int64_t{1} << 30, "up to 2^30", a.q, a.k));
   BwdParams p{};
-  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant);
+  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant, a.seq);
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_do, a.dout, Cfg::kBlockM));
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));

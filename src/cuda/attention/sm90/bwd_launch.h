@@ -1,8 +1,9 @@
 // src/cuda/attention/sm90/bwd_launch.h — the launchers of the sm90 backward, declared for the
 // host entry point (src/cuda/attention/api.cu):
 //   launch_bwd<Cfg, Mask>  the main kernel (bwd_kernel.cuh), explicitly instantiated once per
-//                          file bwd_<dtype>_d<head dim>_<mask>.cu: 2 x 2 x 2 = 8 instantiations;
-//                          quant_p, anchored and deterministic are runtime flags
+//                          generated file (CMakeLists.txt, from sm90/bwd_instance.cu.in):
+//                          2 dtypes x 2 head dims x 3 masks = 12 instantiations; quant_p,
+//                          anchored, deterministic and the window's sizes are runtime values
 //   launch_bwd_preprocess  the per-row statistics {-LSE/ln 2, D, -m_ref, 1/l} (bwd_aux.cu)
 //   launch_bwd_postprocess dQ = c * dQaccum, rounded to the input dtype (bwd_aux.cu)
 // None synchronizes; errors come back as Status.
@@ -27,20 +28,13 @@ struct BwdArgs {
   float c2, scale;
   bool quant_p, deterministic;
   PQuant p_quant;  // paper or anchored (used when quant_p)
+  MaskKind mask;   // the policy the dispatch instantiates (api.cu with_mask)
+  SeqInfo seq;     // the window of LocalMask (attention_seq, common/validate.h)
   cudaStream_t stream;
 };
 
 template <class Cfg, class Mask>
 Status launch_bwd(const BwdArgs& a);
-
-#define ATTNQAT_SM90_BWD_INSTANCES(X)                                                       \
-  X(false, 64, NoMask) X(false, 64, CausalMask) X(false, 128, NoMask) X(false, 128, CausalMask) \
-      X(true, 64, NoMask) X(true, 64, CausalMask) X(true, 128, NoMask) X(true, 128, CausalMask)
-
-#define ATTNQAT_SM90_BWD_EXTERN(F16, D, MASK) \
-  extern template Status launch_bwd<BwdConfig<F16, D>, MASK>(const BwdArgs&);
-ATTNQAT_SM90_BWD_INSTANCES(ATTNQAT_SM90_BWD_EXTERN)
-#undef ATTNQAT_SM90_BWD_EXTERN
 
 // Per padded query row r of [B, Hq, m_blocks * 64]: {-LSE/ln 2, D = rowsum(dout * o), -m_ref,
 // 1/l}; rows past Nq and rows without keys (LSE = -inf) get {-inf, 0, -inf, 0}. m_ref and l may

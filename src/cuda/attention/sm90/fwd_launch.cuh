@@ -37,7 +37,7 @@ Status launch_fwd(const FwdArgs& a) {
                                             (int64_t{1} << 31) - Cfg::kBlockM, "below 2^31", a.q,
                                             a.k));
   FwdParams p{};
-  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant);
+  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant, a.seq);
   if constexpr (Cfg::kPacked) {
     p.pk_q = packed_operand(a.pq);
     p.kv_tma = a.kv_tma;

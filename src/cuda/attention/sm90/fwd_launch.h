@@ -1,7 +1,8 @@
 // src/cuda/attention/sm90/fwd_launch.h — the launcher of the sm90 forward kernel, declared for
-// the dispatch (src/cuda/attention/api.cu) and explicitly instantiated once per .cu file in this
-// directory (fwd_<dtype>_d<head dim>_<mask>[_ohp|_packed].cu): 2 dtypes x 2 head dims x 2 masks x
-// {plain, O', packed} = 24 instantiations. Everything else (paper/anchored, quantized or bf16 mode) is a runtime flag.
+// the dispatch (src/cuda/attention/api.cu) and explicitly instantiated once per generated .cu
+// file (src/cuda/attention/CMakeLists.txt writes them from sm90/fwd_instance.cu.in): 2 dtypes x
+// 2 head dims x 3 masks (none, causal, local) x {plain, O', packed} = 36 instantiations.
+// Everything else (paper/anchored, quantized or bf16 mode, the window's sizes) is a runtime value.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,38 +22,13 @@ struct FwdArgs {
   float c2;            // RN(c * RN(log2 e))
   bool quantize_p;     // mode != bf16
   PQuant p_quant;      // paper or anchored (quantized modes)
+  MaskKind mask;       // the policy the dispatch instantiates (api.cu with_mask)
+  SeqInfo seq;         // the window of LocalMask (attention_seq, common/validate.h)
   cudaStream_t stream;
 };
 
 // Builds the tensor maps and parameters and launches fwd_kernel<Cfg, Mask> on a.stream.
 template <class Cfg, class Mask>
 Status launch_fwd(const FwdArgs& a);
-
-#define ATTNQAT_SM90_FWD_INSTANCES(X)                                                           \
-  X(false, 64, false, NoMask)                                                                   \
-  X(false, 64, false, CausalMask) X(false, 64, true, NoMask) X(false, 64, true, CausalMask)     \
-      X(false, 128, false, NoMask) X(false, 128, false, CausalMask) X(false, 128, true, NoMask) \
-          X(false, 128, true, CausalMask) X(true, 64, false, NoMask)                            \
-              X(true, 64, false, CausalMask) X(true, 64, true, NoMask)                          \
-                  X(true, 64, true, CausalMask) X(true, 128, false, NoMask)                     \
-                      X(true, 128, false, CausalMask) X(true, 128, true, NoMask)                \
-                          X(true, 128, true, CausalMask)
-
-#define ATTNQAT_SM90_FWD_EXTERN(F16, D, OHP, MASK) \
-  extern template Status launch_fwd<FwdConfig<F16, D, OHP>, MASK>(const FwdArgs&);
-ATTNQAT_SM90_FWD_INSTANCES(ATTNQAT_SM90_FWD_EXTERN)
-#undef ATTNQAT_SM90_FWD_EXTERN
-
-// Attention from packed NVFP4 tensors (mode fp4, no O'): 2 dtypes x 2 head dims x 2 masks, files
-// fwd_<dtype>_d<head dim>_<mask>_packed.cu.
-#define ATTNQAT_SM90_FWD_PACKED_INSTANCES(X)                                            \
-  X(false, 64, NoMask) X(false, 64, CausalMask) X(false, 128, NoMask)                   \
-      X(false, 128, CausalMask) X(true, 64, NoMask) X(true, 64, CausalMask)             \
-          X(true, 128, NoMask) X(true, 128, CausalMask)
-
-#define ATTNQAT_SM90_FWD_PACKED_EXTERN(F16, D, MASK) \
-  extern template Status launch_fwd<FwdConfig<F16, D, false, true>, MASK>(const FwdArgs&);
-ATTNQAT_SM90_FWD_PACKED_INSTANCES(ATTNQAT_SM90_FWD_PACKED_EXTERN)
-#undef ATTNQAT_SM90_FWD_PACKED_EXTERN
 
 }  // namespace attnqat::sm90

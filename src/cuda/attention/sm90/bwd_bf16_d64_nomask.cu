@@ -1,7 +1,0 @@
-// The sm90 backward kernel for bf16, head dim 64, mask nomask: one explicit instantiation per
-// file, so that the 8 variants compile in parallel (bwd_launch.h).
-#include "cuda/attention/sm90/bwd_launch.cuh"
-
-namespace attnqat::sm90 {
-template Status launch_bwd<BwdConfig<false, 64>, NoMask>(const BwdArgs&);
-}  // namespace attnqat::sm90

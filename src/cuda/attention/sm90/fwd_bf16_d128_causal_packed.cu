@@ -1,7 +1,0 @@
-// The sm90 forward kernel for packed NVFP4 inputs decoded to bf16, head dim 128, mask causal: one explicit
-// instantiation per file, so that the variants compile in parallel (fwd_launch.h).
-#include "cuda/attention/sm90/fwd_launch.cuh"
-
-namespace attnqat::sm90 {
-template Status launch_fwd<FwdConfig<false, 128, false, true>, CausalMask>(const FwdArgs&);
-}  // namespace attnqat::sm90

@@ -102,7 +102,7 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   ATTNQAT_RETURN_IF_ERROR(validate_attention_backward(dout, q, k, v, saved, opts, grads));
   const auto cpu = [&] {
     if (q.numel() == 0 || k.numel() == 0) {  // no query row or no key: every gradient is 0
-      for (const TensorView* g : {&grads.dq, &grads.dk, &grads.dv}) zero_contiguous(*g);
+      for (const TensorView* g : {&grads.dq, &grads.dk, &grads.dv, &grads.dsinks}) zero_contiguous(*g);
       return Status::Ok();
     }
     return reference::attention_backward(dout, q, k, v, saved, opts, grads);

@@ -91,6 +91,16 @@ struct AttentionOptions {
   int window_left = -1;
   int window_right = -1;
   float softmax_scale = 0.0f;    // c > 0; 0 means 1/sqrt(D)
+  // Logit soft-capping (Gemma 2; numerics 9.9): the scores s = c * q_hat.k_hat become
+  // softcap * tanh(s / softcap) before the softmax. 0: off; otherwise a positive finite number.
+  float softcap = 0.0f;
+  // Attention sinks (GPT-OSS; numerics 9.10): one logit per query head, a float32 tensor [Hq] on
+  // the device of q, that takes probability mass in the softmax but has no value row. Undefined
+  // (data == nullptr): no sinks; a head whose sink is -inf has none. NaN and +inf are errors.
+  // The one tensor among the options: the Python binding takes it as an argument of
+  // attention_forward/attention_backward (keyword `sinks`), not as an attribute.
+  // softcap and sinks run on the CPU reference only: the CUDA kernels return NotImplemented.
+  TensorView sinks{};
   int kv_tile = 128;             // keys per tile of the online softmax (matters for "paper")
   BackwardSwitches bwd{};        // used by the backward (and to decide whether O' is needed)
   Precision precision = Precision::kFloat32;  // CPU reference only
@@ -124,6 +134,9 @@ struct ForwardState {
 };
 struct BackwardOutputs {
   TensorView dq, dk, dv;  // shapes and dtypes of q, k, v
+  // The gradient of opts.sinks: float32 [Hq]. Optional (leave undefined when the sinks need no
+  // gradient); an error without opts.sinks.
+  TensorView dsinks;
 };
 
 Status attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,

@@ -232,6 +232,10 @@ bool needs_o_hp(const AttentionOptions& opts) {
   return opts.mode != Mode::kBF16 && opts.mode != Mode::kFP4 && opts.bwd.high_precision_o;
 }
 
+bool has_sinks_tensor(const TensorView& t) { return t.data != nullptr || t.ndim != 0; }
+
+bool has_sinks(const AttentionOptions& opts) { return has_sinks_tensor(opts.sinks); }
+
 float resolve_softmax_scale(const AttentionOptions& opts, int64_t head_dim) {
   if (opts.softmax_scale > 0.0f) return opts.softmax_scale;
   return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
@@ -298,6 +302,9 @@ Status validate_attention_options(const AttentionOptions& opts) {
     return Status::Invalid("kv_tile: expected a positive multiple of 16 up to " +
                            std::to_string(kMaxKvTile) + ", got " + std::to_string(opts.kv_tile));
   ATTNQAT_RETURN_IF_ERROR(check_softmax_scale(opts.softmax_scale));
+  if (!(opts.softcap >= 0.0f) || !std::isfinite(opts.softcap))
+    return Status::Invalid("softcap: expected 0 (off) or a positive finite number, got " +
+                           repr_double(opts.softcap));
   if (opts.window_left < -1 || opts.window_right < -1) {
     const bool left = opts.window_left < -1;
     return Status::Invalid(std::string(left ? "window_left" : "window_right") +
@@ -357,6 +364,43 @@ std::string head_dim_message(const char* name, int64_t d) {
          std::to_string(kMaxHeadDim) + "; CUDA kernels: 64 and 128), got " + std::to_string(d);
 }
 
+// softcap with the head dim known (numerics 9.9): the scores are b * tanh(a * S) with
+// a = c / softcap and b = softcap * log2(e), which must be normal float32 numbers.
+Status check_softcap_constants(const AttentionOptions& opts, int64_t head_dim) {
+  if (opts.softcap == 0.0f) return Status::Ok();
+  const float c = resolve_softmax_scale(opts, head_dim);
+  const float a = c / opts.softcap, b = opts.softcap * 1.44269504088896340736f;
+  const auto normal = [](float x) { return std::isfinite(x) && x >= std::numeric_limits<float>::min(); };
+  if (!normal(a) || !normal(b))
+    return Status::Invalid("softcap: softmax_scale / softcap and softcap * log2(e) must be normal float32 "
+                           "numbers (the constants of the capped scores), got softcap " +
+                           repr_double(opts.softcap) + " with softmax_scale " + repr_double(c));
+  return Status::Ok();
+}
+
+// The sinks of the query heads (numerics 9.10): float32 [Hq] on the device of q; on the CPU their
+// values are read too: NaN and +inf are errors (-inf: that head has no sink).
+Status check_sinks(const TensorView& sinks, const TensorView& q) {
+  if (!has_sinks_tensor(sinks)) return Status::Ok();
+  TensorView named = sinks;
+  named.name = "sinks";
+  ATTNQAT_RETURN_IF_ERROR(check_dtype(named, DType::kFloat32));
+  if (named.ndim != 1 || named.shape[0] != q.shape[1])
+    return Status::Invalid("sinks: expected one logit per query head, shape [" + std::to_string(q.shape[1]) +
+                           "], got " + named.shape_str());
+  ATTNQAT_RETURN_IF_ERROR(check_same_device(q, named));
+  if (named.device == Device::kCPU) {
+    const float* z = static_cast<const float*>(named.data);
+    for (int64_t h = 0; h < named.shape[0]; ++h) {
+      const float x = z[h * named.stride[0]];
+      if (std::isnan(x) || x == std::numeric_limits<float>::infinity())
+        return Status::Invalid("sinks: expected finite logits (or -inf: no sink for that head), got " +
+                               repr_double(x) + " at index " + std::to_string(h));
+    }
+  }
+  return Status::Ok();
+}
+
 Status check_qkv(const TensorView& q, const TensorView& k, const TensorView& v,
                  const AttentionOptions& opts) {
   ATTNQAT_RETURN_IF_ERROR(validate_attention_options(opts));
@@ -390,7 +434,8 @@ Status check_qkv(const TensorView& q, const TensorView& k, const TensorView& v,
     return Status::Invalid("q, k: expected the number of query heads (" + std::to_string(hq) +
                            ") to be a multiple of the number of key/value heads (" +
                            std::to_string(hkv) + ")");
-  return Status::Ok();
+  ATTNQAT_RETURN_IF_ERROR(check_softcap_constants(opts, d));
+  return check_sinks(opts.sinks, q);
 }
 
 Status check_row_stat(const TensorView& t, const TensorView& q) {
@@ -466,6 +511,14 @@ Status validate_attention_backward(const TensorView& dout, const TensorView& q,
   ATTNQAT_RETURN_IF_ERROR(check_output(dq, q, q.dtype, 4, q.shape));
   ATTNQAT_RETURN_IF_ERROR(check_output(dk, q, q.dtype, 4, k.shape));
   ATTNQAT_RETURN_IF_ERROR(check_output(dv, q, q.dtype, 4, v.shape));
+  if (has_sinks_tensor(grads.dsinks)) {
+    TensorView dsinks = grads.dsinks;
+    dsinks.name = "dsinks";
+    if (!has_sinks(opts))
+      return Status::Invalid("dsinks: the gradient of the sinks, but the call has no sinks");
+    const int64_t shape[1] = {q.shape[1]};
+    ATTNQAT_RETURN_IF_ERROR(check_output(dsinks, q, DType::kFloat32, 1, shape));
+  }
   return Status::Ok();
 }
 

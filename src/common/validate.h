@@ -15,8 +15,9 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kMaxKvTile = 4096;
 
 // The options of an attention call, without tensors: enum values in range, kv_tile,
-// softmax_scale, the window's sides (-1 or >= 0), v_blocks 'token' only without the causal mask
-// (or a window whose right side is 0). Every validate_attention_* calls
+// softmax_scale, softcap (0 or positive, finite), the window's sides (-1 or >= 0), v_blocks
+// 'token' only without the causal mask (or a window whose right side is 0); opts.sinks, a
+// tensor, is checked with q by validate_attention_forward/backward. Every validate_attention_* calls
 // it, and the Python binding exposes it (attnqat._C.validate_attention_options) so that the
 // front end checks a configuration when it resolves one: each option is checked here and
 // nowhere else.
@@ -99,5 +100,10 @@ Status validate_decode_attention(const TensorView& q, const PagedKVCache& cache,
 bool needs_o_hp(const AttentionOptions& opts);
 // The softmax scale c actually used (1/sqrt(D) when opts.softmax_scale <= 0).
 float resolve_softmax_scale(const AttentionOptions& opts, int64_t head_dim);
+// Whether a view is given (a tensor, possibly empty) rather than left undefined: opts.sinks and
+// BackwardOutputs::dsinks are optional.
+bool has_sinks_tensor(const TensorView& t);
+// Whether the call has attention sinks (opts.sinks given; numerics 9.10).
+bool has_sinks(const AttentionOptions& opts);
 
 }  // namespace attnqat

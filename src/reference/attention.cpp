@@ -8,7 +8,10 @@
 // over keys with unit stride and vectorize without reassociating any sum.
 //
 // Forward, per query row (rows are independent; the work is split over (b, h, row block)):
-//   for each key tile of kv_tile keys:  S2 = c2 * (q_hat . k_hat);  m_new = max(m, max S2)
+//   start: m = z2, m_ref = z2 or ceil(z2), l = exp2(z2 - m_ref) with the head's sink z2 (9.10);
+//          without one m = m_ref = -inf, l = 0
+//   for each key tile of kv_tile keys:  S2 = c2 * (q_hat . k_hat)  (softcap: b tanh(a q_hat . k_hat));
+//     m_new = max(m, max S2)
 //     m_ref_new = paper ? m_new : ceil(m_new);  f = exp2(m_ref - m_ref_new)
 //     p~ = exp2(S2 - m_ref_new);  p_hat = phi_nv(p~ per 16 keys; g)
 //     l = l f + sum p~;  O = O f + p_hat V_hat;  O' = O' f + p~ V_hat
@@ -224,6 +227,65 @@ Acc ln2_of() {
   else return 0.69314718055994530942;
 }
 
+template <typename Acc>
+Acc log2e_of() {
+  if constexpr (std::is_same_v<Acc, float>) return kLog2e;
+  else return 1.4426950408889634074;
+}
+
+// The scores in log2 units from the dot products S = q_hat . k_hat (numerics 9.1 and 9.9):
+// S2 = c2 * S, or with a softcap S2 = b * tanh(a * S), a = RN(c / softcap),
+// b = RN(softcap * RN(log2 e)) (exact products and quotient in the fp64 variant). The backward
+// also takes the slope of the cap, d(capped score) / d(score) = 1 - tanh^2(a * S) (1 without one).
+template <typename Acc>
+struct ScoreMap {
+  bool capped;
+  Acc c2, a, b;
+  ScoreMap(const AttentionOptions& opts, int64_t D)
+      : capped(opts.softcap > 0.0f), c2(c2_of<Acc>(resolve_softmax_scale(opts, D))) {
+    const Acc c = resolve_softmax_scale(opts, D), cap = opts.softcap;
+    a = capped ? c / cap : Acc(0);
+    b = capped ? cap * log2e_of<Acc>() : Acc(0);
+  }
+  Acc operator()(Acc s) const { return capped ? b * std::tanh(a * s) : c2 * s; }
+  Acc with_slope(Acc s, Acc* slope) const {
+    if (!capped) {
+      *slope = 1;
+      return c2 * s;
+    }
+    const Acc t = std::tanh(a * s);
+    *slope = 1 - t * t;
+    return b * t;
+  }
+};
+
+// The sinks of the query heads in log2 units, z2 = RN(z * RN(log2 e)) (numerics 9.10); -inf
+// for a head without one (every head when the call has no sinks).
+template <typename Acc>
+std::vector<Acc> sink_logits2(const AttentionOptions& opts, int64_t Hq) {
+  std::vector<Acc> z2(static_cast<size_t>(Hq), -std::numeric_limits<Acc>::infinity());
+  if (!has_sinks(opts)) return z2;
+  const float* z = static_cast<const float*>(opts.sinks.data);
+  for (int64_t h = 0; h < Hq; ++h) z2[h] = static_cast<Acc>(z[h * opts.sinks.stride[0]]) * log2e_of<Acc>();
+  return z2;
+}
+
+// A row's online-softmax state before its first key (numerics 9.10): the sink is a key of score
+// z2 with no value row that sits in no P block, so m = z2, m_ref = z2 (paper) or ceil(z2)
+// (anchored), l = exp2(z2 - m_ref), O = O' = 0. Without a sink (z2 = -inf) m = m_ref = -inf, l = 0.
+template <typename Acc>
+struct RowStart {
+  Acc m, m_ref, l;
+};
+
+template <typename Acc>
+RowStart<Acc> row_start(Acc z2, bool anchored) {
+  constexpr Acc kInf = std::numeric_limits<Acc>::infinity();
+  if (!(z2 > -kInf)) return {-kInf, -kInf, Acc(0)};
+  const Acc m_ref = anchored ? std::ceil(z2) : z2;
+  return {z2, m_ref, exp2_acc<Acc>(z2 - m_ref)};
+}
+
 // ---- Forward -------------------------------------------------------------------------------
 
 template <typename Acc>
@@ -235,7 +297,8 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
   const float g_p = anchored ? kAnchoredPScale : 1.0f;
   const Operands<Acc> op = make_operands<Acc>(qv, kv, vv, quant && !opts.inputs_quantized, opts.v_blocks);
   const int64_t B = op.B, Hq = op.Hq, Nq = op.Nq, Nk = op.Nk, D = op.D;
-  const Acc c2 = c2_of<Acc>(resolve_softmax_scale(opts, D));
+  const ScoreMap<Acc> score2(opts, D);
+  const std::vector<Acc> sink2 = sink_logits2<Acc>(opts, Hq);
   const int64_t tile = opts.kv_tile;
   const bool want_hp = out.o_hp.data != nullptr;
   const bool want_stats = out.m_ref.data != nullptr;
@@ -254,7 +317,8 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
     std::vector<Acc> s(static_cast<size_t>(kRowBlock * tile)), p(tile), p_hat(tile);
     std::vector<Acc> o_acc(static_cast<size_t>(kRowBlock * D), Acc(0)), o_hp_acc(o_acc.size(), Acc(0));
     Acc m[kRowBlock], m_ref[kRowBlock], l[kRowBlock];
-    for (int r = 0; r < kRowBlock; ++r) m[r] = m_ref[r] = -std::numeric_limits<Acc>::infinity(), l[r] = 0;
+    const RowStart<Acc> start = row_start(sink2[h], anchored);
+    for (int r = 0; r < kRowBlock; ++r) m[r] = start.m, m_ref[r] = start.m_ref, l[r] = start.l;
 
     // Tiles start at multiples of kv_tile from key 0, from the tile of the first row's begin to
     // the last row's end (the rows' ranges are monotone).
@@ -272,7 +336,7 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
         Acc* sr = s.data() + (r * tile);
         Acc tile_max = -std::numeric_limits<Acc>::infinity();
         for (int64_t j = off; j < n; ++j) {
-          sr[j] = c2 * sr[j];  // S2, log2 units
+          sr[j] = score2(sr[j]);  // S2, log2 units
           tile_max = max_nan(tile_max, sr[j]);
         }
         const Acc m_new = max_nan(m[r], tile_max);
@@ -308,10 +372,11 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
     for (int r = 0; r < nrows; ++r) {
       const int64_t i = i0 + r;
       const int64_t row_off = ((b * Hq + h) * Nq + i);
-      // Empty only by the mask (O = 0, LSE = -inf). A row that saw keys but has no positive
-      // sum (NaN, or 0 when every score is -inf) is poisoned: its divisor is NaN, so O, O' and
-      // LSE come out NaN.
+      // Empty only by the mask (O = 0, LSE = -inf; with a sink LSE is the sink's, 9.10). A row
+      // that saw keys but has no positive sum (NaN, or 0 when every score is -inf and there is
+      // no sink) is poisoned: its divisor is NaN, so O, O' and LSE come out NaN.
       const bool empty = mask.keys(i).empty();
+      const bool no_mass = empty && !(sink2[h] > -std::numeric_limits<Acc>::infinity());
       const Acc l_div = l[r] > 0 ? l[r] : std::numeric_limits<Acc>::quiet_NaN();
       for (int64_t d = 0; d < D; ++d) {
         const int64_t off = b * out.o.stride[0] + h * out.o.stride[1] + i * out.o.stride[2] + d;
@@ -319,11 +384,11 @@ void forward_impl(const TensorView& qv, const TensorView& kv, const TensorView& 
         if (want_hp)
           store_from_double(out.o_hp, off, empty ? 0.0 : static_cast<double>(o_hp_acc[r * D + d] / l_div));
       }
-      const Acc lse = empty ? -std::numeric_limits<Acc>::infinity()
-                            : ln2_of<Acc>() * (m_ref[r] + std::log2(l_div));
+      const Acc lse = no_mass ? -std::numeric_limits<Acc>::infinity()
+                              : ln2_of<Acc>() * (m_ref[r] + std::log2(l_div));
       static_cast<float*>(out.lse.data)[row_off] = static_cast<float>(lse);
       if (want_stats) {
-        static_cast<float*>(out.m_ref.data)[row_off] = empty ? kNegInf : static_cast<float>(m_ref[r]);
+        static_cast<float*>(out.m_ref.data)[row_off] = no_mass ? kNegInf : static_cast<float>(m_ref[r]);
         static_cast<float*>(out.l.data)[row_off] = static_cast<float>(l[r]);
       }
     }
@@ -342,7 +407,8 @@ struct RowStats {
 // Recomputes the row statistics of the scores the backward sees, in one pass over each row:
 // used when those scores are not the forward's (drop_in_qat: unquantized Q and K).
 template <typename Acc>
-RowStats<Acc> recompute_stats(const Operands<Acc>& op, Acc c2, bool anchored, const RowMask& mask) {
+RowStats<Acc> recompute_stats(const Operands<Acc>& op, const ScoreMap<Acc>& score2, const std::vector<Acc>& sink2,
+                              bool anchored, const RowMask& mask) {
   RowStats<Acc> st;
   const int64_t rows = op.B * op.Hq * op.Nq;
   st.lse2.resize(rows);
@@ -355,15 +421,17 @@ RowStats<Acc> recompute_stats(const Operands<Acc>& op, Acc c2, bool anchored, co
     std::vector<Acc> s(static_cast<size_t>(std::max<int64_t>(n, 1)));
     const Acc* qr = op.q_row(b, h, i);
     if (n > 0) scores(&qr, 1, op.kt_head(b, hk), op.Nk, op.D, rk.begin, rk.end, s.data(), n);
-    Acc m = -std::numeric_limits<Acc>::infinity();
-    for (int64_t j = 0; j < n; ++j) m = max_nan(m, s[j] = c2 * s[j]);
-    if (n == 0) {
+    // The sink as the forward's first state (9.10), then every visible key at once.
+    const RowStart<Acc> start = row_start(sink2[h], anchored);
+    Acc m = start.m;
+    for (int64_t j = 0; j < n; ++j) m = max_nan(m, s[j] = score2(s[j]));
+    if (n == 0 && start.l == 0) {  // no key and no sink
       st.lse2[row] = st.m_ref[row] = m;
       st.l[row] = 0;
       return;
     }
     const Acc mr = anchored ? std::ceil(m) : m;
-    Acc l = 0;
+    Acc l = start.l == 0 ? Acc(0) : exp2_acc<Acc>(sink2[h] - mr);
     for (int64_t j = 0; j < n; ++j) l += exp2_acc<Acc>(s[j] - mr);
     st.m_ref[row] = mr;
     st.l[row] = l;
@@ -401,7 +469,8 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
       make_operands<Acc>(qv, kv, vv, sw.quantized_qkv && !opts.inputs_quantized, opts.v_blocks);
   const int64_t B = op.B, Hq = op.Hq, Hkv = op.Hkv, Nq = op.Nq, Nk = op.Nk, D = op.D;
   const float c = resolve_softmax_scale(opts, D);
-  const Acc c2 = c2_of<Acc>(c);
+  const ScoreMap<Acc> score2(opts, D);
+  const std::vector<Acc> sink2 = sink_logits2<Acc>(opts, Hq);
   const std::vector<Acc> dout = load4<Acc>(doutv);
 
   // D_i = rowsum(dO * O') (Attn-QAT) or rowsum(dO * O).
@@ -418,18 +487,36 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
   const bool recompute = quantizes(opts.mode) && !sw.quantized_qkv;
   const bool use_p_f = quantizes(opts.mode) && sw.quant_p;
   const RowMask mask(opts, Nq, Nk);
-  const RowStats<Acc> st = recompute ? recompute_stats(op, c2, anchored, mask)
+  const RowStats<Acc> st = recompute ? recompute_stats(op, score2, sink2, anchored, mask)
                                      : saved_stats<Acc>(saved, B * Hq * Nq, use_p_f && anchored);
 
-  // P = exp2(S2 - LSE/ln2) for a row over keys [j0, j0+n), from scores s (overwritten by S2).
-  auto probs = [&](int64_t row, Acc* s, int64_t n, Acc* p) {
+  // P = exp2(S2 - LSE/ln2) for a row over keys [j0, j0+n), from scores s (overwritten by S2),
+  // and the softcap's slope (9.9; 1 without a cap), which turns dS into the uncapped scores'.
+  auto probs = [&](int64_t row, Acc* s, int64_t n, Acc* p, Acc* slope) {
     const Acc lse2 = st.lse2[row];
     for (int64_t j = 0; j < n; ++j) {
-      s[j] = c2 * s[j];
+      s[j] = score2.with_slope(s[j], &slope[j]);
       // Only empty rows have LSE = -inf (and they have no visible key); NaN stays NaN.
       p[j] = lse2 == -std::numeric_limits<Acc>::infinity() ? Acc(0) : exp2_acc<Acc>(s[j] - lse2);
     }
   };
+
+  // dsinks_h = -sum over the rows of head h of p_sink * D, p_sink = exp2(z2 - LSE/ln2) (9.10).
+  // Rows that see no key have O = 0 whatever the sink: they contribute nothing.
+  if (has_sinks_tensor(grads.dsinks)) {
+    float* dsinks = static_cast<float*>(grads.dsinks.data);
+    parallel_for(Hq, [&](int64_t h) {
+      Acc sum = 0;
+      if (sink2[h] > -std::numeric_limits<Acc>::infinity())
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t i = 0; i < Nq; ++i) {
+            if (mask.keys(i).empty()) continue;
+            const int64_t row = (b * Hq + h) * Nq + i;
+            sum += exp2_acc<Acc>(sink2[h] - st.lse2[row]) * delta[row];
+          }
+      dsinks[h] = static_cast<float>(-sum);
+    });
+  }
 
   // Pass 1: dQ_i = c * sum_j dS_ij K_j, one query row block per work item.
   const int64_t row_blocks = (Nq + kRowBlock - 1) / kRowBlock;
@@ -448,7 +535,7 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
       q_rows[r] = op.q_row(b, h, i0 + r);
       do_rows[r] = dout.data() + (((bh * Nq) + i0 + r) * D);
     }
-    std::vector<Acc> s(static_cast<size_t>(kRowBlock * w)), dp(s.size()), p(w);
+    std::vector<Acc> s(static_cast<size_t>(kRowBlock * w)), dp(s.size()), p(w), slope(w);
     scores(q_rows, nrows, op.kt_head(b, hk), Nk, D, key0, key1, s.data(), w);
     scores(do_rows, nrows, op.vt_head(b, hk), Nk, D, key0, key1, dp.data(), w);
     for (int r = 0; r < nrows; ++r) {
@@ -456,10 +543,10 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
       const IndexRange rk = mask.keys(i0 + r);
       if (rk.empty()) continue;  // an empty row: dQ = 0
       const int64_t begin = rk.begin, n = rk.end - rk.begin;  // p[j - begin], s and dp at j - key0
-      probs(row, s.data() + (r * w + begin - key0), n, p.data());
+      probs(row, s.data() + (r * w + begin - key0), n, p.data(), slope.data());
       Acc* dqr = dq.data() + (row * D);
       for (int64_t j = begin; j < rk.end; ++j) {
-        const Acc ds = operand(p[j - begin] * (dp[r * w + j - key0] - delta[row]), bf16_ops);
+        const Acc ds = operand(p[j - begin] * (dp[r * w + j - key0] - delta[row]) * slope[j - begin], bf16_ops);
         const Acc* kj = op.k_row(b, hk, j);
         for (int64_t d = 0; d < D; ++d) dqr[d] += ds * kj[d];
       }
@@ -475,7 +562,7 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
     const int64_t bhk = item / key_chunks, kc = item % key_chunks;
     const int64_t b = bhk / Hkv, hk = bhk % Hkv;
     const int64_t j0 = kc * kKeyChunk, j1 = std::min(j0 + kKeyChunk, Nk), n = j1 - j0;
-    Acc s[kKeyChunk], dp[kKeyChunk], p[kKeyChunk], pf[kKeyChunk], pt[kKeyChunk];
+    Acc s[kKeyChunk], dp[kKeyChunk], p[kKeyChunk], pf[kKeyChunk], pt[kKeyChunk], slope[kKeyChunk];
     Acc* dk_c = dk.data() + ((bhk * Nk + j0) * D);
     Acc* dv_c = dv.data() + ((bhk * Nk + j0) * D);
     for (int64_t h = hk * op.group; h < (hk + 1) * op.group; ++h) {
@@ -491,7 +578,7 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
         const Acc* dor = dout.data() + (row * D);
         scores(&qr, 1, op.kt_head(b, hk), Nk, D, j0 + pb, end, s + pb, kKeyChunk);
         scores(&dor, 1, op.vt_head(b, hk), Nk, D, j0 + pb, end, dp + pb, kKeyChunk);
-        probs(row, s + pb, nv - pb, p + pb);
+        probs(row, s + pb, nv - pb, p + pb, slope + pb);
         for (int64_t j = pb; j < off; ++j) p[j] = 0;
         if (use_p_f && !anchored) {
           quantize_p_row(p + pb, nv - pb, g_p, pf + pb);  // Algorithm 3: phi_nv(P; 1) of the normalized P
@@ -509,7 +596,7 @@ void backward_impl(const TensorView& doutv, const TensorView& qv, const TensorVi
         }
         for (int64_t j = off; j < nv; ++j) {
           const Acc pv = operand(pf[j], bf16_ops);
-          const Acc ds = operand(p[j] * (dp[j] - delta[row]), bf16_ops);
+          const Acc ds = operand(p[j] * (dp[j] - delta[row]) * slope[j], bf16_ops);
           Acc* dvj = dv_c + j * D;
           Acc* dkj = dk_c + j * D;
           for (int64_t d = 0; d < D; ++d) dvj[d] += pv * dor[d];

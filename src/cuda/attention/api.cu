@@ -89,8 +89,15 @@ Status with_mask(MaskKind kind, F&& f) {
 
 // What the kernels refuse, checked before anything runs (temporaries, zeroed gradients): the
 // forward (plain and packed) and the backward call it first. "paper" P quantization depends on
-// the key tile, and the kernels' tile is kKernelKvTile keys.
-Status check_kernel_options(const AttentionOptions& opts) { return check_paper_kv_tile(opts); }
+// the key tile, and the kernels' tile is kKernelKvTile keys; logit soft-capping and attention
+// sinks (numerics 9.9, 9.10) are not in the kernels yet.
+Status check_kernel_options(const AttentionOptions& opts) {
+  if (opts.softcap != 0.0f || has_sinks(opts))
+    return Status::NotImplemented(
+        std::string(opts.softcap != 0.0f ? "softcap: logit soft-capping" : "sinks: attention sinks") +
+        " runs on the CPU reference only in this build; the CUDA kernels take neither softcap nor sinks");
+  return check_paper_kv_tile(opts);
+}
 
 Status dispatch(const sm90::FwdArgs& args) {
   const MaskKind mask = args.mask;

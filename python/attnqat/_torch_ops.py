@@ -6,7 +6,7 @@ autograd formulas. Outputs are allocated here and filled by the C++ core (``attn
 current CUDA stream; nothing synchronizes.
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -101,43 +101,59 @@ def fake_quantize(x: Tensor, format: str, axis: str, global_scale: float, comput
 
 # ---- Attention ---------------------------------------------------------------------------------
 
+def _sinks_view(sinks: Optional[Tensor]) -> Optional[Tensor]:
+    # A plain tensor for the binding, which takes torch.Tensor itself and not subclasses such as
+    # nn.Parameter (what models hold their sinks in). Inside an op: no autograd to keep.
+    return None if sinks is None else sinks.detach()
+
+
 # The options cross as one string (AttentionConfig.op_options: a dict literal of the core's
 # AttentionOptions, inputs_quantized included), so the schema holds only what torch needs: the
 # tensors, the options (a constant that dynamo guards on) and need_o_hp, which fixes O''s shape.
+# `sinks` (float32 [Hq] or None) is the one tensor among the core's options (numerics 9.10).
 @torch.library.custom_op(f"{_LIB}::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, options: str, need_o_hp: bool
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, options: str, need_o_hp: bool, sinks: Optional[Tensor] = None
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # No O': a 1-D placeholder (an O' of an empty q is 4-D and empty, and still counts as given).
     o_hp = torch.empty(q.shape if need_o_hp else (0,), dtype=q.dtype, device=q.device)
     lse, m_ref, l = (torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(3))
     _C.attention_forward(q, k, v, o, o_hp if need_o_hp else None, lse, m_ref, l, core_options_from_string(options),
-                         stream=_stream(q))
+                         stream=_stream(q), sinks=_sinks_view(sinks))
     return o, o_hp, lse, m_ref, l
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, options, need_o_hp):
+def _(q, k, v, options, need_o_hp, sinks=None):
     row = tuple(q.shape[:3])
     return (q.new_empty(q.shape), q.new_empty(q.shape if need_o_hp else (0,)),
             q.new_empty(row, dtype=torch.float32), q.new_empty(row, dtype=torch.float32),
             q.new_empty(row, dtype=torch.float32))
 
 
+def _dsinks_shape(sinks: Optional[Tensor]):
+    # The sinks' gradient, float32 [Hq]; without sinks an empty placeholder.
+    return tuple(sinks.shape) if sinks is not None else (0,)
+
+
 @torch.library.custom_op(f"{_LIB}::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, o_hp: Tensor, lse: Tensor,
-                   m_ref: Tensor, l: Tensor, options: str) -> Tuple[Tensor, Tensor, Tensor]:
+                   m_ref: Tensor, l: Tensor, options: str, sinks: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dsinks = torch.empty(_dsinks_shape(sinks), dtype=torch.float32, device=q.device)
     _C.attention_backward(_last_dim_contiguous(dout), q, k, v, o, o_hp if o_hp.dim() == 4 else None, lse,
-                          m_ref, l, dq, dk, dv, core_options_from_string(options), stream=_stream(q))
-    return dq, dk, dv
+                          m_ref, l, dq, dk, dv, core_options_from_string(options), stream=_stream(q),
+                          sinks=_sinks_view(sinks), dsinks=None if sinks is None else dsinks)
+    return dq, dk, dv, dsinks
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, o, o_hp, lse, m_ref, l, options):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, o, o_hp, lse, m_ref, l, options, sinks=None):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(_dsinks_shape(sinks), dtype=torch.float32))
 
 
 def _attention_bwd_backward(ctx, *grads):
@@ -148,24 +164,25 @@ torch.library.register_autograd(f"{_LIB}::attention_bwd", _attention_bwd_backwar
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, options, _ = inputs
+    q, k, v, options, _, sinks = inputs
     ctx.options = options
     o, o_hp, lse, m_ref, l = output
-    ctx.save_for_backward(q, k, v, o, o_hp, lse, m_ref, l)
+    ctx.save_for_backward(q, k, v, o, o_hp, lse, m_ref, l, sinks)
     ctx.mark_non_differentiable(o_hp, lse, m_ref, l)
 
 
 def _attention_backward(ctx, do, do_hp, dlse, dm, dl):
-    q, k, v, o, o_hp, lse, m_ref, l = ctx.saved_tensors
-    dq, dk, dv = torch.ops.attnqat.attention_bwd(do, q, k, v, o, o_hp, lse, m_ref, l, ctx.options)
-    return dq, dk, dv, None, None
+    q, k, v, o, o_hp, lse, m_ref, l, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = torch.ops.attnqat.attention_bwd(do, q, k, v, o, o_hp, lse, m_ref, l, ctx.options, sinks)
+    return dq, dk, dv, None, None, (dsinks if sinks is not None else None)
 
 
 torch.library.register_autograd(f"{_LIB}::attention_fwd", _attention_backward, setup_context=_attention_setup_context)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, cfg) -> Tuple[Tensor, Tensor]:
-    """Runs the forward op; O' is computed only when autograd will call the backward.
+def attention(q: Tensor, k: Tensor, v: Tensor, cfg, sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Runs the forward op; O' is computed only when autograd will call the backward. ``sinks``:
+    None or the float32 ``[Hq]`` sink logits (numerics 9.10), differentiable.
 
     In the quantized modes Q, K, V are fake-quantized here first (the straight-through
     fake_quantize op, memory from torch's caching allocator, with the second-level scales of
@@ -182,13 +199,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cfg) -> Tuple[Tensor, Tensor]:
         for name, t in (("q", q), ("k", k), ("v", v)):
             first_non_finite(name, t)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
+                                              (sinks is not None and sinks.requires_grad))
     need_o_hp = wants_grad and cfg.needs_o_hp
     quantized_mode = cfg.mode != "bf16"
     raw_backward = wants_grad and not cfg.bwd_quantized_qkv
     scale = cfg.qkv_scale if quantized_mode else None
     if scale is not None and (raw_backward or not _quantizable(q, k, v)):
-        return _attention_rescaled(q, k, v, cfg, scale)
+        return _attention_rescaled(q, k, v, cfg, scale, sinks)
     prequantize = quantized_mode and not raw_backward and _quantizable(q, k, v)
     if prequantize:
         v_axis = "token" if cfg.v_blocks == "token" else "last"
@@ -197,11 +215,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cfg) -> Tuple[Tensor, Tensor]:
         q = torch.ops.attnqat.fake_quantize(q, "nvfp4", "last", g_q, compute)
         k = torch.ops.attnqat.fake_quantize(k, "nvfp4", "last", g_k, compute)
         v = torch.ops.attnqat.fake_quantize(v, "nvfp4", v_axis, g_v, compute)
-    o, _, lse, _, _ = torch.ops.attnqat.attention_fwd(q, k, v, cfg.op_options(prequantize), need_o_hp)
+    o, _, lse, _, _ = torch.ops.attnqat.attention_fwd(q, k, v, cfg.op_options(prequantize), need_o_hp, sinks)
     return o, lse
 
 
-def _attention_rescaled(q: Tensor, k: Tensor, v: Tensor, cfg, scale) -> Tuple[Tensor, Tensor]:
+def _attention_rescaled(q: Tensor, k: Tensor, v: Tensor, cfg, scale, sinks) -> Tuple[Tensor, Tensor]:
     """Attention with second-level scales g where Q, K, V cannot be quantized up front: on
     (q / g_q, k / g_k, v / g_v) with the softmax scale times g_q * g_k, O times g_v. Powers of two
     commute with every rounding, so this is the result of quantizing with g; autograd sees the
@@ -212,7 +230,7 @@ def _attention_rescaled(q: Tensor, k: Tensor, v: Tensor, cfg, scale) -> Tuple[Te
         scale = tuple(nvfp4_global_scale(float(t.detach().abs().amax())) if t.numel() and
                       bool(torch.isfinite(t).all()) else 1.0 for t in (q, k, v))
     inner = rescaled_config(cfg, q.shape[-1], scale)
-    o, lse = attention(q / scale[0], k / scale[1], v / scale[2], inner)
+    o, lse = attention(q / scale[0], k / scale[1], v / scale[2], inner, sinks)
     return o * scale[2], lse
 
 

@@ -107,6 +107,23 @@ def check_softmax_scale(name: str, value) -> Optional[float]:
     return value
 
 
+def check_softcap(name: str, value) -> float:
+    """Logit soft-capping (docs/numerics.md 9.9): None or 0 (off) or a positive finite number, as a
+    float, else TypeError; the core checks its value (ValueError naming `name`)."""
+    if value is None:
+        return 0.0
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number (0 or None: off), got {_describe(value)}")
+    value = float(value)
+    if value != 0.0 and not (abs(value) <= _F32_MAX):  # the core's field is a float32
+        raise ValueError(f"{name}: expected 0 (off) or a positive finite number in float32 range, got {value}")
+    try:
+        validate_core_options((("softcap", value),))
+    except ValueError as e:
+        raise ValueError(name + str(e)[len("softcap"):]) from None
+    return value
+
+
 def check_int(name: str, value, what: str) -> int:
     """An int (not a bool), else TypeError; the core checks its value."""
     if _is_bool(value) or not isinstance(value, numbers.Integral):
@@ -171,6 +188,7 @@ _TYPES = {
     "window_left": lambda n, v: check_int(n, v, "-1 or a number of keys >= 0"),
     "window_right": lambda n, v: check_int(n, v, "-1 or a number of keys >= 0"),
     "softmax_scale": lambda n, v: v if v is None else check_softmax_scale(n, v),
+    "softcap": check_softcap,
     "kv_tile": lambda n, v: check_int(n, v, f"a positive multiple of 16 up to {KV_TILE_MAX}"),
     "bwd_quantized_qkv": lambda n, v: check_bool(n, v, allow_none=True),
     "bwd_quant_p": lambda n, v: check_bool(n, v, allow_none=True),
@@ -181,7 +199,7 @@ _TYPES = {
 }
 # The options that the core's AttentionOptions holds (the others are the front end's).
 CORE_OPTIONS = ("causal", "softmax_scale", "mode", "p_quant", "v_blocks", "kv_tile", *_BWD_SWITCHES, "precision",
-                "deterministic", "window_left", "window_right")
+                "deterministic", "window_left", "window_right", "softcap")
 OPTIONS = CORE_OPTIONS + ("qkv_scale", "check_finite")
 
 
@@ -214,6 +232,7 @@ class AttentionConfig:
     check_finite: bool = False
     window_left: int = -1  # sliding window (numerics section 3); -1: unbounded
     window_right: int = -1
+    softcap: float = 0.0  # logit soft-capping (numerics 9.9); 0: off
 
     @property
     def needs_o_hp(self) -> bool:
@@ -249,14 +268,14 @@ def core_options_from_string(options: str):
 def resolve_config(
     *, causal=False, softmax_scale=None, mode="attn_qat", p_quant="paper", v_blocks="channel",
     kv_tile=128, bwd_quantized_qkv=None, bwd_quant_p=None, bwd_high_precision_o=None, precision="fp32",
-    deterministic=False, qkv_scale=None, check_finite=False, window=None,
+    deterministic=False, qkv_scale=None, check_finite=False, window=None, softcap=0.0,
 ) -> AttentionConfig:
     """Checks every option (types here, values in the core) and fills in the mode's defaults for
     the ablation switches. ``window`` (None or ``(left, right)``) becomes window_left/right."""
     given = dict(causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,
                  kv_tile=kv_tile, bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
                  bwd_high_precision_o=bwd_high_precision_o, precision=precision, deterministic=deterministic,
-                 qkv_scale=qkv_scale, check_finite=check_finite)
+                 qkv_scale=qkv_scale, check_finite=check_finite, softcap=softcap)
     o = {name: _TYPES.get(name, lambda n, v: v)(name, value) for name, value in given.items()}
     o["window_left"], o["window_right"] = check_window("window", window)
     switches = [o[name] for name in _BWD_SWITCHES]
@@ -340,6 +359,7 @@ def attention(
     bwd_quantized_qkv: Optional[bool] = None, bwd_quant_p: Optional[bool] = None,
     bwd_high_precision_o: Optional[bool] = None, return_lse: bool = False, precision: str = "fp32",
     deterministic: bool = False, qkv_scale=None, check_finite: bool = False, window=None,
+    softcap: float = 0.0, sinks=None,
 ):
     """Scaled dot-product attention with FP4 (NVFP4) fake quantization, as in Attn-QAT.
 
@@ -359,6 +379,16 @@ def attention(
             side is 0 (FlashAttention's ``window_size`` convention), so ``(-1, 0)`` is causal.
             The CUDA kernels skip the key tiles outside every row's window.
         softmax_scale: a positive finite number; default ``1/sqrt(D)``.
+        softcap: logit soft-capping (Gemma 2): the scores ``s = softmax_scale * q.k`` become
+            ``softcap * tanh(s / softcap)`` before the softmax (after the FP4 quantization of Q
+            and K; ``docs/numerics.md`` 9.9). ``0`` or ``None``: off. CPU reference only: on CUDA
+            tensors it raises ``NotImplementedError``.
+        sinks: attention sinks (GPT-OSS's ``s_aux``): ``None`` or one logit per query head, a
+            float32 ``[Hq]`` tensor (a numpy array with numpy inputs). Each row's softmax gets the
+            extra term ``exp(sinks[h])``, which takes probability mass but has no value row
+            (``docs/numerics.md`` 9.10); ``-inf`` is no sink for that head, NaN and ``+inf`` raise.
+            Differentiable: a torch tensor that requires grad gets its gradient. A row that sees
+            no key gives ``O = 0`` and ``LSE = sinks[h]``. CPU reference only, like ``softcap``.
         mode: ``"bf16"`` (ordinary attention), ``"fp4"`` (FP4 inference forward; no gradient),
             ``"drop_in_qat"`` (FP4 forward, the paper's naive high-precision backward),
             ``"attn_qat"`` (FP4 forward with O', the Attn-QAT backward).
@@ -407,19 +437,20 @@ def attention(
         ValueError: an option or tensor the kernels do not accept; the message names the
             argument, what it got and what is accepted.
         NotImplementedError: what the CUDA kernels do not take yet (e.g. head dims other than
-            64 and 128).
+            64 and 128, ``softcap`` and ``sinks``).
     """
     cfg = resolve_config(
         causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,
         kv_tile=kv_tile, bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
         bwd_high_precision_o=bwd_high_precision_o, precision=precision, deterministic=deterministic,
-        qkv_scale=qkv_scale, check_finite=check_finite, window=window,
+        qkv_scale=qkv_scale, check_finite=check_finite, window=window, softcap=softcap,
     )
     return_lse = check_bool("return_lse", return_lse)
-    if check_same_kind(q=q, k=k, v=v):
-        o, lse = torch_ops().attention(q, k, v, cfg)
+    tensors = dict(q=q, k=k, v=v) if sinks is None else dict(q=q, k=k, v=v, sinks=sinks)
+    if check_same_kind(**tensors):
+        o, lse = torch_ops().attention(q, k, v, cfg, sinks)
     else:
-        o, lse = _attention_numpy(q, k, v, cfg)
+        o, lse = _attention_numpy(q, k, v, cfg, sinks)
     return (o, lse) if return_lse else o
 
 
@@ -434,7 +465,7 @@ def rescaled_config(cfg: AttentionConfig, head_dim: int, g: Tuple[float, float, 
     return replace(cfg, softmax_scale=c2, qkv_scale=None, check_finite=False)
 
 
-def _attention_numpy(q, k, v, cfg: AttentionConfig):
+def _attention_numpy(q, k, v, cfg: AttentionConfig, sinks=None):
     arrays = []
     for name, t in (("q", q), ("k", k), ("v", v)):
         a = np.asarray(t)
@@ -456,11 +487,12 @@ def _attention_numpy(q, k, v, cfg: AttentionConfig):
             prequantized = True
         else:  # float64 (the quantizers take 32- and 16-bit floats): run on x / g
             g = _numpy_scales(q, k, v, cfg.qkv_scale)
-            o, lse = _attention_numpy(q / g[0], k / g[1], v / g[2], rescaled_config(cfg, q.shape[-1], g))
+            o, lse = _attention_numpy(q / g[0], k / g[1], v / g[2], rescaled_config(cfg, q.shape[-1], g), sinks)
             return (o * g[2]).astype(q.dtype, copy=False), lse
     o = np.empty(q.shape, q.dtype)
     lse = np.empty(q.shape[:3], np.float32)
-    _C.attention_forward(q, k, v, o, None, lse, None, None, core_options(cfg, prequantized))
+    _C.attention_forward(q, k, v, o, None, lse, None, None, core_options(cfg, prequantized),
+                         sinks=None if sinks is None else np.asarray(sinks))
     return o, lse
 
 

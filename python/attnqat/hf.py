@@ -95,17 +95,22 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         dropout: must be 0 (set ``config.attention_dropout = 0``).
         scaling: the softmax scale.
         is_causal: overrides ``module.is_causal``.
-        **kwargs: ``softcap`` and ``s_aux`` (attention sinks) raise when set; ``sliding_window``
-            is honoured through the mask; other keyword arguments are ignored, as by transformers' SDPA.
+        **kwargs: ``softcap`` (Gemma 2's logit soft-capping) and ``s_aux`` (GPT-OSS's attention
+            sinks, one logit per query head) are applied as :func:`attnqat.attention`'s ``softcap``
+            and ``sinks`` (the sinks cast to float32, so their gradient flows back to the
+            parameter); both run on the CPU reference only (CUDA tensors raise
+            ``NotImplementedError``) and not with :class:`FP4Cache`. ``sliding_window`` is honoured
+            through the mask; other keyword arguments are ignored, as by transformers' SDPA.
 
     Returns:
         ``(attn_output [B, Nq, Hq, D], None)``: attention weights are never materialized.
     """
+    # Gemma 2's softcap and GPT-OSS's sinks (s_aux) become options of every attention call.
+    softmax_extras = {}
     if kwargs.get("softcap") is not None:
-        raise ValueError("attnqat (transformers): logit soft-capping (softcap) is not supported; use 'eager' "
-                         "or 'flex_attention' for this model")
+        softmax_extras["softcap"] = kwargs["softcap"]
     if kwargs.get("s_aux") is not None:
-        raise ValueError("attnqat (transformers): attention sinks (s_aux) are not supported; use 'eager' for this model")
+        softmax_extras["sinks"] = kwargs["s_aux"].float()
     mask = _bool_mask(attention_mask)
     rec = _take_pending(key)  # an FP4Cache: key holds only the new tokens
     nq, nk = query.shape[2], (rec[0].layers[rec[1]].seen if rec is not None else key.shape[2])
@@ -116,7 +121,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if module_causal and mask is None and window is not None and nk > window:
         raise ValueError(f"attnqat (transformers): sliding_window={window} is shorter than the {nk} keys and no mask "
                          "was given; sliding-window attention is not supported")
-    opts = resolve_options(dict(_attnqat_options or {}))
+    opts = {**resolve_options(dict(_attnqat_options or {})), **softmax_extras}
 
     def dense(q, k, v, m):
         # No mask on a causal module: _causal_mask skipped building an exactly bottom-right causal
@@ -128,6 +133,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
         if not module_causal:
             raise ValueError("attnqat.hf.FP4Cache: the attention module is not causal; the FP4 cache serves decoders")
+        if softmax_extras:
+            raise NotImplementedError(f"attnqat.hf.FP4Cache: the FP4 KV cache's decode has no {' or '.join(softmax_extras)} "
+                                      "(this model's attention uses it); use transformers' default cache")
         out = fp4_cache_attention(rec, query, mask, scaling, opts, dense)
     else:
         out = dense(query, key, value, mask)

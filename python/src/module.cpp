@@ -237,7 +237,7 @@ void bind_repr(nb::class_<T>& cls, const char* fields) {
 
 void bind_options(nb::module_& m) {
   static constexpr const char* kAttentionFields =
-      "mode, p_quant, v_blocks, causal, window_left, window_right, softmax_scale, kv_tile, bwd_quantized_qkv, "
+      "mode, p_quant, v_blocks, causal, window_left, window_right, softmax_scale, softcap, kv_tile, bwd_quantized_qkv, "
       "bwd_quant_p, bwd_high_precision_o, precision, inputs_quantized, deterministic";
   nb::class_<AttentionOptions> attn(m, "AttentionOptions",
                                     "The options of attention_forward/attention_backward (attnqat.h).");
@@ -249,6 +249,7 @@ void bind_options(nb::module_& m) {
   attn.def_rw("window_left", &AttentionOptions::window_left);
   attn.def_rw("window_right", &AttentionOptions::window_right);
   softmax_scale_attr(attn);
+  attn.def_rw("softcap", &AttentionOptions::softcap);  // checked by validate_attention_options
   attn.def_rw("kv_tile", &AttentionOptions::kv_tile);
   attn.def_prop_rw("bwd_quantized_qkv", [](AttentionOptions& o) { return o.bwd.quantized_qkv; },
                    [](AttentionOptions& o, bool v) { o.bwd.quantized_qkv = v; });
@@ -389,29 +390,38 @@ NB_MODULE(_C, m) {
         },
         nb::arg("x"), nb::arg("out"), nb::arg("global_scale").none(), nb::arg("options"), nb::arg("stream") = 0);
 
+  // `sinks` (float32 [Hq] or None) is AttentionOptions::sinks, the one tensor among the options:
+  // it is set on a copy of `options` for the call. The backward writes its gradient into `dsinks`.
   m.def("attention_forward",
         [](AnyArray q, AnyArray k, AnyArray v, AnyArray o, OptArray o_hp, AnyArray lse, OptArray m_ref,
-           OptArray l, const AttentionOptions& opts, uintptr_t stream) {
+           OptArray l, const AttentionOptions& opts, uintptr_t stream, OptArray sinks) {
           const TensorView qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
           const ForwardOutputs out = forward_tensors<ForwardOutputs>(o, o_hp, lse, m_ref, l);
-          run([&] { return attention_forward(qv, kv, vv, opts, out, stream_ptr(stream)); });
+          AttentionOptions call = opts;
+          call.sinks = opt_view(sinks, "sinks", Accepts::kFloat32);
+          run([&] { return attention_forward(qv, kv, vv, call, out, stream_ptr(stream)); });
         },
         nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("o_hp").none(), nb::arg("lse"),
-        nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("options"), nb::arg("stream") = 0);
+        nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("options"), nb::arg("stream") = 0,
+        nb::arg("sinks").none() = nb::none());
 
   m.def("attention_backward",
         [](AnyArray dout, AnyArray q, AnyArray k, AnyArray v, OptArray o, OptArray o_hp, AnyArray lse,
            OptArray m_ref, OptArray l, AnyArray dq, AnyArray dk, AnyArray dv, const AttentionOptions& opts,
-           uintptr_t stream) {
+           uintptr_t stream, OptArray sinks, OptArray dsinks) {
           const TensorView dov = to_view(dout, "dout"), qv = to_view(q, "q"), kv = to_view(k, "k"),
                            vv = to_view(v, "v");
           const ForwardState s = forward_tensors<ForwardState>(o, o_hp, lse, m_ref, l);
-          const BackwardOutputs g{to_view(dq, "dq"), to_view(dk, "dk"), to_view(dv, "dv")};
-          run([&] { return attention_backward(dov, qv, kv, vv, s, opts, g, stream_ptr(stream)); });
+          const BackwardOutputs g{to_view(dq, "dq"), to_view(dk, "dk"), to_view(dv, "dv"),
+                                  opt_view(dsinks, "dsinks", Accepts::kFloat32)};
+          AttentionOptions call = opts;
+          call.sinks = opt_view(sinks, "sinks", Accepts::kFloat32);
+          run([&] { return attention_backward(dov, qv, kv, vv, s, call, g, stream_ptr(stream)); });
         },
         nb::arg("dout"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o").none(), nb::arg("o_hp").none(),
         nb::arg("lse"), nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("dq"), nb::arg("dk"),
-        nb::arg("dv"), nb::arg("options"), nb::arg("stream") = 0);
+        nb::arg("dv"), nb::arg("options"), nb::arg("stream") = 0, nb::arg("sinks").none() = nb::none(),
+        nb::arg("dsinks").none() = nb::none());
 
   // ---- FP4 inference ------------------------------------------------------------------------------
 

@@ -92,10 +92,13 @@ Status with_mask(MaskKind kind, F&& f) {
 // the key tile, and the kernels' tile is kKernelKvTile keys; logit soft-capping and attention
 // sinks (numerics 9.9, 9.10) are not in the kernels yet.
 Status check_kernel_options(const AttentionOptions& opts) {
-  if (opts.softcap != 0.0f || has_sinks(opts))
+  if (opts.softcap != 0.0f)
     return Status::NotImplemented(
-        std::string(opts.softcap != 0.0f ? "softcap: logit soft-capping" : "sinks: attention sinks") +
-        " runs on the CPU reference only in this build; the CUDA kernels take neither softcap nor sinks");
+        "softcap: logit soft-capping runs on the CPU reference only in this build; the CUDA kernels take "
+        "no softcap");
+  if (has_sinks(opts))
+    return Status::NotImplemented(
+        "sinks: attention sinks run on the CPU reference only in this build; the CUDA kernels take no sinks");
   return check_paper_kv_tile(opts);
 }
 

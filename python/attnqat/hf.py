@@ -105,7 +105,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Returns:
         ``(attn_output [B, Nq, Hq, D], None)``: attention weights are never materialized.
     """
-    # Gemma 2's softcap and GPT-OSS's sinks (s_aux) become options of every attention call.
+    # Gemma 2's softcap and GPT-OSS's sinks (s_aux) become options of every attention call (_sdpa
+    # hands its options to attnqat.attention unchanged).
     softmax_extras = {}
     if kwargs.get("softcap") is not None:
         softmax_extras["softcap"] = kwargs["softcap"]

@@ -235,19 +235,18 @@ Acc log2e_of() {
 
 // The scores in log2 units from the dot products S = q_hat . k_hat (numerics 9.1 and 9.9):
 // S2 = c2 * S, or with a softcap S2 = b * tanh(a * S), a = RN(c / softcap),
-// b = RN(softcap * RN(log2 e)) (exact products and quotient in the fp64 variant). The backward
-// also takes the slope of the cap, d(capped score) / d(score) = 1 - tanh^2(a * S) (1 without one).
+// b = RN(softcap * RN(log2 e)) (in fp64 in the fp64 variant). with_slope() also gives the slope
+// of the cap, d(capped score) / d(score) = 1 - tanh^2(a * S) (1 without a cap), for the backward.
 template <typename Acc>
 struct ScoreMap {
   bool capped;
   Acc c2, a, b;
-  ScoreMap(const AttentionOptions& opts, int64_t D)
-      : capped(opts.softcap > 0.0f), c2(c2_of<Acc>(resolve_softmax_scale(opts, D))) {
-    const Acc c = resolve_softmax_scale(opts, D), cap = opts.softcap;
-    a = capped ? c / cap : Acc(0);
-    b = capped ? cap * log2e_of<Acc>() : Acc(0);
+  ScoreMap(const AttentionOptions& opts, int64_t D) : capped(opts.softcap > 0.0f) {
+    const float c = resolve_softmax_scale(opts, D);
+    c2 = c2_of<Acc>(c);
+    a = capped ? static_cast<Acc>(c) / static_cast<Acc>(opts.softcap) : Acc(0);
+    b = capped ? static_cast<Acc>(opts.softcap) * log2e_of<Acc>() : Acc(0);
   }
-  Acc operator()(Acc s) const { return capped ? b * std::tanh(a * s) : c2 * s; }
   Acc with_slope(Acc s, Acc* slope) const {
     if (!capped) {
       *slope = 1;
@@ -256,6 +255,10 @@ struct ScoreMap {
     const Acc t = std::tanh(a * s);
     *slope = 1 - t * t;
     return b * t;
+  }
+  Acc operator()(Acc s) const {
+    Acc slope;
+    return with_slope(s, &slope);
   }
 };
 

@@ -111,6 +111,27 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                   ATTNQAT_CUDA_CALL(attention_backward(dout, q, k, v, saved, opts, grads, stream)));
 }
 
+Status attention_forward_varlen(const TensorView& q, const TensorView& k, const TensorView& v,
+                                const VarlenSeqs& seqs, const AttentionOptions& opts,
+                                const ForwardOutputs& out, void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(validate_attention_varlen_forward(q, k, v, seqs, opts, out));
+  return dispatch("attention_forward_varlen", q.device,
+                  [&] { return reference::attention_forward_varlen(q, k, v, seqs, opts, out); },
+                  ATTNQAT_CUDA_CALL(attention_forward_varlen(q, k, v, seqs, opts, out, stream)));
+}
+
+Status attention_backward_varlen(const TensorView& dout, const TensorView& q, const TensorView& k,
+                                 const TensorView& v, const VarlenSeqs& seqs,
+                                 const ForwardState& saved, const AttentionOptions& opts,
+                                 const BackwardOutputs& grads, void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(validate_attention_varlen_backward(dout, q, k, v, seqs, saved, opts, grads));
+  return dispatch(
+      "attention_backward_varlen", q.device,
+      [&] { return reference::attention_backward_varlen(dout, q, k, v, seqs, saved, opts, grads); },
+      ATTNQAT_CUDA_CALL(
+          attention_backward_varlen(dout, q, k, v, seqs, saved, opts, grads, stream)));
+}
+
 // ---- FP4 inference -------------------------------------------------------------------------
 
 Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, const PackedTensor& v,

@@ -144,6 +144,47 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           const AttentionOptions& opts, const BackwardOutputs& grads,
                           void* stream = nullptr);
 
+// A non-owning view of an int32 tensor of at most 2 dimensions (sequence offsets, page tables,
+// lengths). TensorView has no integer dtypes; the binding checks the dtype before it builds one
+// of these.
+struct IndexView {
+  const int32_t* data = nullptr;
+  Device device = Device::kCPU;
+  int device_id = 0;
+  int ndim = 0;
+  int64_t shape[2] = {};
+  int64_t stride[2] = {};  // in elements
+  const char* name = "index";
+  int64_t numel() const { return ndim == 0 ? 1 : ndim == 1 ? shape[0] : shape[0] * shape[1]; }
+};
+
+// ---- Packed sequences (varlen) --------------------------------------------------------------
+//
+// S sequences of different lengths in one call, without padding (the layout of FlashAttention's
+// varlen functions): q [total_q, Hq, D], k and v [total_k, Hkv, D] (last dim contiguous);
+// sequence s owns the rows [cu_seqlens_q[s], cu_seqlens_q[s + 1]) of q and [cu_seqlens_k[s],
+// cu_seqlens_k[s + 1]) of k and v, and attends only to its own keys, exactly as a separate call
+// on its rows would (masks, windows and P's key tiles are per sequence; numerics section 3).
+// cu_seqlens_*: int32 [S + 1] on the tensors' device, cu[0] = 0, non-decreasing, cu[S] = total.
+// max_seqlen_*: at least every sequence's length (the CUDA grid's extent; the CPU checks the
+// offsets, CUDA reads them only on the device and trusts them, as FlashAttention does).
+// v_blocks must be 'channel' (a 16-token V block would straddle sequences).
+// Outputs: o, o_hp [total_q, Hq, D] and dq [total_q, Hq, D], dk, dv [total_k, Hkv, D]
+// (contiguous); lse, m_ref, l [Hq, total_q] fp32 (contiguous); dout like o (last dim contiguous).
+struct VarlenSeqs {
+  IndexView cu_seqlens_q, cu_seqlens_k;
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+};
+
+Status attention_forward_varlen(const TensorView& q, const TensorView& k, const TensorView& v,
+                                const VarlenSeqs& seqs, const AttentionOptions& opts,
+                                const ForwardOutputs& out, void* stream = nullptr);
+
+Status attention_backward_varlen(const TensorView& dout, const TensorView& q, const TensorView& k,
+                                 const TensorView& v, const VarlenSeqs& seqs,
+                                 const ForwardState& saved, const AttentionOptions& opts,
+                                 const BackwardOutputs& grads, void* stream = nullptr);
+
 }  // namespace attnqat
 
 // ---- FP4 inference: packed NVFP4 attention and the paged FP4 KV cache ----------------------
@@ -193,19 +234,6 @@ Status attention_forward_packed(const PackedTensor& q, const PackedTensor& k, co
 // t % page_size.
 struct PagedKVCache {
   TensorView k_data, k_scales, v_data, v_scales;
-};
-
-// A non-owning view of an int32 tensor of at most 2 dimensions (page tables, lengths). TensorView
-// has no integer dtypes; the binding checks the dtype before it builds one of these.
-struct IndexView {
-  const int32_t* data = nullptr;
-  Device device = Device::kCPU;
-  int device_id = 0;
-  int ndim = 0;
-  int64_t shape[2] = {};
-  int64_t stride[2] = {};  // in elements
-  const char* name = "index";
-  int64_t numel() const { return ndim == 0 ? 1 : ndim == 1 ? shape[0] : shape[0] * shape[1]; }
 };
 
 // Quantizes new tokens k_new, v_new [B, Hkv, n_new, D] (fp32/fp16/bf16, last dim contiguous)

@@ -37,7 +37,7 @@ from .formats import QuantizedTensor, dequantize, fake_quantize, quantize_mxfp4,
 # and modules raise ImportError("... install torch (pip install attnqat[torch])") on use, while the
 # numpy API above keeps working.
 _TORCH_ONLY_NAMES = ("config", "get_config", "hf", "merge_attention", "nn", "reset_config", "sdpa", "set_config")
-_TORCH_ONLY_MODULES = ("_torch_ops", "functional", "hf", "hf_cache", "nn")
+_TORCH_ONLY_MODULES = ("_torch_ops", "diffusers", "distributed", "functional", "hf", "hf_cache", "nn")
 _TORCH_ERROR = _torch_import_error()
 
 if _TORCH_ERROR is None:

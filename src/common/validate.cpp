@@ -1,12 +1,15 @@
 // Argument validation shared by every backend. See validate.h.
 #include "common/validate.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
 
 namespace attnqat {
 namespace {
@@ -776,6 +779,151 @@ Status validate_decode_attention(const TensorView& q, const PagedKVCache& cache,
   }
   if (q.device == Device::kCPU) return validate_page_values(page_table, seq_lens, 0, *dims);
   return Status::Ok();
+}
+
+}  // namespace attnqat
+
+// ---- Packed sequences (varlen) ----------------------------------------------------------------
+
+namespace attnqat {
+
+TensorView varlen_view(const TensorView& t) {
+  TensorView v = t;
+  if (t.ndim == 3) {  // [total, H, D] -> [1, H, total, D]
+    v.ndim = 4;
+    const int64_t shape[4] = {1, t.shape[1], t.shape[0], t.shape[2]};
+    const int64_t stride[4] = {t.shape[0] * t.stride[0], t.stride[1], t.stride[0], t.stride[2]};
+    std::copy(shape, shape + 4, v.shape);
+    std::copy(stride, stride + 4, v.stride);
+  } else if (t.ndim == 2) {  // [H, total] -> [1, H, total]
+    v.ndim = 3;
+    const int64_t shape[3] = {1, t.shape[0], t.shape[1]};
+    const int64_t stride[3] = {t.shape[0] * t.stride[0], t.stride[0], t.stride[1]};
+    std::copy(shape, shape + 3, v.shape);
+    std::copy(stride, stride + 3, v.stride);
+  }
+  return v;
+}
+
+namespace {
+
+// The dense validators see the 4-D views with contiguous strides: the varlen checks below have
+// already checked the real layouts, and this way every dtype, device, head and option rule (and
+// its message) is the dense call's.
+TensorView dense_look(const TensorView& t) {
+  TensorView v = varlen_view(t);
+  if (v.data == nullptr && v.numel() == 0) return v;
+  int64_t s = 1;
+  for (int i = v.ndim - 1; i >= 0; --i) {
+    v.stride[i] = s;
+    s *= v.shape[i];
+  }
+  return v;
+}
+
+Status check_varlen_tensor(const TensorView& t, const char* what) {
+  if (t.ndim != 3)
+    return Status::Invalid(std::string(t.name) + ": expected a 3-D tensor [" + what +
+                           ", heads, head_dim] (packed sequences), got shape " + t.shape_str());
+  return Status::Ok();
+}
+
+// [H, total] fp32 contiguous (lse, m_ref, l of packed sequences).
+Status check_varlen_stat(const TensorView& t, const TensorView& q) {
+  const int64_t shape[2] = {q.shape[1], q.shape[0]};
+  return check_output(t, q, DType::kFloat32, 2, shape);
+}
+
+Status check_varlen_seqs(const VarlenSeqs& s, const TensorView& q, const TensorView& k,
+                         const AttentionOptions& opts) {
+  if (opts.v_blocks == VBlocks::kToken)
+    return Status::Invalid("v_blocks: 'token' blocks run 16 tokens along the sequence and would "
+                           "straddle packed sequences; packed sequences take 'channel'");
+  ATTNQAT_RETURN_IF_ERROR(check_index(s.cu_seqlens_q, 1, q));
+  ATTNQAT_RETURN_IF_ERROR(check_index(s.cu_seqlens_k, 1, q));
+  const int64_t n = s.cu_seqlens_q.shape[0];
+  if (n < 2 || s.cu_seqlens_k.shape[0] != n)
+    return Status::Invalid(std::string(s.cu_seqlens_q.name) + ", " + s.cu_seqlens_k.name +
+                           ": expected two int32 tensors [num_seqs + 1] of equal length >= 2, "
+                           "got " + std::to_string(n) + " and " +
+                           std::to_string(s.cu_seqlens_k.shape[0]));
+  constexpr int64_t kMaxLen = (int64_t{1} << 31) - 256;
+  for (const auto& [name, v] : {std::pair<const char*, int64_t>{"max_seqlen_q", s.max_seqlen_q},
+                                std::pair<const char*, int64_t>{"max_seqlen_k", s.max_seqlen_k}})
+    if (v < 0 || v > kMaxLen)
+      return Status::Invalid(std::string(name) + ": expected a length in [0, 2^31 - 256], got " +
+                             std::to_string(v));
+  if (q.shape[0] > kMaxLen || k.shape[0] > kMaxLen)
+    return Status::Invalid("q, k: packed sequences hold at most 2^31 - 256 tokens, got " +
+                           std::to_string(q.shape[0]) + " and " + std::to_string(k.shape[0]));
+  if (q.device != Device::kCPU) return Status::Ok();  // on the device: trusted (attnqat.h)
+  for (const auto& [cu, total, max_len] :
+       {std::tuple<const IndexView*, int64_t, int64_t>{&s.cu_seqlens_q, q.shape[0], s.max_seqlen_q},
+        std::tuple<const IndexView*, int64_t, int64_t>{&s.cu_seqlens_k, k.shape[0], s.max_seqlen_k}}) {
+    const int32_t* c = cu->data;
+    const int64_t st = cu->stride[0];
+    if (c[0] != 0 || c[(n - 1) * st] != total)
+      return Status::Invalid(std::string(cu->name) + ": expected offsets from 0 to " +
+                             std::to_string(total) + " (the tokens of " +
+                             (cu == &s.cu_seqlens_q ? "q" : "k") + "), got " +
+                             std::to_string(c[0]) + " .. " + std::to_string(c[(n - 1) * st]));
+    for (int64_t i = 0; i + 1 < n; ++i) {
+      const int64_t len = static_cast<int64_t>(c[(i + 1) * st]) - c[i * st];
+      if (len < 0 || len > max_len)
+        return Status::Invalid(std::string(cu->name) + ": sequence " + std::to_string(i) +
+                               " has length " + std::to_string(len) + ", expected 0 .. " +
+                               (cu == &s.cu_seqlens_q ? "max_seqlen_q" : "max_seqlen_k") + " = " +
+                               std::to_string(max_len));
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status validate_attention_varlen_forward(const TensorView& q, const TensorView& k,
+                                         const TensorView& v, const VarlenSeqs& seqs,
+                                         const AttentionOptions& opts, const ForwardOutputs& out) {
+  ATTNQAT_RETURN_IF_ERROR(check_varlen_tensor(q, "total_q"));
+  ATTNQAT_RETURN_IF_ERROR(check_varlen_tensor(k, "total_k"));
+  ATTNQAT_RETURN_IF_ERROR(check_varlen_tensor(v, "total_k"));
+  ATTNQAT_RETURN_IF_ERROR(check_output(out.o, q, q.dtype, 3, q.shape));
+  if (out.o_hp.data != nullptr) ATTNQAT_RETURN_IF_ERROR(check_output(out.o_hp, q, q.dtype, 3, q.shape));
+  ATTNQAT_RETURN_IF_ERROR(check_varlen_stat(out.lse, q));
+  if (out.m_ref.data != nullptr) ATTNQAT_RETURN_IF_ERROR(check_varlen_stat(out.m_ref, q));
+  if (out.l.data != nullptr) ATTNQAT_RETURN_IF_ERROR(check_varlen_stat(out.l, q));
+  const ForwardOutputs dense{dense_look(out.o), dense_look(out.o_hp), dense_look(out.lse),
+                             dense_look(out.m_ref), dense_look(out.l)};
+  ATTNQAT_RETURN_IF_ERROR(validate_attention_forward(varlen_view(q), varlen_view(k),
+                                                     varlen_view(v), opts, dense));
+  return check_varlen_seqs(seqs, q, k, opts);
+}
+
+Status validate_attention_varlen_backward(const TensorView& dout, const TensorView& q,
+                                          const TensorView& k, const TensorView& v,
+                                          const VarlenSeqs& seqs, const ForwardState& saved,
+                                          const AttentionOptions& opts,
+                                          const BackwardOutputs& grads) {
+  ATTNQAT_RETURN_IF_ERROR(check_varlen_tensor(q, "total_q"));
+  ATTNQAT_RETURN_IF_ERROR(check_varlen_tensor(k, "total_k"));
+  ATTNQAT_RETURN_IF_ERROR(check_varlen_tensor(v, "total_k"));
+  ATTNQAT_RETURN_IF_ERROR(check_varlen_tensor(dout, "total_q"));
+  for (const TensorView* t : {&saved.o, &saved.o_hp})
+    if (t->data != nullptr) ATTNQAT_RETURN_IF_ERROR(check_varlen_tensor(*t, "total_q"));
+  for (const TensorView* t : {&saved.lse, &saved.m_ref, &saved.l})
+    if (t->data != nullptr) ATTNQAT_RETURN_IF_ERROR(check_varlen_stat(*t, q));
+  ATTNQAT_RETURN_IF_ERROR(check_output(grads.dq, q, q.dtype, 3, q.shape));
+  ATTNQAT_RETURN_IF_ERROR(check_output(grads.dk, q, q.dtype, 3, k.shape));
+  ATTNQAT_RETURN_IF_ERROR(check_output(grads.dv, q, q.dtype, 3, v.shape));
+  const ForwardState dense_saved{varlen_view(saved.o), varlen_view(saved.o_hp),
+                                 dense_look(saved.lse), dense_look(saved.m_ref),
+                                 dense_look(saved.l)};
+  const BackwardOutputs dense_grads{dense_look(grads.dq), dense_look(grads.dk),
+                                    dense_look(grads.dv), grads.dsinks};
+  ATTNQAT_RETURN_IF_ERROR(validate_attention_backward(varlen_view(dout), varlen_view(q),
+                                                      varlen_view(k), varlen_view(v), dense_saved,
+                                                      opts, dense_grads));
+  return check_varlen_seqs(seqs, q, k, opts);
 }
 
 }  // namespace attnqat

@@ -68,6 +68,20 @@ Status validate_attention_backward(const TensorView& dout, const TensorView& q,
                                    const ForwardState& saved, const AttentionOptions& opts,
                                    const BackwardOutputs& grads);
 
+// Packed sequences (attnqat.h, VarlenSeqs): the 3-D/2-D layouts, the offsets (their values on
+// the CPU), v_blocks, and every rule of the dense call on the [1, H, total, D] views.
+Status validate_attention_varlen_forward(const TensorView& q, const TensorView& k,
+                                         const TensorView& v, const VarlenSeqs& seqs,
+                                         const AttentionOptions& opts, const ForwardOutputs& out);
+Status validate_attention_varlen_backward(const TensorView& dout, const TensorView& q,
+                                          const TensorView& k, const TensorView& v,
+                                          const VarlenSeqs& seqs, const ForwardState& saved,
+                                          const AttentionOptions& opts,
+                                          const BackwardOutputs& grads);
+// [total, H, D] as the [1, H, total, D] view of the same memory, [H, total] as [1, H, total];
+// other ranks unchanged.
+TensorView varlen_view(const TensorView& t);
+
 // ---- FP4 inference -------------------------------------------------------------------------
 
 // The logical shape of a packed NVFP4 tensor (what dequantize() would produce), or an error.

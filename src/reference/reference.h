@@ -21,6 +21,15 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
                           const TensorView& v, const ForwardState& saved,
                           const AttentionOptions& opts, const BackwardOutputs& grads);
 
+// Packed sequences (attnqat.h): the dense reference on each sequence's rows.
+Status attention_forward_varlen(const TensorView& q, const TensorView& k, const TensorView& v,
+                                const VarlenSeqs& seqs, const AttentionOptions& opts,
+                                const ForwardOutputs& out);
+Status attention_backward_varlen(const TensorView& dout, const TensorView& q, const TensorView& k,
+                                 const TensorView& v, const VarlenSeqs& seqs,
+                                 const ForwardState& saved, const AttentionOptions& opts,
+                                 const BackwardOutputs& grads);
+
 // Runs f(i) for i in [0, n) on the reference's worker threads (ATTNQAT_NUM_THREADS, default:
 // the hardware concurrency). Work items must be independent.
 void parallel_for(int64_t n, const std::function<void(int64_t)>& f);

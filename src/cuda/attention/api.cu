@@ -191,7 +191,7 @@ Status zero_async(const TensorView& t, cudaStream_t stream) {
 class RecomputedStats {
  public:
   Status make(const TensorView& q, const TensorView& k, const TensorView& v, float c2,
-              const AttentionOptions& opts, cudaStream_t stream) {
+              const AttentionOptions& opts, const sm90::VarlenArgs& varlen, cudaStream_t stream) {
     const int64_t rows = q.shape[0] * q.shape[1] * q.shape[2];
     const size_t o_bytes = round_up(static_cast<size_t>(q.numel()) * dtype_size(q.dtype));
     const size_t row_bytes = round_up(static_cast<size_t>(rows) * sizeof(float));
@@ -214,6 +214,7 @@ class RecomputedStats {
     args.p_quant = opts.p_quant;
     args.mask = attention_mask_kind(opts);
     args.seq = attention_seq(opts, q.shape[2], k.shape[2]);
+    args.varlen = varlen;
     args.stream = stream;
     return dispatch(args);
   }
@@ -226,21 +227,53 @@ class RecomputedStats {
   TensorView lse_, m_ref_, l_;
 };
 
+// What the kernels take, before anything runs: check_kernel_options, the dtype, the head dim.
+Status check_kernel_inputs(const TensorView& q, const AttentionOptions& opts) {
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_options(opts));
+  if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
+    return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
+  if (q.size(-1) != 64 && q.size(-1) != 128)
+    return with_head_dim(q.size(-1), [](auto) { return Status::Ok(); });  // the head-dim error
+  return Status::Ok();
+}
+
+// Packed sequences as the launchers take them.
+sm90::VarlenArgs varlen_args(const VarlenSeqs& seqs) {
+  sm90::VarlenArgs a;
+  a.cu_seqlens_q = seqs.cu_seqlens_q.data;
+  a.cu_seqlens_k = seqs.cu_seqlens_k.data;
+  a.num_seqs = static_cast<int>(seqs.cu_seqlens_q.shape[0] - 1);
+  a.max_seqlen_q = static_cast<int>(seqs.max_seqlen_q);
+  a.max_seqlen_k = static_cast<int>(seqs.max_seqlen_k);
+  return a;
+}
+
+ForwardOutputs varlen_outputs(const ForwardOutputs& o) {
+  return ForwardOutputs{varlen_view(o.o), varlen_view(o.o_hp), varlen_view(o.lse),
+                        varlen_view(o.m_ref), varlen_view(o.l)};
+}
+
 }  // namespace
 
 Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionOptions& opts, const ForwardOutputs& out, void* stream) {
-  ATTNQAT_RETURN_IF_ERROR(check_kernel_options(opts));
-  if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
-    return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
-  if (q.shape[3] != 64 && q.shape[3] != 128)
-    return with_head_dim(q.shape[3], [](auto) { return Status::Ok(); });  // the head-dim error
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_inputs(q, opts));
   return sm90_forward(q, k, v, opts, out, stream, nullptr);
+}
+
+Status attention_forward_varlen(const TensorView& q, const TensorView& k, const TensorView& v,
+                                const VarlenSeqs& seqs, const AttentionOptions& opts,
+                                const ForwardOutputs& out, void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_inputs(q, opts));
+  const sm90::VarlenArgs varlen = varlen_args(seqs);
+  if (varlen.max_seqlen_q == 0) return Status::Ok();  // no sequence has a query row
+  return sm90_forward(varlen_view(q), varlen_view(k), varlen_view(v), opts, varlen_outputs(out),
+                      stream, nullptr, &varlen);
 }
 
 Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                     const AttentionOptions& opts, const ForwardOutputs& out, void* stream,
-                    const PackedOperands* packed) {
+                    const PackedOperands* packed, const sm90::VarlenArgs* varlen) {
   const bool quantized_mode = opts.mode != Mode::kBF16;
   ATTNQAT_RETURN_IF_ERROR(check_forward_options(opts, out));
   if (q.numel() == 0) return Status::Ok();  // no query row: nothing to write
@@ -250,6 +283,7 @@ Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& 
   ATTNQAT_RETURN_IF_ERROR(check_device(kFwdOp, q.device_id, DeviceNeed::kSm90a));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   sm90::FwdArgs args = forward_args(q, k, v, opts, out, quantized_mode, s);
+  if (varlen != nullptr) args.varlen = *varlen;
   if (packed != nullptr) {
     args.pq = *packed->q;
     args.pk = *packed->k;
@@ -275,15 +309,11 @@ Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& 
 //   memset                   dQaccum (and the deterministic mode's semaphores)
 //   main kernel              dK, dV (final), dQaccum
 //   postprocess              dQ = c * dQaccum
-Status attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
-                          const TensorView& v, const ForwardState& saved,
-                          const AttentionOptions& opts, const BackwardOutputs& grads,
-                          void* stream) {
-  ATTNQAT_RETURN_IF_ERROR(check_kernel_options(opts));
-  if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
-    return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
-  if (q.shape[3] != 64 && q.shape[3] != 128)
-    return with_head_dim(q.shape[3], [](auto) { return Status::Ok(); });  // the head-dim error
+// On [B, H, N, d] views (packed sequences: [1, H, total, d] with `varlen`).
+namespace {
+Status backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                const TensorView& v, const ForwardState& saved, const AttentionOptions& opts,
+                const BackwardOutputs& grads, const sm90::VarlenArgs& varlen, void* stream) {
   const bool quantized_mode = opts.mode != Mode::kBF16;
   // The switches that apply (bf16 mode: none, the ordinary backward).
   const BackwardSwitches sw = quantized_mode ? opts.bwd : BackwardSwitches{false, false, false};
@@ -316,14 +346,15 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   RecomputedStats recomputed;
   if (quantized_mode && !sw.quantized_qkv) {
     ATTNQAT_RETURN_IF_ERROR(
-        recomputed.make(oq, ok, ov, c2, opts, s));
+        recomputed.make(oq, ok, ov, c2, opts, varlen, s));
     lse = recomputed.lse();
     if (need_m_l) m_ref = recomputed.m_ref(), l = recomputed.l();
   }
 
   // Scratch: stats [B, Hq, Nq_pad] float4, dQaccum [B, Hq, Nq_pad, d] fp32, semaphores.
-  const int64_t B = q.shape[0], Hq = q.shape[1], Nq = q.shape[2], d = q.shape[3];
-  const int64_t m_blocks = (Nq + 63) / 64;
+  // Per sequence (packed: num_seqs of at most max_seqlen_q rows), whole 64-row blocks.
+  const int64_t B = sm90::num_sequences(q, varlen), Hq = q.shape[1], Nq = q.shape[2], d = q.shape[3];
+  const int64_t m_blocks = ((varlen.packed() ? varlen.max_seqlen_q : Nq) + 63) / 64;
   const int64_t rows_pad = B * Hq * m_blocks * 64;
   const size_t stats_bytes = round_up(static_cast<size_t>(rows_pad) * sizeof(float4));
   const size_t accum_bytes = round_up(static_cast<size_t>(rows_pad * d) * sizeof(float));
@@ -345,6 +376,8 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   pre.lse = lse;
   pre.m_ref = m_ref;
   pre.l = l;
+  pre.stat_str = sm90::RowStrides{Hq * Nq, Nq, 1};  // lse, m_ref, l: contiguous [B, Hq, Nq]
+  pre.varlen = varlen;
   pre.stats = stats;
   pre.m_blocks = static_cast<int>(m_blocks);
   pre.stream = s;
@@ -367,9 +400,33 @@ Status attention_backward(const TensorView& dout, const TensorView& q, const Ten
   args.deterministic = opts.deterministic;
   args.mask = attention_mask_kind(opts);
   args.seq = attention_seq(opts, Nq, k.shape[2]);
+  args.varlen = varlen;
   args.stream = s;
   ATTNQAT_RETURN_IF_ERROR(dispatch_bwd(args));
-  return sm90::launch_bwd_postprocess(dq_accum, grads.dq, static_cast<int>(m_blocks), scale, s);
+  return sm90::launch_bwd_postprocess(dq_accum, grads.dq, args.varlen, static_cast<int>(m_blocks),
+                                      scale, s);
+}
+}  // namespace
+
+Status attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
+                          const TensorView& v, const ForwardState& saved,
+                          const AttentionOptions& opts, const BackwardOutputs& grads,
+                          void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_inputs(q, opts));
+  return backward(dout, q, k, v, saved, opts, grads, sm90::VarlenArgs{}, stream);
+}
+
+Status attention_backward_varlen(const TensorView& dout, const TensorView& q, const TensorView& k,
+                                 const TensorView& v, const VarlenSeqs& seqs,
+                                 const ForwardState& saved, const AttentionOptions& opts,
+                                 const BackwardOutputs& grads, void* stream) {
+  ATTNQAT_RETURN_IF_ERROR(check_kernel_inputs(q, opts));
+  const ForwardState st{varlen_view(saved.o), varlen_view(saved.o_hp), varlen_view(saved.lse),
+                        varlen_view(saved.m_ref), varlen_view(saved.l)};
+  const BackwardOutputs g{varlen_view(grads.dq), varlen_view(grads.dk), varlen_view(grads.dv),
+                          grads.dsinks};
+  return backward(varlen_view(dout), varlen_view(q), varlen_view(k), varlen_view(v), st, opts, g,
+                  varlen_args(seqs), stream);
 }
 
 }  // namespace attnqat::cuda

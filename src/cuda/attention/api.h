@@ -4,6 +4,10 @@
 
 #include "attnqat/attnqat.h"
 
+namespace attnqat::sm90 {
+struct VarlenArgs;  // attn_params.h
+}  // namespace attnqat::sm90
+
 namespace attnqat::cuda {
 
 // Forward of numerics section 4 on CUDA tensors. When opts.inputs_quantized is false and the
@@ -19,6 +23,15 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
 Status attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,
                           const TensorView& v, const ForwardState& saved,
                           const AttentionOptions& opts, const BackwardOutputs& grads, void* stream);
+
+// The same on packed sequences (attnqat.h, VarlenSeqs): one launch for every sequence's tiles.
+Status attention_forward_varlen(const TensorView& q, const TensorView& k, const TensorView& v,
+                                const VarlenSeqs& seqs, const AttentionOptions& opts,
+                                const ForwardOutputs& out, void* stream);
+Status attention_backward_varlen(const TensorView& dout, const TensorView& q, const TensorView& k,
+                                 const TensorView& v, const VarlenSeqs& seqs,
+                                 const ForwardState& saved, const AttentionOptions& opts,
+                                 const BackwardOutputs& grads, void* stream);
 
 // Forward of mode fp4 from packed NVFP4 q, k, v (packed.cu): the sm90 forward unpacks them in
 // the kernel, or they are dequantized (exact) into stream-ordered bf16/fp16 temporaries that the
@@ -43,9 +56,10 @@ struct PackedOperands {
 // (fake-quantizing q, k, v into temporaries when the mode quantizes and !opts.inputs_quantized);
 // otherwise q, k, v are the logical [B, H, N, d] views of the packed operands (their shapes and
 // dtype; the data of k, v is read only with kv_unpacked) and the dtype and head dim are supported
-// (bfloat16/float16, 64/128).
+// (bfloat16/float16, 64/128). varlen: packed sequences, q, k, v and out being the [1, H, total,
+// ...] views (nullptr: dense).
 Status sm90_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                     const AttentionOptions& opts, const ForwardOutputs& out, void* stream,
-                    const PackedOperands* packed);
+                    const PackedOperands* packed, const sm90::VarlenArgs* varlen = nullptr);
 
 }  // namespace attnqat::cuda

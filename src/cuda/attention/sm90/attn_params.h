@@ -1,6 +1,13 @@
 // src/cuda/attention/sm90/attn_params.h — what the forward and the backward kernels share of one
-// call (FwdParams and BwdParams derive from it): head counts, sequence lengths, the softmax scale
-// in log2 units and the P quantization. Host and device.
+// call (FwdParams and BwdParams derive from it): head counts, sequence lengths (dense or packed
+// sequences), the softmax scale in log2 units and the P quantization. Host and device.
+//
+// Dense: q [B, Hq, Nq, d], k, v [B, Hkv, Nk, d]; grid z = B and every sequence has Nq queries
+// and Nk keys. Packed sequences (varlen): the tensors are [1, H, total, d] views of
+// [total, H, d] and cu_seqlens_q/k (int32 [S + 1], prefix sums) say that sequence s owns rows
+// [cu[s], cu[s + 1]); grid z = S, seqlen_q/k are the longest sequences (the grid's extent), and
+// a CTA past its sequence's end returns at once. Either way a CTA asks seq_rows(blockIdx.z)
+// where its rows are.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +18,8 @@
 #include "cuda/common/p_quant.cuh"
 
 namespace attnqat::sm90 {
+
+struct SeqRows;
 
 struct AttnParams {
   int heads_q;
@@ -23,28 +32,90 @@ struct AttnParams {
   float c2;                // RN(c * RN(log2 e)): S2 = c2 * (q . k), log2 units
   PQuant p_quant;          // anchored: m_ref = ceil(m), g = 2^-11; paper: m_ref = m, g = 1
   cuda::PQuantConsts pq;   // the constants of phi_nv(.; g) for p_quant
+  const int* cu_seqlens_q;  // packed sequences: [S + 1] row offsets (device); nullptr: dense
+  const int* cu_seqlens_k;
+  int total_q, total_k;     // rows of the tensors (dense: Nq, Nk)
 
   // The sequence as the mask policy sees it (src/common/mask.h).
   __host__ __device__ SeqInfo seq() const {
     return SeqInfo{seqlen_q, seqlen_k, window_left, window_right};
   }
+  // Where sequence s's rows are (see the file header).
+  __device__ __forceinline__ SeqRows seq_rows(int s) const;
 };
 
-// From the logical q [B, Hq, Nq, d] and k [B, Hkv, Nk, d] (the launchers check the ranges) and
-// the call's window (attention_seq, common/validate.h; only LocalMask reads it).
+// One sequence of a call: the batch coordinate of its rows in the tensor maps and output
+// strides, the row of its first query and key there, and its lengths and window.
+struct SeqRows {
+  int b;       // batch coordinate (dense: the sequence; packed: 0)
+  int q0, k0;  // first query row, first key row (dense: 0)
+  SeqInfo info;
+};
+
+// Sequence s's rows [cu[s], cu[s + 1]), clamped to [0, total) and to max_len rows: offsets that
+// break the contract (attnqat.h) give wrong rows, never a read or write outside the tensors.
+__device__ __forceinline__ IndexRange seq_span(const int* cu, int s, int total, int max_len) {
+  const int begin = min(max(cu[s], 0), total);
+  return IndexRange{begin, begin + min(max(cu[s + 1] - begin, 0), min(total - begin, max_len))};
+}
+
+__device__ __forceinline__ SeqRows AttnParams::seq_rows(int s) const {
+  if (cu_seqlens_q == nullptr) return SeqRows{s, 0, 0, seq()};
+  const IndexRange q = seq_span(cu_seqlens_q, s, total_q, seqlen_q);
+  const IndexRange k = seq_span(cu_seqlens_k, s, total_k, seqlen_k);
+  return SeqRows{0, q.begin, k.begin,
+                 SeqInfo{q.end - q.begin, k.end - k.begin, window_left, window_right}};
+}
+
+// Element strides of a [B, H, N, ...] output over batch, head and row (the last dim contiguous).
+struct RowStrides {
+  int64_t b, h, n;
+  __host__ __device__ int64_t at(int batch, int head, int64_t row) const {
+    return batch * b + head * h + row * n;
+  }
+};
+inline RowStrides row_strides(const TensorView& t) {
+  return RowStrides{t.stride[0], t.stride[1], t.stride[2]};
+}
+
+// Packed sequences as the launchers take them (the file header); cu_seqlens_q == nullptr: dense.
+struct VarlenArgs {
+  const int* cu_seqlens_q = nullptr;  // device, int32 [num_seqs + 1]
+  const int* cu_seqlens_k = nullptr;
+  int num_seqs = 0;
+  int max_seqlen_q = 0;  // host bounds on the lengths (the grid's extent)
+  int max_seqlen_k = 0;
+  bool packed() const { return cu_seqlens_q != nullptr; }
+};
+
+// The grid's batch extent: the sequences.
+inline int64_t num_sequences(const TensorView& q, const VarlenArgs& v) {
+  return v.packed() ? v.num_seqs : q.shape[0];
+}
+
+// From the logical q [B, Hq, Nq, d] and k [B, Hkv, Nk, d] (the launchers check the ranges), the
+// call's window (attention_seq, common/validate.h; only LocalMask reads it) and packed sequences.
 inline AttnParams attn_params(const TensorView& q, const TensorView& k, float c2, PQuant p_quant,
-                              SeqInfo window) {
+                              SeqInfo window, const VarlenArgs& varlen) {
   AttnParams a;
   a.heads_q = static_cast<int>(q.shape[1]);
   a.heads_kv = static_cast<int>(k.shape[1]);
   a.group = static_cast<int>(q.shape[1] / k.shape[1]);
   a.seqlen_q = static_cast<int>(q.shape[2]);
   a.seqlen_k = static_cast<int>(k.shape[2]);
+  a.total_q = a.seqlen_q;
+  a.total_k = a.seqlen_k;
   a.window_left = window.window_left;
   a.window_right = window.window_right;
   a.c2 = c2;
   a.p_quant = p_quant;
   a.pq = cuda::p_quant_consts(p_quant);
+  a.cu_seqlens_q = varlen.cu_seqlens_q;
+  a.cu_seqlens_k = varlen.cu_seqlens_k;
+  if (varlen.packed()) {
+    a.seqlen_q = varlen.max_seqlen_q;
+    a.seqlen_k = varlen.max_seqlen_k;
+  }
   return a;
 }
 

@@ -32,16 +32,29 @@ __device__ __forceinline__ float load16(const void* base, int64_t index) {
     return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[index]);
 }
 
+// Sequence s's first row and length: dense (cu == nullptr) rows [0, rows) of batch entry s;
+// packed sequences rows [cu[s], cu[s + 1]) of batch entry 0 (attn_params.h's seq_span: clamped
+// to the tensor's rows and to max_len).
+struct SeqSpan {
+  int b, row0, len;
+};
+__device__ __forceinline__ SeqSpan seq_span_of(const int* cu, int s, int rows, int max_len) {
+  if (cu == nullptr) return SeqSpan{s, 0, rows};
+  const IndexRange r = seq_span(cu, s, rows, max_len);
+  return SeqSpan{0, r.begin, r.end - r.begin};
+}
+
 struct PreParams {
   const void* dout;
   const void* o;
-  int64_t do_stride[3], o_stride[3];  // batch, head, row (elements); the last dim is contiguous
+  RowStrides do_str, o_str, stat_str;  // elements; the last dims are contiguous
   const float* lse;
   const float* m_ref;
   const float* l;
   float4* stats;
-  int heads, seqlen_q, rows_pad, head_dim;  // rows_pad = m_blocks * 64 per (batch, head)
-  int64_t total_rows;                       // B * Hq * rows_pad
+  const int* cu_seqlens_q;  // packed sequences, else nullptr
+  int heads, seqlen_q, rows_pad, head_dim;  // rows_pad = m_blocks * 64 per (sequence, head)
+  int64_t total_rows;                       // S * Hq * rows_pad
 };
 
 template <bool kF16>
@@ -49,19 +62,21 @@ __global__ void bwd_preprocess_kernel(const PreParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= p.total_rows) return;
-  const int64_t bh = row / p.rows_pad;
+  const int64_t sh = row / p.rows_pad;
   const int i = static_cast<int>(row % p.rows_pad);
+  const int h = static_cast<int>(sh % p.heads);
+  const SeqSpan sp = seq_span_of(p.cu_seqlens_q, static_cast<int>(sh / p.heads), p.seqlen_q,
+                                 p.rows_pad);
   float4 st = make_float4(-INFINITY, 0.0f, -INFINITY, 0.0f);
-  if (i < p.seqlen_q) {
-    const int64_t b = bh / p.heads, h = bh % p.heads;
-    const int64_t do_base = b * p.do_stride[0] + h * p.do_stride[1] + i * p.do_stride[2];
-    const int64_t o_base = b * p.o_stride[0] + h * p.o_stride[1] + i * p.o_stride[2];
+  if (i < sp.len) {
+    const int64_t do_base = p.do_str.at(sp.b, h, sp.row0 + i);
+    const int64_t o_base = p.o_str.at(sp.b, h, sp.row0 + i);
     float sum = 0.0f;
     for (int c = lane; c < p.head_dim; c += 32)
       sum = __fmaf_rn(load16<kF16>(p.dout, do_base + c), load16<kF16>(p.o, o_base + c), sum);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    const int64_t r = bh * p.seqlen_q + i;
+    const int64_t r = p.stat_str.at(sp.b, h, sp.row0 + i);
     const float lse = p.lse[r];
     // LSE = -inf only for a row that the mask leaves without keys: it keeps P = 0 (and D = 0,
     // its O is 0). Every other row takes its statistics as they are, so a poisoned row (LSE,
@@ -92,24 +107,27 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 // One block of 128 threads per piece; thread T handles the 32 elements that consumer thread T
 // accumulated (bwd_params.h): pair i of thread T is at float2 index i * 128 + T.
 template <bool kF16>
-__global__ void bwd_postprocess_kernel(const float* dq_accum, void* dq, int seqlen_q, int m_blocks,
-                                       int chunks, float scale) {
+__global__ void bwd_postprocess_kernel(const float* dq_accum, void* dq, RowStrides dq_str,
+                                       const int* cu_seqlens_q, int heads, int seqlen_q,
+                                       int m_blocks, int chunks, float scale) {
   const int64_t piece = blockIdx.x;
   const int chunk = static_cast<int>(piece % chunks);
   const int64_t mb = piece / chunks;
   const int m = static_cast<int>(mb % m_blocks);
-  const int64_t bh = mb / m_blocks;
+  const int64_t sh = mb / m_blocks;
+  const int h = static_cast<int>(sh % heads);
+  const SeqSpan sp =
+      seq_span_of(cu_seqlens_q, static_cast<int>(sh / heads), seqlen_q, m_blocks * kPieceRows);
   const int T = threadIdx.x, w = T / 32, g = (T % 32) / 4, t = T % 4;
   const float2* src = reinterpret_cast<const float2*>(dq_accum + piece * kPieceRows * kPieceCols);
-  const int head_dim = chunks * kPieceCols;
   uint32_t* out = static_cast<uint32_t*>(dq);
 #pragma unroll
   for (int i = 0; i < kPieceRows * kPieceCols / 256; ++i) {
     const float2 v = src[i * 128 + T];
     const int row = m * kPieceRows + 16 * w + g + 8 * (i & 1);
     const int col = chunk * kPieceCols + 8 * (i >> 1) + 2 * t;
-    if (row < seqlen_q)
-      out[((bh * seqlen_q + row) * head_dim + col) / 2] =
+    if (row < sp.len)
+      out[(dq_str.at(sp.b, h, sp.row0 + row) + col) / 2] =
           pack2<kF16>(__fmul_rn(v.x, scale), __fmul_rn(v.y, scale));
   }
 }
@@ -125,10 +143,10 @@ Status launch_bwd_preprocess(const BwdPreArgs& a) {
   PreParams p{};
   p.dout = a.dout.data;
   p.o = a.o.data;
-  for (int d = 0; d < 3; ++d) {
-    p.do_stride[d] = a.dout.stride[d];
-    p.o_stride[d] = a.o.stride[d];
-  }
+  p.do_str = row_strides(a.dout);
+  p.o_str = row_strides(a.o);
+  p.stat_str = a.stat_str;
+  p.cu_seqlens_q = a.varlen.cu_seqlens_q;
   p.lse = a.lse;
   p.m_ref = a.m_ref;
   p.l = a.l;
@@ -137,7 +155,7 @@ Status launch_bwd_preprocess(const BwdPreArgs& a) {
   p.seqlen_q = static_cast<int>(a.dout.shape[2]);
   p.head_dim = static_cast<int>(a.dout.shape[3]);
   p.rows_pad = a.m_blocks * kPieceRows;
-  p.total_rows = a.dout.shape[0] * a.dout.shape[1] * p.rows_pad;
+  p.total_rows = num_sequences(a.dout, a.varlen) * a.dout.shape[1] * p.rows_pad;
   const int64_t blocks = (p.total_rows + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks == 0) return Status::Ok();
   if (a.dout.dtype == DType::kFloat16)
@@ -148,18 +166,20 @@ Status launch_bwd_preprocess(const BwdPreArgs& a) {
   return err == cudaSuccess ? Status::Ok() : launch_error("the preprocess kernel", err);
 }
 
-Status launch_bwd_postprocess(const float* dq_accum, const TensorView& dq, int m_blocks, float scale,
-                              cudaStream_t stream) {
+Status launch_bwd_postprocess(const float* dq_accum, const TensorView& dq, const VarlenArgs& varlen,
+                              int m_blocks, float scale, cudaStream_t stream) {
   const int chunks = static_cast<int>(dq.shape[3] / kPieceCols);
-  const int64_t pieces = dq.shape[0] * dq.shape[1] * m_blocks * chunks;
+  const int heads = static_cast<int>(dq.shape[1]);
+  const int64_t pieces = num_sequences(dq, varlen) * heads * m_blocks * chunks;
   if (pieces == 0) return Status::Ok();
   const int seqlen_q = static_cast<int>(dq.shape[2]);
+  const RowStrides str = row_strides(dq);
   if (dq.dtype == DType::kFloat16)
     bwd_postprocess_kernel<true><<<static_cast<unsigned>(pieces), 128, 0, stream>>>(
-        dq_accum, dq.data, seqlen_q, m_blocks, chunks, scale);
+        dq_accum, dq.data, str, varlen.cu_seqlens_q, heads, seqlen_q, m_blocks, chunks, scale);
   else
     bwd_postprocess_kernel<false><<<static_cast<unsigned>(pieces), 128, 0, stream>>>(
-        dq_accum, dq.data, seqlen_q, m_blocks, chunks, scale);
+        dq_accum, dq.data, str, varlen.cu_seqlens_q, heads, seqlen_q, m_blocks, chunks, scale);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? Status::Ok() : launch_error("the postprocess kernel", err);
 }

@@ -144,14 +144,15 @@ __device__ __forceinline__ void gemm_dq(float (&acc)[Cfg::kAccDq], uint32_t ds_b
 // statistics (1-D bulk copy) into stage it % kStages, after the consumers released it.
 template <class Cfg>
 __device__ __forceinline__ void bwd_producer(const BwdParams& p, const BwdSmem<Cfg>& sm, int n_block,
-                                             int h_kv, int b, int m_begin, int m_end) {
+                                             int h_kv, const SeqRows& sr, int seq_idx,
+                                             int m_begin, int m_end) {
   cuda::mbar_arrive_expect_tx(sm.kv_full(), 2 * Cfg::kKVBytes);
 #pragma unroll
   for (int c = 0; c < Cfg::kChunks; ++c) {
     cuda::tma_load_4d(sm.k() + c * Cfg::kKVChunkBytes, &p.tma_k, sm.kv_full(), c * Cfg::kChunkCols,
-                n_block * Cfg::kBlockN, h_kv, b);
+                sr.k0 + n_block * Cfg::kBlockN, h_kv, sr.b);
     cuda::tma_load_4d(sm.v() + c * Cfg::kKVChunkBytes, &p.tma_v, sm.kv_full(), c * Cfg::kChunkCols,
-                n_block * Cfg::kBlockN, h_kv, b);
+                sr.k0 + n_block * Cfg::kBlockN, h_kv, sr.b);
   }
   int it = 0;
   for (int hg = 0; hg < p.group; ++hg) {
@@ -163,12 +164,13 @@ __device__ __forceinline__ void bwd_producer(const BwdParams& p, const BwdSmem<C
 #pragma unroll
       for (int c = 0; c < Cfg::kChunks; ++c) {
         cuda::tma_load_4d(sm.q(stage) + c * Cfg::kQChunkBytes, &p.tma_q, sm.q_full(stage),
-                    c * Cfg::kChunkCols, m * Cfg::kBlockM, h, b);
+                    c * Cfg::kChunkCols, sr.q0 + m * Cfg::kBlockM, h, sr.b);
         cuda::tma_load_4d(sm.dout(stage) + c * Cfg::kQChunkBytes, &p.tma_do, sm.q_full(stage),
-                    c * Cfg::kChunkCols, m * Cfg::kBlockM, h, b);
+                    c * Cfg::kChunkCols, sr.q0 + m * Cfg::kBlockM, h, sr.b);
       }
       const int64_t row0 =
-          (static_cast<int64_t>(b) * p.heads_q + h) * p.m_blocks * Cfg::kBlockM + m * Cfg::kBlockM;
+          (static_cast<int64_t>(seq_idx) * p.heads_q + h) * p.m_blocks * Cfg::kBlockM +
+          m * Cfg::kBlockM;
       cuda::bulk_load(sm.stats(stage), p.stats + row0, Cfg::kStatsBytes, sm.q_full(stage));
     }
   }
@@ -228,9 +230,9 @@ __device__ __forceinline__ void store_dq_ordered(const float (&dq)[Cfg::kAccDq],
 // This writer's turn at query block m (see store_dq_ordered): key blocks n_last(m) down to
 // n_first(m), kDqWriters warpgroups each.
 template <class Cfg, class Mask>
-__device__ __forceinline__ int dq_turn(const BwdParams& p, int m, int n_block, int wg) {
-  const int last_row = min((m + 1) * Cfg::kBlockM, p.seqlen_q) - 1;
-  const int n_last = (Mask::keys(last_row, p.seq()).end - 1) / Cfg::kBlockN;
+__device__ __forceinline__ int dq_turn(const SeqInfo& seq, int m, int n_block, int wg) {
+  const int last_row = min((m + 1) * Cfg::kBlockM, seq.len_q) - 1;
+  const int n_last = (Mask::keys(last_row, seq).end - 1) / Cfg::kBlockN;
   return (n_last - n_block) * Cfg::kDqWriters + (Cfg::kDqWriters == 2 ? wg : 0);
 }
 
@@ -240,12 +242,12 @@ __device__ __forceinline__ int dq_turn(const BwdParams& p, int m, int n_block, i
 
 template <class Cfg, class Mask>
 __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<Cfg>& sm, int wg,
-                                             int n_block, int h_kv, int b, int m_begin, int m_end,
-                                             int n_iters) {
+                                             int n_block, int h_kv, const SeqRows& sr,
+                                             int seq_idx, int m_begin, int m_end, int n_iters) {
   constexpr bool kF16 = Cfg::kF16;
   const int tid = threadIdx.x % 128, warp = tid / 32, g = (tid % 32) / 4;
   const int key0 = n_block * Cfg::kBlockN + Cfg::kWgKeys * wg;  // this warpgroup's first key
-  const SeqInfo seq = p.seq();
+  const SeqInfo seq = sr.info;
   const uint32_t bar_wg = Cfg::kBarWg + wg;
   const bool leader = tid == 0;
 
@@ -357,11 +359,12 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
 
         // 6. dQ piece -> dQaccum.
         const int64_t piece =
-            ((static_cast<int64_t>(b) * p.heads_q + h) * p.m_blocks + m) * Cfg::kChunks + dq_chunk;
+            ((static_cast<int64_t>(seq_idx) * p.heads_q + h) * p.m_blocks + m) * Cfg::kChunks +
+            dq_chunk;
         float* g_piece = p.dq_accum + piece * Cfg::kPieceFloats;
         if (p.deterministic)
           store_dq_ordered<Cfg>(dq, g_piece, p.dq_sem + piece,
-                                dq_turn<Cfg, Mask>(p, m, n_block, wg), bar_wg, leader);
+                                dq_turn<Cfg, Mask>(seq, m, n_block, wg), bar_wg, leader);
         else
           store_dq_reduce<Cfg>(dq, sm.staging(wg), g_piece, bar_wg, leader);
       }
@@ -369,14 +372,14 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
     if (leader && !p.deterministic) cuda::bulk_wait_all();  // the last reduce-add left shared memory
   }
 
-  // dK = c dS^T Q, dV: keys key0 + 16 warp + g (+ 8); keys >= Nk are padding.
+  // dK = c dS^T Q, dV: keys key0 + 16 warp + g (+ 8); keys past the sequence's end are padding.
   const int key_row0 = key0 + 16 * warp + g;
-  const int64_t offset0 =
-      ((static_cast<int64_t>(b) * p.heads_kv + h_kv) * p.seqlen_k + key_row0) * Cfg::kHeadDim;
-  const bool valid0 = key_row0 < p.seqlen_k, valid1 = key_row0 + 8 < p.seqlen_k;
+  const int64_t offset0 = p.dkv_str.at(sr.b, h_kv, sr.k0 + key_row0);
+  const bool valid0 = key_row0 < seq.len_k, valid1 = key_row0 + 8 < seq.len_k;
   const bool keep[2] = {false, false};
-  store_rows<kF16, Cfg::kHeadDim>(p.dk, offset0, valid0, valid1, dk, {p.scale, p.scale}, keep);
-  store_rows<kF16, Cfg::kHeadDim>(p.dv, offset0, valid0, valid1, dv, {1.0f, 1.0f}, keep);
+  store_rows<kF16, Cfg::kHeadDim>(p.dk, offset0, p.dkv_str.n, valid0, valid1, dk, {p.scale, p.scale},
+                                  keep);
+  store_rows<kF16, Cfg::kHeadDim>(p.dv, offset0, p.dkv_str.n, valid0, valid1, dv, {1.0f, 1.0f}, keep);
 }
 
 // ---- The kernel -------------------------------------------------------------------------------
@@ -389,9 +392,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_kernel(const __grid_cons
   // takes them descending, the order of its dQ turns (store_dq_ordered).
   const int n_block = p.deterministic ? static_cast<int>(gridDim.x - 1 - blockIdx.x)
                                       : static_cast<int>(blockIdx.x);
-  const int h_kv = blockIdx.y, b = blockIdx.z;
+  const int h_kv = blockIdx.y, seq_idx = blockIdx.z;  // the sequence (dense: the batch entry)
+  const SeqRows sr = p.seq_rows(seq_idx);
+  // Packed sequences: the grid covers the longest one; a CTA past its own returns (all threads,
+  // before any barrier is set up). It has no query block to write to, so the deterministic dQ
+  // turns (dq_turn) never count it.
+  if (n_block * Cfg::kBlockN >= sr.info.len_k) return;
   // The query blocks that meet this key block, [m_begin, m_end) (src/common/mask.h).
-  const IndexRange qb = query_blocks<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, p.seq());
+  const IndexRange qb = query_blocks<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, sr.info);
   const int m_begin = qb.empty() ? 0 : qb.begin, m_end = qb.empty() ? 0 : qb.end;
   const int n_iters = p.group * (m_end - m_begin);
 
@@ -409,10 +417,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_kernel(const __grid_cons
       [&] {
         if (threadIdx.x == 0 && n_iters > 0) {
           cuda::prefetch_tma_descriptors(&p.tma_q, &p.tma_k, &p.tma_v, &p.tma_do);
-          bwd_producer<Cfg>(p, sm, n_block, h_kv, b, m_begin, m_end);
+          bwd_producer<Cfg>(p, sm, n_block, h_kv, sr, seq_idx, m_begin, m_end);
         }
       },
-      [&](int wg) { bwd_consumer<Cfg, Mask>(p, sm, wg, n_block, h_kv, b, m_begin, m_end, n_iters); });
+      [&](int wg) {
+        bwd_consumer<Cfg, Mask>(p, sm, wg, n_block, h_kv, sr, seq_idx, m_begin, m_end, n_iters);
+      });
 }
 
 }  // namespace attnqat::sm90

@@ -16,14 +16,13 @@ namespace attnqat::sm90 {
 
 template <class Cfg, class Mask>
 Status launch_bwd(const BwdArgs& a) {
-  const int64_t batch = a.q.shape[0], seqlen_q = a.q.shape[2];
-  const int64_t heads_kv = a.k.shape[1], seqlen_k = a.k.shape[2];
-  const int64_t n_blocks = (seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN;
-  const int64_t m_blocks = (seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  const int64_t batch = num_sequences(a.q, a.varlen), heads_kv = a.k.shape[1];
   ATTNQAT_RETURN_IF_ERROR(check_grid_limits("attention_backward", "KV heads", heads_kv,
                                             int64_t{1} << 30, "up to 2^30", a.q, a.k));
   BwdParams p{};
-  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant, a.seq);
+  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant, a.seq, a.varlen);
+  const int64_t n_blocks = (p.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN;
+  const int64_t m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_do, a.dout, Cfg::kBlockM));
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));
@@ -31,6 +30,7 @@ Status launch_bwd(const BwdArgs& a) {
   p.stats = a.stats;
   p.dq_accum = a.dq_accum;
   p.dq_sem = a.dq_sem;
+  p.dkv_str = row_strides(a.dk);
   p.dk = a.dk.data;
   p.dv = a.dv.data;
   p.m_blocks = static_cast<int>(m_blocks);

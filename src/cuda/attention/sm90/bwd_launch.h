@@ -13,6 +13,7 @@
 #include <vector_types.h>
 
 #include "attnqat/attnqat.h"
+#include "cuda/attention/sm90/attn_params.h"
 #include "cuda/attention/sm90/bwd_config.h"
 #include "common/mask.h"
 
@@ -21,7 +22,7 @@ namespace attnqat::sm90 {
 struct BwdArgs {
   TensorView q, k, v;  // the operands the backward uses (fake-quantized or raw), 16-bit
   TensorView dout;     // [B, Hq, Nq, d], last dim contiguous, TMA-compatible strides
-  TensorView dk, dv;   // contiguous outputs
+  TensorView dk, dv;   // outputs with equal strides, the last dim contiguous
   const float4* stats;  // [B, Hq, m_blocks * 64] (bwd_params.h)
   float* dq_accum;      // zeroed
   int* dq_sem;          // zeroed (deterministic)
@@ -30,18 +31,21 @@ struct BwdArgs {
   PQuant p_quant;  // paper or anchored (used when quant_p)
   MaskKind mask;   // the policy the dispatch instantiates (api.cu with_mask)
   SeqInfo seq;     // the window of LocalMask (attention_seq, common/validate.h)
+  VarlenArgs varlen;  // packed sequences (attn_params.h); q, k, v, dout, dk, dv: [1, H, total, d]
   cudaStream_t stream;
 };
 
 template <class Cfg, class Mask>
 Status launch_bwd(const BwdArgs& a);
 
-// Per padded query row r of [B, Hq, m_blocks * 64]: {-LSE/ln 2, D = rowsum(dout * o), -m_ref,
-// 1/l}; rows past Nq and rows without keys (LSE = -inf) get {-inf, 0, -inf, 0}. m_ref and l may
-// be null (then -inf and 0: the anchored P_F is not used).
+// Per padded query row r of [S, Hq, m_blocks * 64] (S sequences): {-LSE/ln 2, D = rowsum(dout *
+// o), -m_ref, 1/l}; rows past the sequence's end and rows without keys (LSE = -inf) get {-inf,
+// 0, -inf, 0}. m_ref and l may be null (then -inf and 0: the anchored P_F is not used).
 struct BwdPreArgs {
   TensorView dout, o;  // [B, Hq, Nq, d], any strides with the last dim contiguous
-  const float* lse;    // [B, Hq, Nq] contiguous
+  const float* lse;    // [B, Hq, Nq] with the strides stat_str (m_ref, l too)
+  RowStrides stat_str;
+  VarlenArgs varlen;   // packed sequences: B = 1, Nq = total (attn_params.h)
   const float* m_ref;
   const float* l;
   float4* stats;
@@ -50,8 +54,9 @@ struct BwdPreArgs {
 };
 Status launch_bwd_preprocess(const BwdPreArgs& a);
 
-// dq [B, Hq, Nq, d] (contiguous, 16-bit) = RN(scale * dq_accum) from the fragment-ordered pieces.
-Status launch_bwd_postprocess(const float* dq_accum, const TensorView& dq, int m_blocks, float scale,
-                              cudaStream_t stream);
+// dq [B, Hq, Nq, d] (16-bit, any strides with the last dim contiguous) = RN(scale * dq_accum)
+// from the fragment-ordered pieces of each sequence (packed sequences: varlen, B = 1).
+Status launch_bwd_postprocess(const float* dq_accum, const TensorView& dq, const VarlenArgs& varlen,
+                              int m_blocks, float scale, cudaStream_t stream);
 
 }  // namespace attnqat::sm90

@@ -38,10 +38,11 @@ struct BwdParams : AttnParams {
   const float4* stats;  // see above
   float* dq_accum;
   int* dq_sem;
-  void* dk;  // [B, Hkv, Nk, d] contiguous, input dtype
+  void* dk;  // [B, Hkv, Nk, d], input dtype, strides dkv_str (both), the last dim contiguous
   void* dv;
+  RowStrides dkv_str;
 
-  int m_blocks;  // ceil(Nq / 64)
+  int m_blocks;  // ceil(Nq / 64) (packed sequences: of the longest)
   float scale;   // c: dK = c * dS^T Q (dQ's c is applied by the postprocess)
   bool quant_p;        // dV uses P_F (quantized) instead of P: phi_nv(exp2(S2 - m_ref); 2^-11) / l
                        // (anchored) or phi_nv(P; 1) (paper)

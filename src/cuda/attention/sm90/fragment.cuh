@@ -29,12 +29,14 @@ __device__ __forceinline__ void apply_mask(float (&s)[kN / 2], int key0, IndexRa
   }
 }
 
-// Rows row0 and row0 + 8 of a [64, kD] accumulator as 4-byte pairs into a contiguous [.., kD]
-// tensor whose element row0 * kD is at `row_offset0`: element x of row h is RN16(RN(x mult[h])),
+// Rows row0 and row0 + 8 of a [64, kD] accumulator as 4-byte pairs into rows of kD contiguous
+// elements, row0's first at element `row_offset0`, the rows `row_stride` elements apart (even,
+// as row_offset0): element x of row h is RN16(RN(x mult[h])),
 // or +0 where zero[h] (an empty row, whose accumulator may hold 0 * NaN from a masked position).
 // Rows that are not valid (padding past the tensor's end) are skipped.
 template <bool kF16, int kD>
-__device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, bool valid0, bool valid1,
+__device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, int64_t row_stride,
+                                           bool valid0, bool valid1,
                                            const float (&acc)[kD / 2], const float (&mult)[2],
                                            const bool (&zero)[2]) {
   uint32_t* base = static_cast<uint32_t*>(out);  // pairs of 16-bit elements
@@ -46,7 +48,7 @@ __device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, bool 
       if (!(h ? valid1 : valid0)) continue;
       const float lo = zero[h] ? 0.0f : __fmul_rn(acc[4 * k + 2 * h], mult[h]);
       const float hi = zero[h] ? 0.0f : __fmul_rn(acc[4 * k + 2 * h + 1], mult[h]);
-      const int64_t elem = row_offset0 + static_cast<int64_t>(8 * h) * kD + 8 * k + 2 * t;
+      const int64_t elem = row_offset0 + 8 * h * row_stride + 8 * k + 2 * t;
       base[elem / 2] = cuda::pack_rn<kF16>(lo, hi);
     }
   }

@@ -6,8 +6,9 @@
 //   that sees keys but whose sum is not positive (NaN, from a non-finite score, or 0 when every
 //   visible score is -inf) is poisoned: O, O' and LSE are NaN (numerics section 3). Emptiness
 //   comes from the mask, never from l, so a NaN row cannot pass for an empty one.
-// Direct 4-byte stores from the accumulator fragment (row 16w + g (+8), columns 8k + 2t, +1):
-// the outputs are contiguous (validate()), rows >= Nq are padding and are not written.
+// Direct 4-byte stores from the accumulator fragment (row 16w + g (+8), columns 8k + 2t, +1)
+// at the outputs' strides (o_str, stat_str); rows past the sequence's end are padding and are
+// not written.
 #pragma once
 
 #include <cmath>
@@ -27,28 +28,26 @@ constexpr float kLn2 = 0.693147180559945309417f;  // RN(ln 2)
 template <class Cfg, class Mask>
 __device__ __forceinline__ void store_o(const FwdParams& p, const float (&o)[Cfg::kAccO],
                                         const float (&o_hp)[Cfg::kWithOHp ? Cfg::kAccO : 1],
-                                        RowState st, int b, int h, int row0) {
+                                        RowState st, const SeqRows& sr, int h, int row0) {
   float l[2], inv_l[2];
   bool empty[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] = st.l[r] + __shfl_xor_sync(0xffffffffu, st.l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    empty[r] = Mask::keys(row0 + 8 * r, p.seq()).empty();
+    empty[r] = Mask::keys(row0 + 8 * r, sr.info).empty();
     inv_l[r] = l[r] > 0.0f ? __frcp_rn(l[r]) : __int_as_float(0x7fffffff);  // NaN: poisoned
   }
-  const int64_t row_index0 = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + row0;
-  const bool valid0 = row0 < p.seqlen_q, valid1 = row0 + 8 < p.seqlen_q;
-  store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o, row_index0 * Cfg::kHeadDim, valid0, valid1, o, inv_l,
-                                       empty);
+  const bool valid0 = row0 < sr.info.len_q, valid1 = row0 + 8 < sr.info.len_q;
+  const int64_t o0 = p.o_str.at(sr.b, h, sr.q0 + row0);
+  store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o, o0, p.o_str.n, valid0, valid1, o, inv_l, empty);
   if constexpr (Cfg::kWithOHp)
-    store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o_hp, row_index0 * Cfg::kHeadDim, valid0, valid1, o_hp,
-                                         inv_l, empty);
+    store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o_hp, o0, p.o_str.n, valid0, valid1, o_hp, inv_l, empty);
   if (threadIdx.x % 4 != 0) return;  // one lane per quad writes the row statistics
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!(r ? valid1 : valid0)) continue;
-    const int64_t row = row_index0 + 8 * r;
+    const int64_t row = p.stat_str.at(sr.b, h, sr.q0 + row0 + 8 * r);
     const float nan = __int_as_float(0x7fffffff);
     p.lse[row] = empty[r]      ? -INFINITY
                  : l[r] > 0.0f ? __fmul_rn(kLn2, __fadd_rn(st.m_ref[r], log2f(l[r])))

@@ -34,10 +34,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const SmemMap<Cfg> sm{(cuda::smem_u32(smem_raw) + Cfg::kSmemAlign - 1) & ~(Cfg::kSmemAlign - 1u)};
   const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y;
+  const SeqRows sr = p.seq_rows(blockIdx.z);
+  // Packed sequences: the grid covers the longest one; a CTA past its own returns (all threads,
+  // before any barrier is set up).
+  if (m_block * Cfg::kBlockM >= sr.info.len_q) return;
   // The key blocks this CTA visits, [n_begin, n_begin + n_tiles) (src/common/mask.h).
-  const IndexRange kb =
-      key_blocks<Mask>(m_block, Cfg::kBlockM, Cfg::kBlockN, p.seq());
+  const IndexRange kb = key_blocks<Mask>(m_block, Cfg::kBlockM, Cfg::kBlockN, sr.info);
   const int n_begin = kb.begin, n_tiles = kb.empty() ? 0 : kb.end - kb.begin;
 
   // The P scale table: one entry per thread of the first 256 (filled also in mode bf16, where it
@@ -65,17 +68,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   cuda::split_warpgroups<Cfg::kProducerRegs, Cfg::kConsumerRegs>(
       [&] {
         if constexpr (Cfg::kPacked) {
-          if (n_tiles > 0) packed_producer_mainloop<Cfg>(p, sm, m_block, h, b, n_begin, n_tiles);
+          if (n_tiles > 0) packed_producer_mainloop<Cfg>(p, sm, m_block, h, sr, n_begin, n_tiles);
         } else if (threadIdx.x == 0 && n_tiles > 0) {
           cuda::prefetch_tma_descriptors(&p.tma_q, &p.tma_k, &p.tma_v);
-          producer_mainloop<Cfg>(p, sm, m_block, h, b, n_begin, n_tiles);
+          producer_mainloop<Cfg>(p, sm, m_block, h, sr, n_begin, n_tiles);
         }
       },
       [&](int wg) {
         if constexpr (Cfg::kOverlap)
-          consumer_mainloop_overlap<Cfg, Mask>(p, sm, wg, m_block, h, b, n_begin, n_tiles);
+          consumer_mainloop_overlap<Cfg, Mask>(p, sm, wg, m_block, h, sr, n_begin, n_tiles);
         else
-          consumer_mainloop<Cfg, Mask>(p, sm, wg, m_block, h, b, n_begin, n_tiles);
+          consumer_mainloop<Cfg, Mask>(p, sm, wg, m_block, h, sr, n_begin, n_tiles);
       });
 }
 

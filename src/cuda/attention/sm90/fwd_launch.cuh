@@ -30,14 +30,14 @@ inline PackedOperand packed_operand(const PackedTensor& t) {
 
 template <class Cfg, class Mask>
 Status launch_fwd(const FwdArgs& a) {
-  const int64_t batch = a.q.shape[0], heads_q = a.q.shape[1], seqlen_q = a.q.shape[2];
+  const int64_t batch = num_sequences(a.q, a.varlen), heads_q = a.q.shape[1];
   const int64_t seqlen_k = a.k.shape[2];
-  const int64_t m_blocks = (seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   ATTNQAT_RETURN_IF_ERROR(check_grid_limits("attention_forward", "heads", heads_q,
                                             (int64_t{1} << 31) - Cfg::kBlockM, "below 2^31", a.q,
                                             a.k));
   FwdParams p{};
-  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant, a.seq);
+  static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant, a.seq, a.varlen);
+  const int64_t m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   if constexpr (Cfg::kPacked) {
     p.pk_q = packed_operand(a.pq);
     p.kv_tma = a.kv_tma;
@@ -52,6 +52,8 @@ Status launch_fwd(const FwdArgs& a) {
     ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_k, a.k, Cfg::kBlockN));
     ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_v, a.v, Cfg::kBlockN));
   }
+  p.o_str = row_strides(a.out.o);
+  p.stat_str = row_strides(a.out.lse);
   p.o = a.out.o.data;
   p.o_hp = Cfg::kWithOHp ? a.out.o_hp.data : nullptr;
   p.lse = static_cast<float*>(a.out.lse.data);

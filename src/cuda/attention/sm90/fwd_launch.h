@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include "attnqat/attnqat.h"
+#include "cuda/attention/sm90/attn_params.h"
 #include "cuda/attention/sm90/fwd_config.h"
 #include "common/mask.h"
 
@@ -24,6 +25,7 @@ struct FwdArgs {
   PQuant p_quant;      // paper or anchored (quantized modes)
   MaskKind mask;       // the policy the dispatch instantiates (api.cu with_mask)
   SeqInfo seq;         // the window of LocalMask (attention_seq, common/validate.h)
+  VarlenArgs varlen;   // packed sequences (attn_params.h); q, k, v, out are [1, H, total, ...]
   cudaStream_t stream;
 };
 

@@ -30,44 +30,47 @@ __device__ __forceinline__ void load_rows(const CUtensorMap* tmap, uint32_t smem
     cuda::tma_load_4d(smem + c * chunk_bytes, tmap, bar, c * Cfg::kChunkCols, row0, h, b);
 }
 
-// Q rows [m_block * kBlockM, +kBlockM) of head h, batch b.
+// Q rows [row0, row0 + kBlockM) of head h, batch b.
 template <class Cfg>
 __device__ __forceinline__ void load_q(const CUtensorMap* tmap, uint32_t smem_q, uint32_t bar,
-                                       int m_block, int h, int b) {
-  load_rows<Cfg>(tmap, smem_q, bar, Cfg::kQChunkBytes, m_block * Cfg::kBlockM, h, b);
+                                       int row0, int h, int b) {
+  load_rows<Cfg>(tmap, smem_q, bar, Cfg::kQChunkBytes, row0, h, b);
 }
 
-// K or V rows [n * kBlockN, +kBlockN) of key/value head h_kv.
+// K or V rows [row0, row0 + kBlockN) of key/value head h_kv.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(const CUtensorMap* tmap, uint32_t smem_tile,
-                                             uint32_t bar, int n, int h_kv, int b) {
-  load_rows<Cfg>(tmap, smem_tile, bar, Cfg::kKVChunkBytes, n * Cfg::kBlockN, h_kv, b);
+                                             uint32_t bar, int row0, int h_kv, int b) {
+  load_rows<Cfg>(tmap, smem_tile, bar, Cfg::kKVChunkBytes, row0, h_kv, b);
 }
 
-// Tiles i in [i_begin, i_end) of the CTA's key blocks (tile i = key block n_begin + i), K[i] and
-// V[i], run by one thread. K before V of the same tile: the consumers need K[i+1] before V[i+1].
+// Tiles i in [i_begin, i_end) of the CTA's key blocks (tile i = key block n_begin + i of the
+// sequence sr), K[i] and V[i], run by one thread. K before V of the same tile: the consumers need K[i+1] before V[i+1].
 // On the first pass over the ring (i < kStages) the `empty` waits return at once, so those tiles
 // are issued without blocking.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tiles(const FwdParams& p, const SmemMap<Cfg>& sm, int h_kv,
-                                              int b, int n_begin, int i_begin, int i_end) {
+                                              const SeqRows& sr, int n_begin, int i_begin,
+                                              int i_end) {
   for (int i = i_begin; i < i_end; ++i) {
     const int stage = i % Cfg::kStages;
     const uint32_t parity = ((i / Cfg::kStages) & 1) ^ 1;
+    const int row0 = sr.k0 + (n_begin + i) * Cfg::kBlockN;
     cuda::mbar_wait(sm.k_empty(stage), parity);  // consumers released K[i - kStages]
-    load_kv_tile<Cfg>(&p.tma_k, sm.k(stage), sm.k_full(stage), n_begin + i, h_kv, b);
+    load_kv_tile<Cfg>(&p.tma_k, sm.k(stage), sm.k_full(stage), row0, h_kv, sr.b);
     cuda::mbar_wait(sm.v_empty(stage), parity);  // consumers released V[i - kStages]
-    load_kv_tile<Cfg>(&p.tma_v, sm.v(stage), sm.v_full(stage), n_begin + i, h_kv, b);
+    load_kv_tile<Cfg>(&p.tma_v, sm.v(stage), sm.v_full(stage), row0, h_kv, sr.b);
   }
 }
 
 // Run by one thread.
 template <class Cfg>
 __device__ __forceinline__ void producer_mainloop(const FwdParams& p, const SmemMap<Cfg>& sm,
-                                                  int m_block, int h, int b, int n_begin,
+                                                  int m_block, int h, const SeqRows& sr,
+                                                  int n_begin,
                                                   int n_tiles) {
-  load_q<Cfg>(&p.tma_q, sm.q(), sm.q_full(), m_block, h, b);
-  load_kv_tiles<Cfg>(p, sm, h / p.group, b, n_begin, 0, n_tiles);
+  load_q<Cfg>(&p.tma_q, sm.q(), sm.q_full(), sr.q0 + m_block * Cfg::kBlockM, h, sr.b);
+  load_kv_tiles<Cfg>(p, sm, h / p.group, sr, n_begin, 0, n_tiles);
 }
 
 }  // namespace attnqat::sm90

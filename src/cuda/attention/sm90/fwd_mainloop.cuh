@@ -82,7 +82,7 @@ struct ConsumerStart {
 template <class Cfg, class Mask>
 __device__ __forceinline__ ConsumerStart consumer_start(const FwdParams& p, const SmemMap<Cfg>& sm,
                                                         ConsumerState<Cfg>& cs, int wg, int m_block,
-                                                        int h, int b, int n_tiles) {
+                                                        int h, const SeqRows& sr, int n_tiles) {
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int wg_row0 = m_block * Cfg::kBlockM + 64 * wg;
   const int row = wg_row0 + 16 * warp + lane / 4;
@@ -91,9 +91,9 @@ __device__ __forceinline__ ConsumerStart consumer_start(const FwdParams& p, cons
 #pragma unroll
   for (int i = 0; i < (Cfg::kWithOHp ? Cfg::kAccO : 1); ++i) cs.o_hp[i] = 0.0f;
   cs.rows = row_state_init();
-  if (n_tiles == 0) store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, row);
-  const SeqInfo seq = p.seq();
-  const int wg_last = min(wg_row0 + 63, p.seqlen_q - 1);
+  if (n_tiles == 0) store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, sr, h, row);
+  const SeqInfo seq = sr.info;
+  const int wg_last = min(wg_row0 + 63, seq.len_q - 1);
   const RowKeys keys{Mask::keys(row, seq), Mask::keys(row + 8, seq),
                      keys_seen_by_rows<Mask>(wg_row0, wg_last, seq)};
   // redux.sync puts the (warp-uniform) warpgroup index into a uniform register, so that the
@@ -156,10 +156,10 @@ __device__ __forceinline__ void consumer_tile(const FwdParams& p, const SmemMap<
 // wg: 0 or 1, this consumer warpgroup; its rows are m_block * kBlockM + 64 wg + [0, 64).
 template <class Cfg, class Mask>
 __device__ __forceinline__ void consumer_mainloop(const FwdParams& p, const SmemMap<Cfg>& sm,
-                                                  int wg, int m_block, int h, int b, int n_begin,
-                                                  int n_tiles) {
+                                                  int wg, int m_block, int h, const SeqRows& sr,
+                                                  int n_begin, int n_tiles) {
   ConsumerState<Cfg> cs;
-  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block, h, b, n_tiles);
+  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block, h, sr, n_tiles);
   if (n_tiles == 0) return;
   const uint32_t q_rows = start.q_rows;
 
@@ -178,7 +178,7 @@ __device__ __forceinline__ void consumer_mainloop(const FwdParams& p, const Smem
     consumer_tile<Cfg, Mask>(p, sm, cs, wg, n, n + 1 == n_tiles, n_begin, start.keys, q_rows);
   cuda::wgmma_wait<0>();  // the dropped QK^T: its registers must not be reused while it runs
   cuda::reg_fence(cs.s);
-  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, start.row);
+  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, sr, h, start.row);
 }
 
 // ---- Intra-warpgroup overlap (configs without O': fp4, bf16) ---------------------------------
@@ -216,11 +216,11 @@ __device__ __forceinline__ void overlap_softmax(const FwdParams& p, ConsumerStat
 template <class Cfg, class Mask>
 __device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
                                                           const SmemMap<Cfg>& sm, int wg,
-                                                          int m_block, int h, int b, int n_begin,
-                                                          int n_tiles) {
+                                                          int m_block, int h, const SeqRows& sr,
+                                                          int n_begin, int n_tiles) {
   static_assert(!Cfg::kWithOHp, "the overlapped mainloop has no O' (registers, docs/hopper.md, section 3)");
   ConsumerState<Cfg> cs;
-  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block, h, b, n_tiles);
+  const ConsumerStart start = consumer_start<Cfg, Mask>(p, sm, cs, wg, m_block, h, sr, n_tiles);
   if (n_tiles == 0) return;
   const uint32_t q_rows = start.q_rows;
   const uint32_t my_token = Cfg::kBarSched + wg, other_token = Cfg::kBarSched + (wg ^ 1);
@@ -267,7 +267,7 @@ __device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
     // be visited) and that the compiler cannot remove. (A conditional wait instead made ptxas
     // serialize every wgmma: a DEPBAR after each one.)
     f[0] = f[1] = 1.0f;
-    if ((n_begin + n) * Cfg::kBlockN < p.seqlen_k)
+    if ((n_begin + n) * Cfg::kBlockN < sr.info.len_k)
       overlap_softmax<Cfg, Mask>(p, cs, n_begin + n, start.keys, f);
     cuda::reg_fence(cs.s);
     cuda::reg_fence(f);
@@ -298,7 +298,7 @@ __device__ __forceinline__ void consumer_mainloop_overlap(const FwdParams& p,
   cuda::reg_fence(cs.o);
   cuda::reg_fence(cs.p_hat);
   cuda::mbar_arrive(sm.v_empty(last));
-  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, b, h, start.row);
+  store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, sr, h, start.row);
 }
 
 }  // namespace attnqat::sm90

@@ -175,7 +175,8 @@ __device__ __forceinline__ void unpack_operand(const SmemMap<Cfg>& sm, int op, u
 
 template <class Cfg>
 __device__ __forceinline__ void packed_producer_mainloop(const FwdParams& p, const SmemMap<Cfg>& sm,
-                                                         int m_block, int h, int b, int n_begin,
+                                                         int m_block, int h, const SeqRows& sr,
+                                                         int n_begin,
                                                          int n_tiles) {
   const int tid = threadIdx.x;  // 0..127
   const int h_kv = h / p.group;
@@ -192,23 +193,24 @@ __device__ __forceinline__ void packed_producer_mainloop(const FwdParams& p, con
   }
   auto stage_kv = [&](int n) {  // tile n = key block n_begin + n
     const uint32_t st = sm.stage(n % Cfg::kStages);
-    stage_rows<Cfg>(p.pk_k, b, h_kv, (n_begin + n) * Cfg::kBlockN, st, tid);
-    stage_rows<Cfg>(p.pk_v, b, h_kv, (n_begin + n) * Cfg::kBlockN, st + Cfg::kStageKBytes, tid);
+    const int row0 = sr.k0 + (n_begin + n) * Cfg::kBlockN;
+    stage_rows<Cfg>(p.pk_k, sr.b, h_kv, row0, st, tid);
+    stage_rows<Cfg>(p.pk_v, sr.b, h_kv, row0, st + Cfg::kStageKBytes, tid);
   };
   static_assert(Cfg::kStages == 2, "Q borrows stage 1 before K/V tile 1 lands there");
-  stage_rows<Cfg>(p.pk_q, b, h, m_block * Cfg::kBlockM, sm.stage(1), tid);
+  stage_rows<Cfg>(p.pk_q, sr.b, h, sr.q0 + m_block * Cfg::kBlockM, sm.stage(1), tid);
   cuda::cp_async_commit();
   if (p.kv_tma) {  // only Q is packed; K/V tiles by TMA from thread 0
     const int first = n_tiles < Cfg::kStages ? n_tiles : Cfg::kStages;
     if (tid == 0) {  // the first pass over the ring does not block: issue it before Q's unpacking
       cuda::prefetch_tma_descriptors(&p.tma_k, &p.tma_v);
-      load_kv_tiles<Cfg>(p, sm, h_kv, b, n_begin, 0, first);
+      load_kv_tiles<Cfg>(p, sm, h_kv, sr, n_begin, 0, first);
     }
     cuda::cp_async_wait<0>();
     cuda::named_bar_sync(kBarProducer, 128);
     unpack_operand<Cfg>(sm, 0, sm.stage(1), sm.q(), tid);
     cuda::mbar_arrive(sm.q_full());
-    if (tid == 0) load_kv_tiles<Cfg>(p, sm, h_kv, b, n_begin, first, n_tiles);  // waits on `empty`
+    if (tid == 0) load_kv_tiles<Cfg>(p, sm, h_kv, sr, n_begin, first, n_tiles);  // waits on `empty`
     return;
   }
   stage_kv(0);

@@ -31,9 +31,10 @@ struct FwdParams : AttnParams {
   CUtensorMap tma_k;
   CUtensorMap tma_v;
 
-  // Outputs, contiguous (validate() checks): o, o_hp [B, Hq, Nq, d] in the input dtype
-  // (o_hp only when the config has kWithOHp); lse, m_ref, l [B, Hq, Nq] fp32 (m_ref and l may
-  // be null: both or neither).
+  // Outputs: o, o_hp [B, Hq, Nq, d] in the input dtype (o_hp only when the config has
+  // kWithOHp), both with the strides o_str; lse, m_ref, l [B, Hq, Nq] fp32 with the strides
+  // stat_str (m_ref and l may be null: both or neither). The last dims are contiguous.
+  RowStrides o_str, stat_str;
   void* o;
   void* o_hp;
   float* lse;

@@ -158,14 +158,14 @@ def _wrapped(d: torch.Tensor, period: int) -> torch.Tensor:
 
 
 def flow_matching_batch(data: SyntheticVideoLatents, n: int, g: torch.Generator, t: Optional[torch.Tensor] = None):
-    """(x_t, t, text, target v) of rectified flow: x_t = (1 - t) x0 + t noise, v = noise - x0;
+    """(x_t, t, classes, target v) of rectified flow: x_t = (1 - t) x0 + t noise, v = noise - x0;
     ``t`` logit-normal unless given."""
     x0, cls = data.sample(n, g)
     noise = torch.randn(x0.shape, generator=g)
     if t is None:
         t = torch.sigmoid(torch.randn(n, generator=g))
     tt = t[:, None, None, None, None]
-    return (1 - tt) * x0 + tt * noise, t, data.text[cls], noise - x0
+    return (1 - tt) * x0 + tt * noise, t, cls, noise - x0
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -280,11 +280,11 @@ def train(runner: Runner, data: SyntheticVideoLatents, options: dict, steps: int
     curves = dict(loss=[], grad_norm=[], probe_step=[], dv_cosine=[], diverged_at=None)
     t0 = time.time()
     for step in range(steps):
-        x_t, t, text, target = flow_matching_batch(data, args.batch, g)
+        x_t, t, cls, target = flow_matching_batch(data, args.batch, g)
         probing = probe is not None and (step % args.probe_every == 0 or step == steps - 1)
         capture = probe.capture() if probing else contextlib.nullcontext()
         with attnqat.config(**options, deterministic=args.deterministic), capture:
-            loss = F.mse_loss(runner.predict(x_t, t, text), target.to(runner.device))
+            loss = F.mse_loss(runner.predict(x_t, t, data.text[cls]), target.to(runner.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
@@ -321,11 +321,14 @@ def heldout_set(data: SyntheticVideoLatents, args) -> List[tuple]:
 
 
 @torch.no_grad()
-def heldout_loss(runner: Runner, batches, options: dict) -> float:
+def heldout_loss(runner: Runner, data: SyntheticVideoLatents, batches, options: dict, text_shift: int = 0) -> float:
+    """The mean flow-matching loss of ``batches``; ``text_shift`` 1 gives every latent the text of
+    the next class (the wrong text: how much the model relies on its conditioning)."""
     runner.model.eval()
     with attnqat.config(**options):
-        losses = [float(F.mse_loss(runner.predict(x_t, t, text), target.to(runner.device)))
-                  for x_t, t, text, target in batches]
+        losses = [float(F.mse_loss(runner.predict(x_t, t, data.text[(cls + text_shift) % data.classes]),
+                                   target.to(runner.device)))
+                  for x_t, t, cls, target in batches]
     return sum(losses) / len(losses)
 
 
@@ -347,11 +350,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def evaluate(runner: Runner, batches, noise, text, args) -> dict:
-    losses = {name: heldout_loss(runner, batches, opts) for name, opts in EVAL_MODES.items()}
+def evaluate(runner: Runner, data: SyntheticVideoLatents, batches, noise, text, args) -> dict:
+    losses = {name: heldout_loss(runner, data, batches, opts) for name, opts in EVAL_MODES.items()}
     samples = {name: sample(runner, noise, text, args.sample_steps, opts) for name, opts in EVAL_MODES.items()}
     return dict(
         heldout_loss=losses,
+        heldout_loss_wrong_text=heldout_loss(runner, data, batches, EVAL_MODES["bf16"], text_shift=1),
         sample_rel_err={name: relative_error(samples[name], samples["bf16"]) for name in FP4_EVAL_MODES},
         sample_rms={name: float(s.pow(2).mean().sqrt()) for name, s in samples.items()},
         sample_sha256={name: hashlib.sha256(s.contiguous().numpy().tobytes()).hexdigest()
@@ -434,6 +438,12 @@ def print_table(results: dict) -> None:
         print(f"{name:<19} {l['bf16']:10.4f} {l['fp4_paper']:10.4f} {l['fp4_anchored']:10.4f} "
               f"{r['fp4_paper']:10.4f} {r['fp4_anchored']:10.4f} {dv}")
     print("(dV cos: the last probe of the arm's training; err: relative error of the final Euler samples)")
+    for arm, c in results["arms"].items():
+        if c["diverged_at"] is not None:
+            print(f"{arm} diverged at step {c['diverged_at']} (non-finite loss or gradient norm); its row is the "
+                  "model before that step")
+    wrong = ", ".join(f"{name} {e['heldout_loss_wrong_text']:.4f}" for name, e in ev.items())
+    print(f"held-out loss with the text of another class (bf16 attention): {wrong}")
     control = ev["bf16"]["sample_rel_err"]
     for arm in ("attn_qat_paper", "attn_qat_anchored"):
         ratios = ", ".join(f"{m} {ev[arm]['sample_rel_err'][m] / control[m]:.3f}" for m in FP4_EVAL_MODES)
@@ -492,6 +502,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     attnqat.diffusers.register()
     data = SyntheticVideoLatents(args.channels, args.frames, args.height, args.width, args.classes, args.text_len,
@@ -511,33 +523,31 @@ def main(argv=None) -> dict:
                                parameters=n_params, attnqat=attnqat.build_info()["version"]),
                    timing_s=timing, arms={}, evaluation={})
 
-    def timed(name, fn):
+    def timed(name, fn, *fn_args):
         runner.sync()
         t0 = time.time()
-        out = fn()
+        out = fn(*fn_args)
         runner.sync()
         timing[name] = time.time() - t0
         print(f"-- {name}: {timing[name]:.1f} s", flush=True)
         return out
 
-    results["pretrain"] = timed("pretrain", lambda: train(runner, data, ARMS["bf16"], args.pretrain_steps, args.lr,
-                                                          args, "pretrain"))
+    results["pretrain"] = timed("pretrain", train, runner, data, ARMS["bf16"], args.pretrain_steps, args.lr, args,
+                                "pretrain")
     checkpoint = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # The evaluation's fixed inputs: held-out batches, and the noise and texts the samplers start from.
     heldout = heldout_set(data, args)
-    g = torch.Generator().manual_seed(args.seed * 1000 + 4)
-    noise = torch.randn(args.samples, *data.shape, generator=g)
+    noise = torch.randn(args.samples, *data.shape, generator=torch.Generator().manual_seed(args.seed * 1000 + 4))
     text = data.text[torch.arange(args.samples) % args.classes]
-    results["evaluation"]["pretrained"] = timed("evaluate pretrained",
-                                                lambda: evaluate(runner, heldout, noise, text, args))
+    evaluation_inputs = (runner, data, heldout, noise, text, args)
+    results["evaluation"]["pretrained"] = timed("evaluate pretrained", evaluate, *evaluation_inputs)
     for arm, options in ARMS.items():
         model.load_state_dict(checkpoint)
-        results["arms"][arm] = dict(timed(arm, lambda: train(runner, data, options, args.steps, args.qat_lr, args, arm,
-                                                             probe)), options=options)
-        results["evaluation"][arm] = timed(f"evaluate {arm}", lambda: evaluate(runner, heldout, noise, text, args))
+        curves = timed(arm, train, runner, data, options, args.steps, args.qat_lr, args, arm, probe)
+        results["arms"][arm] = dict(curves, options=options)
+        results["evaluation"][arm] = timed(f"evaluate {arm}", evaluate, *evaluation_inputs)
     timing["total"] = time.time() - t_start
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_curves_csv(out / "curves.csv", results)
     png = write_curves_png(out / "curves.png", results)
     results["files"] = dict(results="results.json", curves_csv="curves.csv", curves_png="curves.png" if png else None)

@@ -61,7 +61,8 @@ def test_tiny_run_writes_every_result(tiny_run):
     for model, e in res["evaluation"].items():
         assert set(e["heldout_loss"]) == set(e["sample_sha256"]) == set(EVAL_MODES), model
         assert set(e["sample_rel_err"]) == {"fp4_paper", "fp4_anchored"}
-        assert all(finite(v) for v in [*e["heldout_loss"].values(), *e["sample_rel_err"].values()]), model
+        assert all(finite(v) for v in [*e["heldout_loss"].values(), *e["sample_rel_err"].values(),
+                                       e["heldout_loss_wrong_text"]]), model
 
     # The curves: one CSV row per training step of every phase; the PNG when matplotlib is there.
     rows = list(csv.DictReader(open(out / "curves.csv")))
@@ -82,6 +83,10 @@ def test_tiny_run_numbers_are_sane(tiny_run):
     pre = res["pretrain"]["loss"]
     assert sum(pre[-10:]) / 10 < 0.75 * pre[0]
     assert res["evaluation"]["pretrained"]["heldout_loss"]["bf16"] < 1.5
+    # The conditioning matters: with the text of another class the held-out loss is measured 1.99
+    # (vs 0.99 with the right one); 1.3x fails a model that ignores its cross-attention.
+    for model, e in res["evaluation"].items():
+        assert e["heldout_loss_wrong_text"] > 1.3 * e["heldout_loss"]["bf16"], model
     # FP4 attention changes the samples of every model (measured 3-4% relative on this size); 1e-4
     # fails a run whose "fp4" sampling silently ran exact attention (identical samples: 0).
     for model, e in res["evaluation"].items():

@@ -491,6 +491,8 @@ def parse_args(argv=None):
         args.probe_layer = args.layers // 2
     if not 0 <= args.probe_layer < args.layers:
         p.error(f"--probe-layer {args.probe_layer}: the model has {args.layers} layers")
+    if args.device.startswith("cuda") and args.head_dim not in (64, 128):
+        p.error(f"--head-dim {args.head_dim}: attnqat's CUDA kernels take head dims 64 and 128")
     if args.height % PATCH[1] or args.width % PATCH[2]:
         p.error(f"--height and --width must be multiples of {PATCH[1]} (Wan's 2 x 2 patches)")
     if min(args.layers, args.heads, args.head_dim, args.batch, args.pretrain_steps, args.steps, args.probe_every,

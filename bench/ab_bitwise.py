@@ -18,8 +18,6 @@ import sys
 
 import torch
 
-import attnqat
-
 
 def _inputs(seed, b, hq, hkv, nq, nk, d, dtype, device="cuda"):
     g = torch.Generator().manual_seed(seed)
@@ -31,6 +29,8 @@ def _inputs(seed, b, hq, hkv, nq, nk, d, dtype, device="cuda"):
 
 
 def run(path, device):
+    import attnqat  # only here: `compare` runs without the package
+
     out = {}
     shapes = [(1, 4, 4, 256, 256), (2, 8, 2, 200, 333), (1, 2, 1, 77, 1000)]
     if device == "cpu":  # a smoke test of this script on the reference: small shapes
@@ -65,7 +65,10 @@ def run(path, device):
     # Attention from packed NVFP4, both unpack paths.
     for unpack, causal in itertools.product(("kernel", "temporary"), (False, True)):
         qp, kp, vp = (attnqat.quantize_nvfp4(t) for t in (q, k, v))
-        o = attnqat.attention_packed(qp, kp, vp, causal=causal, unpack=unpack)
+        try:
+            o = attnqat.attention_packed(qp, kp, vp, causal=causal, unpack=unpack)
+        except TypeError:  # builds before the option's rename called it `decode`
+            o = attnqat.attention_packed(qp, kp, vp, causal=causal, decode=unpack)
         out[f"packed/{unpack}/{int(causal)}/o"] = o.cpu()
     # The FP4 KV cache: append, then decode 1 and 4 query tokens, GQA 4, both P rules.
     for d, p_quant, nq in itertools.product((64, 128), ("paper", "anchored"), (1, 4)):

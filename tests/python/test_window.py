@@ -195,12 +195,15 @@ def test_cuda_windows_match_the_cpu_reference(cuda, mode, window, causal):
     q, k, v = qkv(b=1, hq=4, hkv=2, nq=300, nk=333, d=64, dtype=torch.bfloat16, seed=3)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     run = lambda a, b, c: attnqat.attention(a, b, c, mode=mode, causal=causal, window=window)
-    o_gpu, g_gpu = grads(run, [t.to(cuda) for t in (q, k, v)], do.to(cuda))
-    o_cpu, g_cpu = grads(run, (q, k, v), do)
     tol = 1e-2 if mode == "bf16" else 3e-2
+    if mode == "fp4":  # the inference forward: no backward
+        o_gpu, o_cpu = run(q.to(cuda), k.to(cuda), v.to(cuda)), run(q, k, v)
+    else:
+        o_gpu, g_gpu = grads(run, [t.to(cuda) for t in (q, k, v)], do.to(cuda))
+        o_cpu, g_cpu = grads(run, (q, k, v), do)
+        for a, b in zip(g_gpu, g_cpu):
+            assert rel_err(a.cpu(), b) < 2 * tol
     assert rel_err(o_gpu.cpu(), o_cpu) < tol
-    for a, b in zip(g_gpu, g_cpu):
-        assert rel_err(a.cpu(), b) < 2 * tol
     o_full = attnqat.attention(q.to(cuda), k.to(cuda), v.to(cuda), mode=mode, causal=causal)
     assert rel_err(o_full.cpu(), o_cpu) > 0.1  # the window changed the answer
     # The windows that are causal or no mask are those masks, bit for bit.

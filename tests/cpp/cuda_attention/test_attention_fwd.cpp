@@ -538,7 +538,7 @@ TEST_F(AttentionFwdErrors, ClearStatusForWhatTheKernelCannotDo) {
   opts.kv_tile = 64;
   Status st = run(DType::kBFloat16, 64, opts, 0);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.message();
-  EXPECT_NE(st.message().find("kv_tile: the CUDA kernels use 128-key tiles"), std::string::npos)
+  EXPECT_NE(st.message().find("kv_tile: p_quant='paper' depends on the key tile, and the CUDA kernels"), std::string::npos)
       << st.message();
 
   opts.kv_tile = 128;

@@ -208,7 +208,7 @@ if [ "$(cat "$VENV/.attnqat-pins" 2>/dev/null)" != "$PINS" ]; then
         pip_install "$TORCH_PIN"
       fi ;;
   esac
-  step "installing the other pinned packages" "numpy, pytest, hypothesis, nanobind, scikit-build-core, ninja, cmake, transformers, diffusers: ~110 MB"
+  step "installing the other pinned packages" "numpy, pytest, hypothesis, nanobind, scikit-build-core, ninja, cmake, transformers, diffusers: ~100 MB (the diffusers wheel: 6.4 MB)"
   # shellcheck disable=SC2086
   pip_install $OTHER_PINS
   echo "$PINS" > "$VENV/.attnqat-pins"

@@ -5,7 +5,8 @@ The public API (numpy arrays and torch tensors alike):
 - :func:`quantize_nvfp4`, :func:`quantize_mxfp4` -> :class:`QuantizedTensor` (packed codes,
   scales, second-level scale, block axis; ``.dequantize()``), :func:`fake_quantize`.
 - :func:`attention` — FlashAttention-style attention in the Attn-QAT modes ``bf16``, ``fp4``,
-  ``drop_in_qat`` and ``attn_qat``, differentiable for torch tensors.
+  ``drop_in_qat`` and ``attn_qat``, differentiable for torch tensors; :func:`attention_varlen` —
+  the same over packed sequences of different lengths (FlashAttention's varlen layout).
 - :func:`build_info` — what this build contains (CUDA kernels or CPU reference only).
 - FP4 inference (:mod:`attnqat.decode`): :func:`attention_packed` (attention from packed NVFP4
   Q, K, V), :class:`FP4KVCache` (a paged KV cache stored as packed NVFP4, with append and decode
@@ -29,7 +30,7 @@ import sys as _sys
 from ._C import build_info as _build_info
 from ._util import torch_import_error as _torch_import_error
 from ._util import torch_missing_error as _torch_missing_error
-from .attention import attention
+from .attention import attention, attention_varlen
 from .decode import FP4KVCache, attention_packed, decode_attention, kv_cache_append
 from .formats import QuantizedTensor, dequantize, fake_quantize, quantize_mxfp4, quantize_nvfp4
 
@@ -84,6 +85,7 @@ __all__ = [
     "QuantizedTensor",
     "attention",
     "attention_packed",
+    "attention_varlen",
     "build_info",
     "decode_attention",
     "dequantize",

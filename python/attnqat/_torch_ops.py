@@ -107,28 +107,19 @@ def _sinks_view(sinks: Optional[Tensor]) -> Optional[Tensor]:
     return None if sinks is None else sinks.detach()
 
 
-# The options cross as one string (AttentionConfig.op_options: a dict literal of the core's
-# AttentionOptions, inputs_quantized included), so the schema holds only what torch needs: the
-# tensors, the options (a constant that dynamo guards on) and need_o_hp, which fixes O''s shape.
-# `sinks` (float32 [Hq] or None) is the one tensor among the core's options (numerics 9.10).
-@torch.library.custom_op(f"{_LIB}::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, options: str, need_o_hp: bool, sinks: Optional[Tensor] = None
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    # No O': a 1-D placeholder (an O' of an empty q is 4-D and empty, and still counts as given).
-    o_hp = torch.empty(q.shape if need_o_hp else (0,), dtype=q.dtype, device=q.device)
-    lse, m_ref, l = (torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(3))
-    _C.attention_forward(q, k, v, o, o_hp if need_o_hp else None, lse, m_ref, l, core_options_from_string(options),
-                         stream=_stream(q), sinks=_sinks_view(sinks))
+def _forward_outputs(q: Tensor, need_o_hp: bool, row_shape) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """O, O', LSE, m_ref, l of a forward, allocated like q (real or fake tensors): O' only when
+    `need_o_hp`, else a 1-D placeholder (an O' of an empty q has q's rank and is empty, and still
+    counts as given); the row statistics float32 `row_shape`."""
+    o = q.new_empty(q.shape)
+    o_hp = q.new_empty(q.shape if need_o_hp else (0,))
+    lse, m_ref, l = (q.new_empty(row_shape, dtype=torch.float32) for _ in range(3))
     return o, o_hp, lse, m_ref, l
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, options, need_o_hp, sinks=None):
-    row = tuple(q.shape[:3])
-    return (q.new_empty(q.shape), q.new_empty(q.shape if need_o_hp else (0,)),
-            q.new_empty(row, dtype=torch.float32), q.new_empty(row, dtype=torch.float32),
-            q.new_empty(row, dtype=torch.float32))
+def _o_hp_given(o_hp: Tensor, q: Tensor) -> Optional[Tensor]:
+    """O' as the core takes it: None for the forward's placeholder."""
+    return o_hp if o_hp.dim() == q.dim() else None
 
 
 def _dsinks_shape(sinks: Optional[Tensor]):
@@ -136,53 +127,132 @@ def _dsinks_shape(sinks: Optional[Tensor]):
     return tuple(sinks.shape) if sinks is not None else (0,)
 
 
+def _backward_outputs(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv (shapes and dtypes of q, k, v) and dsinks (float32 [Hq] or an empty placeholder)."""
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(_dsinks_shape(sinks), dtype=torch.float32))
+
+
+def _dense_rows(q: Tensor):
+    return tuple(q.shape[:3])  # [B, Hq, Nq]
+
+
+def _varlen_rows(q: Tensor):
+    return (q.shape[1], q.shape[0])  # [Hq, total_q]
+
+
+# The options cross as one string (AttentionConfig.op_options: a dict literal of the core's
+# AttentionOptions, inputs_quantized included), so the schema holds only what torch needs: the
+# tensors, the options (a constant that dynamo guards on) and need_o_hp, which fixes O''s shape.
+# `sinks` (float32 [Hq] or None) is the one tensor among the core's options (numerics 9.10).
+@torch.library.custom_op(f"{_LIB}::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, options: str, need_o_hp: bool, sinks: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    o, o_hp, lse, m_ref, l = out = _forward_outputs(q, need_o_hp, _dense_rows(q))
+    _C.attention_forward(q, k, v, o, o_hp if need_o_hp else None, lse, m_ref, l, core_options_from_string(options),
+                         stream=_stream(q), sinks=_sinks_view(sinks))
+    return out
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, options, need_o_hp, sinks=None):
+    return _forward_outputs(q, need_o_hp, _dense_rows(q))
+
+
 @torch.library.custom_op(f"{_LIB}::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, o_hp: Tensor, lse: Tensor,
                    m_ref: Tensor, l: Tensor, options: str, sinks: Optional[Tensor] = None
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    dsinks = torch.empty(_dsinks_shape(sinks), dtype=torch.float32, device=q.device)
-    _C.attention_backward(_last_dim_contiguous(dout), q, k, v, o, o_hp if o_hp.dim() == 4 else None, lse,
-                          m_ref, l, dq, dk, dv, core_options_from_string(options), stream=_stream(q),
-                          sinks=_sinks_view(sinks), dsinks=None if sinks is None else dsinks)
-    return dq, dk, dv, dsinks
+    dq, dk, dv, dsinks = out = _backward_outputs(q, k, v, sinks)
+    _C.attention_backward(_last_dim_contiguous(dout), q, k, v, o, _o_hp_given(o_hp, q), lse, m_ref, l, dq, dk, dv,
+                          core_options_from_string(options), stream=_stream(q), sinks=_sinks_view(sinks),
+                          dsinks=None if sinks is None else dsinks)
+    return out
 
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, o, o_hp, lse, m_ref, l, options, sinks=None):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(_dsinks_shape(sinks), dtype=torch.float32))
+    return _backward_outputs(q, k, v, sinks)
+
+
+# Packed sequences (varlen): q [total_q, Hq, D], k, v [total_k, Hkv, D], the sequences' offsets
+# cu_seqlens_q/k (int32 [S + 1], on q's device, read by the core only: no host synchronization)
+# and their maximum lengths; the row statistics are [Hq, total_q]. Otherwise the dense ops.
+@torch.library.custom_op(f"{_LIB}::attention_varlen_fwd", mutates_args=())
+def _attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                          max_seqlen_q: int, max_seqlen_k: int, options: str, need_o_hp: bool,
+                          sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    o, o_hp, lse, m_ref, l = out = _forward_outputs(q, need_o_hp, _varlen_rows(q))
+    _C.attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o,
+                                o_hp if need_o_hp else None, lse, m_ref, l, core_options_from_string(options),
+                                stream=_stream(q), sinks=_sinks_view(sinks))
+    return out
+
+
+@_attention_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options, need_o_hp, sinks=None):
+    return _forward_outputs(q, need_o_hp, _varlen_rows(q))
+
+
+@torch.library.custom_op(f"{_LIB}::attention_varlen_bwd", mutates_args=())
+def _attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                          max_seqlen_q: int, max_seqlen_k: int, o: Tensor, o_hp: Tensor, lse: Tensor, m_ref: Tensor,
+                          l: Tensor, options: str, sinks: Optional[Tensor] = None
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dsinks = out = _backward_outputs(q, k, v, sinks)
+    _C.attention_backward_varlen(_last_dim_contiguous(dout), q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, o, _o_hp_given(o_hp, q), lse, m_ref, l, dq, dk, dv,
+                                 core_options_from_string(options), stream=_stream(q), sinks=_sinks_view(sinks),
+                                 dsinks=None if sinks is None else dsinks)
+    return out
+
+
+@_attention_varlen_bwd.register_fake
+def _(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o, o_hp, lse, m_ref, l, options,
+      sinks=None):
+    return _backward_outputs(q, k, v, sinks)
 
 
 def _attention_bwd_backward(ctx, *grads):
     raise NotImplementedError("attnqat.attention: double backward (gradients of gradients) is not supported")
 
 
-torch.library.register_autograd(f"{_LIB}::attention_bwd", _attention_bwd_backward)
+def _register_attention_autograd(fwd: str, bwd: str, num_seq_args: int) -> None:
+    """The autograd formula of the forward op `fwd`, inputs (q, k, v, *seq_args, options,
+    need_o_hp, sinks): the backward op `bwd`, inputs (dout, q, k, v, *seq_args, o, o_hp, lse,
+    m_ref, l, options, sinks), gives dq, dk, dv and dsinks (and has no backward itself).
+    seq_args: none for the dense op; the varlen op's cu_seqlens_q, cu_seqlens_k (saved tensors)
+    and max_seqlen_q, max_seqlen_k (ints, kept on ctx)."""
+    torch.library.register_autograd(f"{_LIB}::{bwd}", _attention_bwd_backward)
+    bwd_op = getattr(torch.ops.attnqat, bwd)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs[:3]
+        seq_args, (options, _, sinks) = inputs[3:3 + num_seq_args], inputs[3 + num_seq_args:]
+        ctx.options = options
+        ctx.seq_ints = tuple(a for a in seq_args if not isinstance(a, Tensor))
+        o, o_hp, lse, m_ref, l = output
+        ctx.save_for_backward(q, k, v, *(a for a in seq_args if isinstance(a, Tensor)), o, o_hp, lse, m_ref, l, sinks)
+        ctx.mark_non_differentiable(o_hp, lse, m_ref, l)
+
+    def backward(ctx, do, do_hp, dlse, dm, dl):
+        q, k, v, *seq_tensors, o, o_hp, lse, m_ref, l, sinks = ctx.saved_tensors
+        dq, dk, dv, dsinks = bwd_op(do, q, k, v, *seq_tensors, *ctx.seq_ints, o, o_hp, lse, m_ref, l, ctx.options, sinks)
+        return (dq, dk, dv) + (None,) * (num_seq_args + 2) + ((dsinks if sinks is not None else None),)
+
+    torch.library.register_autograd(f"{_LIB}::{fwd}", backward, setup_context=setup_context)
 
 
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, options, _, sinks = inputs
-    ctx.options = options
-    o, o_hp, lse, m_ref, l = output
-    ctx.save_for_backward(q, k, v, o, o_hp, lse, m_ref, l, sinks)
-    ctx.mark_non_differentiable(o_hp, lse, m_ref, l)
+_register_attention_autograd("attention_fwd", "attention_bwd", 0)
+_register_attention_autograd("attention_varlen_fwd", "attention_varlen_bwd", 4)
 
 
-def _attention_backward(ctx, do, do_hp, dlse, dm, dl):
-    q, k, v, o, o_hp, lse, m_ref, l, sinks = ctx.saved_tensors
-    dq, dk, dv, dsinks = torch.ops.attnqat.attention_bwd(do, q, k, v, o, o_hp, lse, m_ref, l, ctx.options, sinks)
-    return dq, dk, dv, None, None, (dsinks if sinks is not None else None)
-
-
-torch.library.register_autograd(f"{_LIB}::attention_fwd", _attention_backward, setup_context=_attention_setup_context)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, cfg, sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def attention(q: Tensor, k: Tensor, v: Tensor, cfg, sinks: Optional[Tensor] = None, seqs=None) -> Tuple[Tensor, Tensor]:
     """Runs the forward op; O' is computed only when autograd will call the backward. ``sinks``:
-    None or the float32 ``[Hq]`` sink logits (numerics 9.10), differentiable.
+    None or the float32 ``[Hq]`` sink logits (numerics 9.10), differentiable. ``seqs``: None
+    (dense ``[B, H, N, D]`` tensors) or packed sequences' ``(cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k)`` (q ``[total_q, Hq, D]``, k, v ``[total_k, Hkv, D]``; the LSE
+    is ``[Hq, total_q]``).
 
     In the quantized modes Q, K, V are fake-quantized here first (the straight-through
     fake_quantize op, memory from torch's caching allocator, with the second-level scales of
@@ -205,9 +275,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cfg, sinks: Optional[Tensor] = No
     quantized_mode = cfg.mode != "bf16"
     raw_backward = wants_grad and not cfg.bwd_quantized_qkv
     scale = cfg.qkv_scale if quantized_mode else None
-    if scale is not None and (raw_backward or not _quantizable(q, k, v)):
-        return _attention_rescaled(q, k, v, cfg, scale, sinks)
-    prequantize = quantized_mode and not raw_backward and _quantizable(q, k, v)
+    quantizable = _quantizable(q, k, v, cfg, seqs)
+    if scale is not None and (raw_backward or not quantizable):
+        return _attention_rescaled(q, k, v, cfg, scale, sinks, seqs)
+    prequantize = quantized_mode and not raw_backward and quantizable
     if prequantize:
         v_axis = "token" if cfg.v_blocks == "token" else "last"
         compute = scale == "amax"
@@ -215,11 +286,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cfg, sinks: Optional[Tensor] = No
         q = torch.ops.attnqat.fake_quantize(q, "nvfp4", "last", g_q, compute)
         k = torch.ops.attnqat.fake_quantize(k, "nvfp4", "last", g_k, compute)
         v = torch.ops.attnqat.fake_quantize(v, "nvfp4", v_axis, g_v, compute)
-    o, _, lse, _, _ = torch.ops.attnqat.attention_fwd(q, k, v, cfg.op_options(prequantize), need_o_hp, sinks)
+    options = cfg.op_options(prequantize)
+    if seqs is None:
+        o, _, lse, _, _ = torch.ops.attnqat.attention_fwd(q, k, v, options, need_o_hp, sinks)
+    else:
+        o, _, lse, _, _ = torch.ops.attnqat.attention_varlen_fwd(q, k, v, *seqs, options, need_o_hp, sinks)
     return o, lse
 
 
-def _attention_rescaled(q: Tensor, k: Tensor, v: Tensor, cfg, scale, sinks) -> Tuple[Tensor, Tensor]:
+def _attention_rescaled(q: Tensor, k: Tensor, v: Tensor, cfg, scale, sinks, seqs=None) -> Tuple[Tensor, Tensor]:
     """Attention with second-level scales g where Q, K, V cannot be quantized up front: on
     (q / g_q, k / g_k, v / g_v) with the softmax scale times g_q * g_k, O times g_v. Powers of two
     commute with every rounding, so this is the result of quantizing with g; autograd sees the
@@ -230,12 +305,16 @@ def _attention_rescaled(q: Tensor, k: Tensor, v: Tensor, cfg, scale, sinks) -> T
         scale = tuple(nvfp4_global_scale(float(t.detach().abs().amax())) if t.numel() and
                       bool(torch.isfinite(t).all()) else 1.0 for t in (q, k, v))
     inner = rescaled_config(cfg, q.shape[-1], scale)
-    o, lse = attention(q / scale[0], k / scale[1], v / scale[2], inner, sinks)
+    o, lse = attention(q / scale[0], k / scale[1], v / scale[2], inner, sinks, seqs)
     return o * scale[2], lse
 
 
-def _quantizable(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Inputs the quantizers accept (otherwise the attention op reports the error itself)."""
-    ok = lambda t: t.dim() == 4 and t.shape[-1] % 16 == 0 and t.shape[-1] > 0 and t.dtype in (
+def _quantizable(q: Tensor, k: Tensor, v: Tensor, cfg, seqs) -> bool:
+    """Inputs the quantizers accept (otherwise the attention op reports the error itself): dense
+    [B, H, N, D] or packed [total, H, D] tensors; packed sequences never take token V blocks (the
+    core refuses them with its message)."""
+    rank = 4 if seqs is None else 3
+    ok = lambda t: t.dim() == rank and t.shape[-1] % 16 == 0 and t.shape[-1] > 0 and t.dtype in (
         torch.float32, torch.float16, torch.bfloat16)
-    return all(ok(t) for t in (q, k, v)) and k.dtype == q.dtype and v.dtype == q.dtype
+    return (all(ok(t) for t in (q, k, v)) and k.dtype == q.dtype and v.dtype == q.dtype
+            and (seqs is None or cfg.v_blocks != "token"))

@@ -13,6 +13,7 @@ import ast
 import functools
 import math
 import numbers
+import sys
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
@@ -454,6 +455,88 @@ def attention(
     return (o, lse) if return_lse else o
 
 
+def attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+    softmax_scale: Optional[float] = None, mode: str = "attn_qat", p_quant: str = "paper", v_blocks: str = "channel",
+    kv_tile: int = 128, bwd_quantized_qkv: Optional[bool] = None, bwd_quant_p: Optional[bool] = None,
+    bwd_high_precision_o: Optional[bool] = None, return_lse: bool = False, precision: str = "fp32",
+    deterministic: bool = False, qkv_scale=None, check_finite: bool = False, window=None,
+    softcap: float = 0.0, sinks=None,
+):
+    """Attention over packed sequences of different lengths, without padding (the layout of
+    FlashAttention's ``flash_attn_varlen_func``).
+
+    Sequence ``s`` owns the rows ``cu_seqlens_q[s] : cu_seqlens_q[s + 1]`` of ``q`` and
+    ``cu_seqlens_k[s] : cu_seqlens_k[s + 1]`` of ``k`` and ``v`` and attends only to its own keys:
+    its result is exactly (bit for bit, forward and gradients) that of :func:`attention` on its
+    rows alone as ``[1, H, len, D]`` tensors, with the same options (masks, windows and FP4 blocks
+    are per sequence; ``docs/numerics.md`` 9.11).
+
+    Args:
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (dtypes, head dims, GQA and strides
+            as for :func:`attention`).
+        cu_seqlens_q, cu_seqlens_k: the sequences' offsets, int32 ``[S + 1]`` on the device of
+            ``q`` (torch tensors with torch inputs, numpy arrays with numpy inputs): 0, then
+            non-decreasing, ending at ``total_q`` / ``total_k``. Sequences of length 0 are allowed
+            (a query row of a sequence without keys gives ``O = 0``, ``LSE = -inf``).
+        max_seqlen_q, max_seqlen_k: ints, at least the longest sequence's length (CUDA launches
+            this many query rows per sequence).
+        causal, window: per sequence, bottom-right aligned within it as in :func:`attention`.
+        sinks: ``None`` or float32 ``[Hq]`` logits shared by every sequence; their gradient is the
+            sum over the sequences.
+        v_blocks: ``"channel"`` only: a 16-token V block (``"token"``) would straddle sequences.
+        qkv_scale: as in :func:`attention`; ``"amax"`` gives one second-level scale per packed
+            tensor (as a padded batch of the same sequences would), so each sequence equals its own
+            call with those scales, not with its own amax.
+        other options: as for :func:`attention`.
+
+    Returns:
+        ``O`` ``[total_q, Hq, D]`` in the dtype of ``q`` (and with ``return_lse`` the float32 LSE
+        ``[Hq, total_q]``), differentiable for torch tensors like :func:`attention`'s.
+
+    Raises:
+        TypeError: an option of the wrong type, ``max_seqlen_*`` not an int, numpy arrays mixed
+            with torch tensors.
+        ValueError: tensors or options the core does not accept, named (``q`` not 3-D,
+            ``cu_seqlens_q`` not int32, not 1-D or on another device, sequence counts that differ,
+            ``v_blocks="token"``). CPU inputs: the offsets are checked too (start at 0, end at the
+            total, no negative length, none above ``max_seqlen_*``). CUDA inputs: the offsets are
+            read on the device only (no host synchronization) and trusted, as by FlashAttention; the
+            kernels clamp them to the tensors, so wrong offsets give wrong results, never accesses
+            out of bounds.
+        NotImplementedError: what the CUDA kernels do not take (as for :func:`attention`).
+    """
+    cfg = resolve_config(
+        causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,
+        kv_tile=kv_tile, bwd_quantized_qkv=bwd_quantized_qkv, bwd_quant_p=bwd_quant_p,
+        bwd_high_precision_o=bwd_high_precision_o, precision=precision, deterministic=deterministic,
+        qkv_scale=qkv_scale, check_finite=check_finite, window=window, softcap=softcap,
+    )
+    return_lse = check_bool("return_lse", return_lse)
+    lengths = tuple(_check_max_seqlen(name, value) for name, value in
+                    (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)))
+    tensors = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if sinks is not None:
+        tensors["sinks"] = sinks
+    if check_same_kind(**tensors):
+        o, lse = torch_ops().attention(q, k, v, cfg, sinks, (cu_seqlens_q, cu_seqlens_k) + lengths)
+    else:
+        seqs = (np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k)) + lengths
+        o, lse = _attention_numpy(q, k, v, cfg, sinks, seqs)
+    return (o, lse) if return_lse else o
+
+
+def _check_max_seqlen(name: str, value):
+    """An int (or a torch.SymInt under torch.compile), else TypeError; the core checks its range."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.SymInt):
+        return value
+    if is_torch_tensor(value):
+        raise TypeError(f"{name}: expected an int (at least the longest sequence's length), got a tensor; "
+                        "pass int(t) (a host synchronization) or an upper bound such as the total length")
+    return check_int(name, value, "at least the longest sequence's length")
+
+
 def rescaled_config(cfg: AttentionConfig, head_dim: int, g: Tuple[float, float, float]) -> AttentionConfig:
     """The options of attention on (q / g_q, k / g_k, v / g_v): the softmax scale times g_q * g_k
     (exact: powers of two), no qkv_scale."""
@@ -465,7 +548,9 @@ def rescaled_config(cfg: AttentionConfig, head_dim: int, g: Tuple[float, float, 
     return replace(cfg, softmax_scale=c2, qkv_scale=None, check_finite=False)
 
 
-def _attention_numpy(q, k, v, cfg: AttentionConfig, sinks=None):
+def _attention_numpy(q, k, v, cfg: AttentionConfig, sinks=None, seqs=None):
+    """attention (seqs None: [B, H, N, D] arrays) or attention_varlen (seqs: the offsets and
+    maximum lengths; [total, H, D] arrays) on numpy arrays."""
     arrays = []
     for name, t in (("q", q), ("k", k), ("v", v)):
         a = np.asarray(t)
@@ -474,25 +559,34 @@ def _attention_numpy(q, k, v, cfg: AttentionConfig, sinks=None):
                              f"got {a.dtype} (a numpy array of non-numbers)")
         arrays.append(_last_dim_contiguous(a))
     q, k, v = arrays
+    rank, layout = (4, "[batch, heads, seq, head_dim]") if seqs is None else (
+        3, "[total, heads, head_dim] (packed sequences)")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.ndim != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor [batch, heads, seq, head_dim], got shape {list(t.shape)}")
+        if t.ndim != rank:
+            raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {list(t.shape)}")
     if cfg.check_finite:
         for name, t in (("q", q), ("k", k), ("v", v)):
             first_non_finite(name, t)
     prequantized = False
     if cfg.mode != "bf16" and cfg.qkv_scale is not None:
-        if q.dtype in (np.float32, np.float16) and k.dtype == q.dtype and v.dtype == q.dtype:
+        # (Packed sequences take no token V blocks: the core refuses them, unquantized.)
+        if (q.dtype in (np.float32, np.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+                and (seqs is None or cfg.v_blocks != "token")):
             q, k, v = _fake_quantize_numpy(q, k, v, cfg)
             prequantized = True
         else:  # float64 (the quantizers take 32- and 16-bit floats): run on x / g
             g = _numpy_scales(q, k, v, cfg.qkv_scale)
-            o, lse = _attention_numpy(q / g[0], k / g[1], v / g[2], rescaled_config(cfg, q.shape[-1], g), sinks)
+            o, lse = _attention_numpy(q / g[0], k / g[1], v / g[2], rescaled_config(cfg, q.shape[-1], g), sinks, seqs)
             return (o * g[2]).astype(q.dtype, copy=False), lse
     o = np.empty(q.shape, q.dtype)
-    lse = np.empty(q.shape[:3], np.float32)
-    _C.attention_forward(q, k, v, o, None, lse, None, None, core_options(cfg, prequantized),
-                         sinks=None if sinks is None else np.asarray(sinks))
+    sinks = None if sinks is None else np.asarray(sinks)
+    if seqs is None:
+        lse = np.empty(q.shape[:3], np.float32)
+        _C.attention_forward(q, k, v, o, None, lse, None, None, core_options(cfg, prequantized), sinks=sinks)
+    else:
+        lse = np.empty((q.shape[1], q.shape[0]), np.float32)
+        _C.attention_forward_varlen(q, k, v, *seqs, o, None, lse, None, None, core_options(cfg, prequantized),
+                                    sinks=sinks)
     return o, lse
 
 

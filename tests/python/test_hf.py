@@ -191,10 +191,7 @@ def test_register_with_fixed_options():
 def test_unsupported_masks_and_options_raise():
     model = make("llama")
     x = ids(2, 16)
-    # Packed sequences (position ids restarting, no cache): transformers builds a block-diagonal mask.
-    pos = torch.cat([torch.arange(8), torch.arange(8)])[None].expand(2, -1)
-    with torch.no_grad(), pytest.raises(ValueError, match="per-sequence key range"):
-        model(x, position_ids=pos, use_cache=False)
+    # (Packed sequences run as packed sequences now: tests/python/test_hf_packing.py.)
     # Right padding during generation puts padding between the prompt and the new tokens.
     with torch.no_grad(), pytest.raises(ValueError, match="per-sequence key range"):
         model.generate(x, attention_mask=padding_mask(2, 16, right=[(0, 4)]), max_new_tokens=2, do_sample=False,

@@ -79,7 +79,8 @@ def test_results_fields_and_finite_losses(two_runs):
     assert list(s) == ARMS and "recovered" not in s["bf16"]
     for arm in ("drop_in_qat", "attn_qat"):
         rec = s[arm]["recovered"]
-        pc, pa = res["runs"]["bf16/s0"]["final_eval"]["fp4_penalty"], res["runs"][f"{arm}/s0"]["final_eval"]["fp4_penalty"]
+        pc = res["runs"]["bf16/s0"]["final_eval"]["fp4_penalty"]
+        pa = res["runs"][f"{arm}/s0"]["final_eval"]["fp4_penalty"]
         assert rec["seeds"] == [0] and rec["fraction_ci95"] is None  # one seed: no interval
         assert rec["fraction"] == pytest.approx((pc - pa) / pc, rel=1e-12)
     table = (out / "table.md").read_text()

@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from . import _C
 from .decode import FP4KVCache
-from .functional import _mask_structure
+from .functional import _autocast, _mask_structure
 from .hf import _PENDING
 
 
@@ -169,6 +169,9 @@ def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], 
     boolean ``[B, 1, Nq, Nk]`` or None (plain causal); ``dense_attention(q, k, v, mask)``: the
     cache-less path, used for the prefill. Returns ``[B, Hq, Nq, D]``."""
     cache, layer, k_new, v_new = rec
+    # The dense path's dtype rule (under autocast every operand in the autocast dtype): models
+    # such as Qwen3 hand over float32 keys (after their q/k norm) with bf16 values.
+    query, k_new, v_new = _autocast(query, k_new, v_new)
     if opts.get("mode") != "fp4":
         raise ValueError(f"attnqat.hf.FP4Cache serves mode='fp4' attention (the FP4 inference of an Attn-QAT model); "
                          f"the configured mode is {opts.get('mode')!r}: use attnqat.config(mode='fp4')")

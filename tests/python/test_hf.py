@@ -256,6 +256,21 @@ def test_fp4_cache_generation_is_bit_identical_to_the_default_cache(kind, p_quan
     assert not all(torch.equal(a, b) for a, b in zip(bf16.scores, ref.scores))
 
 
+def test_fp4_cache_under_autocast_takes_float32_keys_with_bf16_values():
+    """Qwen3's q/k norm hands float32 keys with bf16 values to the cache under bf16 autocast: the
+    cache casts them as the dense path does (it raised a dtype mismatch before) and generates what
+    the cache-less fp4 generation does."""
+    model = make("qwen3")
+    x = ids(1, 12, seed=5)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), attnqat.config(mode="fp4"), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model.generate(x, **kw)
+        cache = attnqat.hf.FP4Cache(model, max_cache_len=16, page_size=16)
+        got = model.generate(x, **kw, **_cache_kw(model, cache))
+    assert torch.equal(got, ref)
+    assert cache.get_seq_length() == 15  # 12 prompt tokens + 3 fed-back ones went to the FP4 pages
+
+
 def test_fp4_cache_chunked_prefill_is_bottom_right_causal():
     """Several new queries over the FP4 pages (Nq > 1, a second prompt chunk) equal the full forward."""
     model = make("llama")

@@ -10,6 +10,7 @@ checked once, by the C++ core (``src/common/validate.cpp``), for every backend.
 from __future__ import annotations
 
 import ast
+import atexit
 import functools
 import math
 import numbers
@@ -264,6 +265,12 @@ def core_options(cfg: AttentionConfig, inputs_quantized: bool = False):
 def core_options_from_string(options: str):
     """The core's options of a torch op's string argument (see :meth:`AttentionConfig.op_options`)."""
     return _C.AttentionOptions(**ast.literal_eval(options))
+
+
+# The caches above hold _C objects: free them before the interpreter tears the module down, or
+# nanobind reports them (and its types and functions) as leaked at every exit.
+atexit.register(quantize_options.cache_clear)
+atexit.register(core_options_from_string.cache_clear)
 
 
 def resolve_config(

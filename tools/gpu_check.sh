@@ -41,6 +41,13 @@ SITE=/tmp/attnqat_site
 rm -rf "$SITE" && mkdir -p "$SITE/attnqat"
 cp python/attnqat/*.py "$SITE/attnqat/" && cp build/cuda/python/_C*.so "$SITE/attnqat/"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# Pure-Python wheels the GPU image lacks (diffusers, for tests/python/test_diffusers.py): put them
+# in .carry/wheels here (pip download diffusers==0.42.1 --no-deps -d .carry/wheels) and carry that
+# folder; they are installed beside the package, without the network.
+if compgen -G ".carry/wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .carry/wheels/*.whl &&
+    echo "installed the carried wheels: $(cd .carry/wheels && ls *.whl | tr '\n' ' ')" | tee -a "$OUT/build.log"
+fi
 python3 -c "import attnqat; print(attnqat.build_info())" | tee -a "$OUT/build.log"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then

@@ -218,6 +218,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     mask = None if structured is not None else _bool_mask(attention_mask)
     flash_sequences = _flash_sequences(kwargs)
     rec = _take_pending(key)  # an FP4Cache: key holds only the new tokens
+    if rec is not None and kwargs.get("use_cache") is False:
+        # transformers still hands the cache every token, and generate() then feeds the whole
+        # prefix again at each step: the FP4 pages would hold every token several times.
+        raise ValueError("attnqat.hf.FP4Cache: the model was called with use_cache=False, but transformers still "
+                         "appends every token to the cache it is given (generate() re-feeds the whole prefix at each "
+                         "step); call with use_cache=True, or without the FP4Cache")
     nq, nk = query.shape[2], (rec[0].layers[rec[1]].seen if rec is not None else key.shape[2])
     if mask is not None and mask.shape[-1] > nk:
         mask = mask[..., :nk]  # as transformers' eager attention does

@@ -271,6 +271,18 @@ def test_fp4_cache_under_autocast_takes_float32_keys_with_bf16_values():
     assert cache.get_seq_length() == 15  # 12 prompt tokens + 3 fed-back ones went to the FP4 pages
 
 
+def test_fp4_cache_refuses_use_cache_false():
+    """With use_cache=False transformers still appends to the cache it is given, and generate() re-feeds
+    the whole prefix at each step: the FP4 pages would silently hold tokens twice. It raises instead."""
+    model = make("llama")
+    x = ids(1, 12, seed=6)
+    with torch.no_grad(), attnqat.config(mode="fp4"):
+        cache = attnqat.hf.FP4Cache(model, max_cache_len=64, page_size=16)
+        with pytest.raises(ValueError, match="^attnqat.hf.FP4Cache: the model was called with use_cache=False"):
+            model.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False,
+                           **_cache_kw(model, cache))
+
+
 def test_fp4_cache_chunked_prefill_is_bottom_right_causal():
     """Several new queries over the FP4 pages (Nq > 1, a second prompt chunk) equal the full forward."""
     model = make("llama")

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "attnqat/attnqat.h"
+#include "attnqat/formats.h"
 
 namespace attnqat::test {
 
@@ -146,6 +147,30 @@ inline AttentionOptions options(Mode mode, PQuant pq = PQuant::kPaper, CaseMask 
   o.window_right = mask.window_right;
   o.bwd = default_switches(mode);
   return o;
+}
+
+// Fake quantization of one [D] row (NVFP4 along the head dim, g = 1).
+template <typename T>
+std::vector<double> fq_row(const T* x, int64_t D, bool quantize) {
+  std::vector<double> out(D);
+  std::vector<float> f(D);
+  for (int64_t d = 0; d < D; ++d) f[d] = static_cast<float>(x[d]);
+  if (quantize)
+    for (int64_t d = 0; d < D; d += 16) fake_quantize_block_nv(&f[d], 1.0f);
+  for (int64_t d = 0; d < D; ++d) out[d] = quantize ? f[d] : static_cast<double>(x[d]);
+  return out;
+}
+
+// Blockwise phi_nv of a row of probabilities (blocks of 16 from index 0, zero padded).
+inline std::vector<double> quantize_p(const std::vector<double>& p, float g) {
+  std::vector<double> out(p.size());
+  for (size_t j0 = 0; j0 < p.size(); j0 += 16) {
+    float blk[16];
+    for (size_t i = 0; i < 16; ++i) blk[i] = j0 + i < p.size() ? static_cast<float>(p[j0 + i]) : 0.0f;
+    fake_quantize_block_nv(blk, g);
+    for (size_t i = 0; i < 16 && j0 + i < p.size(); ++i) out[j0 + i] = blk[i];
+  }
+  return out;
 }
 
 }  // namespace attnqat::test

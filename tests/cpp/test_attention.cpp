@@ -17,9 +17,11 @@ namespace attnqat {
 namespace {
 
 using test::backward;
+using test::fq_row;
 using test::forward;
 using test::options;
 using test::Problem;
+using test::quantize_p;
 using test::random_problem;
 using test::rel_err;
 
@@ -48,30 +50,6 @@ AttentionOptions with_window(AttentionOptions o, int left, int right) {
   o.window_left = left;
   o.window_right = right;
   return o;
-}
-
-// Fake quantization of one [D] row (NVFP4 along the head dim, g = 1).
-template <typename T>
-std::vector<double> fq_row(const T* x, int64_t D, bool quantize) {
-  std::vector<double> out(D);
-  std::vector<float> f(D);
-  for (int64_t d = 0; d < D; ++d) f[d] = static_cast<float>(x[d]);
-  if (quantize)
-    for (int64_t d = 0; d < D; d += 16) fake_quantize_block_nv(&f[d], 1.0f);
-  for (int64_t d = 0; d < D; ++d) out[d] = quantize ? f[d] : static_cast<double>(x[d]);
-  return out;
-}
-
-// Blockwise phi_nv of a row of probabilities (blocks of 16 from index 0, zero padded).
-std::vector<double> quantize_p(const std::vector<double>& p, float g) {
-  std::vector<double> out(p.size());
-  for (size_t j0 = 0; j0 < p.size(); j0 += 16) {
-    float blk[16];
-    for (size_t i = 0; i < 16; ++i) blk[i] = j0 + i < p.size() ? static_cast<float>(p[j0 + i]) : 0.0f;
-    fake_quantize_block_nv(blk, g);
-    for (size_t i = 0; i < 16 && j0 + i < p.size(); ++i) out[j0 + i] = blk[i];
-  }
-  return out;
 }
 
 // ---- Analytic cases --------------------------------------------------------------------------

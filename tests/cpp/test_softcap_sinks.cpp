@@ -22,9 +22,11 @@ namespace attnqat {
 namespace {
 
 using test::forward;
+using test::fq_row;
 using test::Fwd;
 using test::options;
 using test::Problem;
+using test::quantize_p;
 using test::random_problem;
 using test::rel_err;
 using ::testing::HasSubstr;
@@ -90,29 +92,6 @@ GradsS<T> backward_s(Problem<T>& p, Fwd<T>& f, std::vector<T>& dout, const Atten
                                        make_view(p.v.data(), dt, {p.B, p.Hkv, p.Nk, p.D}, "v"), s, opts, out);
   EXPECT_TRUE(st.ok()) << st.message();
   return g;
-}
-
-// NVFP4 fake quantization (g = 1) of a [D] row, or its plain values.
-template <typename T>
-std::vector<double> fq_row(const T* x, int64_t D, bool quantize) {
-  std::vector<float> f(x, x + D);
-  if (quantize)
-    for (int64_t d = 0; d < D; d += 16) fake_quantize_block_nv(&f[d], 1.0f);
-  std::vector<double> out(D);
-  for (int64_t d = 0; d < D; ++d) out[d] = quantize ? f[d] : static_cast<double>(x[d]);
-  return out;
-}
-
-// phi_nv of a row of probabilities in blocks of 16 from index 0.
-std::vector<double> quantize_p(const std::vector<double>& p, float g) {
-  std::vector<double> out(p.size());
-  for (size_t j0 = 0; j0 < p.size(); j0 += 16) {
-    float blk[16];
-    for (size_t i = 0; i < 16; ++i) blk[i] = j0 + i < p.size() ? static_cast<float>(p[j0 + i]) : 0.0f;
-    fake_quantize_block_nv(blk, g);
-    for (size_t i = 0; i < 16 && j0 + i < p.size(); ++i) out[j0 + i] = blk[i];
-  }
-  return out;
 }
 
 // ---- bf16 mode: the softmax over the capped scores and the sink, dense in fp64 ------------------

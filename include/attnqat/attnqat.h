@@ -250,11 +250,17 @@ struct DecodeOptions {
   PQuant p_quant = PQuant::kAnchored;  // anchored: split-KV; paper: one pass in 128-key tiles
   int num_splits = 0;                  // split-KV partitions (0: chosen from the device and shape)
   int max_seq_len = 0;                 // host bound on seq_lens (0: the page table's capacity)
+  // Sliding window (numerics section 3): -1 unbounded; >= 0: query i of sequence b also needs
+  // j >= seq_lens[b] - nq + i - window_left, i.e. the dense attention mask with window
+  // (window_left, 0), Nq = nq and Nk = seq_lens[b]. The CUDA kernel visits only the keys some
+  // row of the sequence sees.
+  int window_left = -1;
 };
 
 // Decode attention over the cache: q [B, Hq, nq, D] (bf16 or fp16 on CUDA; any float on the
 // CPU), seq_lens int32 [B] (lengths including the nq new tokens, already appended). Query i of
-// sequence b sees keys j <= seq_lens[b] - nq + i (bottom-right causal). Numerics: mode `fp4` —
+// sequence b sees keys j <= seq_lens[b] - nq + i (bottom-right causal), and with
+// opts.window_left >= 0 only j >= seq_lens[b] - nq + i - window_left. Numerics: mode `fp4` —
 // Q quantized per 16 channels (g = 1), P per 16 keys — over the dequantized cache; p_quant
 // anchored is tile-size independent, so the CUDA kernel splits the keys; paper runs one pass in
 // 128-key tiles (the reference's kv_tile). out [B, Hq, nq, D] (dtype of q), lse [B, Hq, nq] fp32

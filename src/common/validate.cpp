@@ -347,6 +347,9 @@ Status validate_decode_options(const DecodeOptions& opts) {
   if (opts.num_splits < 0 || opts.max_seq_len < 0)
     return Status::Invalid("num_splits, max_seq_len: expected non-negative values (0: automatic), got " +
                            std::to_string(opts.num_splits) + " and " + std::to_string(opts.max_seq_len));
+  if (opts.window_left < -1)
+    return Status::Invalid("window_left: expected -1 (no window) or a number of keys >= 0 to the left of "
+                           "each query's diagonal key, got " + std::to_string(opts.window_left));
   return Status::Ok();
 }
 

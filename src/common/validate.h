@@ -28,7 +28,7 @@ Status validate_attention_options(const AttentionOptions& opts);
 MaskKind attention_mask_kind(const AttentionOptions& opts);
 // One sequence of that mask: the lengths, and the window (causal-clamped) for kLocal.
 SeqInfo attention_seq(const AttentionOptions& opts, int64_t len_q, int64_t len_k);
-// The options of decode_attention(): softmax_scale, p_quant, num_splits, max_seq_len.
+// The options of decode_attention(): softmax_scale, p_quant, num_splits, max_seq_len, window_left.
 Status validate_decode_options(const DecodeOptions& opts);
 // QuantizeOptions: format and axis in range.
 Status validate_quantize_options(const QuantizeOptions& opts);

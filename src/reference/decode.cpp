@@ -111,7 +111,11 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   ao.mode = Mode::kFP4;
   ao.p_quant = opts.p_quant;
   ao.v_blocks = VBlocks::kChannel;
-  ao.causal = true;  // bottom-right: the nq queries are the last tokens of the sequence
+  // Bottom-right causal (the nq queries are the last tokens of the sequence), cut to the window:
+  // the dense mask with window (window_left, 0).
+  ao.causal = true;
+  ao.window_left = opts.window_left;
+  ao.window_right = 0;
   ao.softmax_scale = opts.softmax_scale;
   ao.kv_tile = 128;
   ao.inputs_quantized = true;

@@ -7,8 +7,8 @@
 //   packed forward = dequantize (exact) + attention_forward(inputs_quantized)
 //   append         = quantize_block_nv (g = 1) of each 16-channel block, packed into its page
 //   decode         = gather + dequantize the cache (exact), fake-quantize Q (g = 1), then
-//                    attention_forward(mode fp4, causal bottom-right, kv_tile 128,
-//                    inputs_quantized) per sequence
+//                    attention_forward(mode fp4, causal bottom-right with the window
+//                    (window_left, 0), kv_tile 128, inputs_quantized) per sequence
 #pragma once
 
 #include <vector>
@@ -26,8 +26,8 @@ Status kv_cache_append(const PagedKVCache& cache, const KVCacheDims& dims, const
                        const IndexView& start);
 
 // `base` supplies what DecodeOptions does not (precision: kFloat64 / kBF16Operands give the
-// tests' high-precision reference and low-precision emulation); its mode, causality, tile and
-// p_quant are overwritten from the decode semantics and `opts`.
+// tests' high-precision reference and low-precision emulation); its mode, causality, window, tile
+// and p_quant are overwritten from the decode semantics and `opts`.
 Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KVCacheDims& dims,
                         const IndexView& page_table, const IndexView& seq_lens,
                         const DecodeOptions& opts, const TensorView& out, const TensorView& lse,

@@ -1,6 +1,7 @@
 // CPU tests of the FP4 inference paths, label cpu: the paged FP4 KV cache append
 // (codes and scales bit-exact against quantize()), the decode reference (bit-identical to the
-// mode-fp4 forward on the raw K, V: the same operands and the same arithmetic), attention from
+// mode-fp4 forward on the raw K, V: the same operands and the same arithmetic; with a sliding
+// window, to the forward with window (window_left, 0)), attention from
 // packed tensors (bit-identical to the forward on the fake-quantized tensors), and the errors
 // of bad input. The GPU kernels are compared with these references in tests/cpp/cuda_decode.
 #include <gtest/gtest.h>
@@ -12,6 +13,7 @@
 
 #include "attention_util.h"
 #include "attnqat/attnqat.h"
+#include "common/validate.h"
 #include "decode_util.h"
 
 namespace attnqat {
@@ -87,6 +89,7 @@ struct DecodeCase {
   int64_t group, nq, page_size;
   std::vector<int64_t> lens;
   PQuant pq;
+  int window_left = -1;  // DecodeOptions::window_left; the forward gets window (window_left, 0)
 };
 
 class DecodeReference : public ::testing::TestWithParam<DecodeCase> {};
@@ -104,6 +107,7 @@ TEST_P(DecodeReference, MatchesFp4ForwardBitForBit) {
   std::vector<float> out(B * Hq * nq * D, NAN), lse(B * Hq * nq, NAN);
   DecodeOptions opts;
   opts.p_quant = c.pq;
+  opts.window_left = c.window_left;
   const TensorView qv = make_view(qp.q.data(), DType::kFloat32, {B, Hq, nq, D}, "q");
   Status st = decode_attention(qv, cache.view(), cache.table_view(), cache.lens_view(), opts,
                                make_view(out.data(), DType::kFloat32, {B, Hq, nq, D}, "out"),
@@ -114,10 +118,13 @@ TEST_P(DecodeReference, MatchesFp4ForwardBitForBit) {
     std::vector<float> q(qp.q.begin() + b * Hq * nq * D, qp.q.begin() + (b + 1) * Hq * nq * D);
     std::vector<float> k = seqs.k[b], v = seqs.v[b];
     std::vector<float> o(Hq * nq * D, NAN), l2(Hq * nq, NAN);
+    // The dense call the decode must equal: window (window_left, 0) over the sequence's keys
+    // ((-1, 0) is the causal mask).
     AttentionOptions ao;
     ao.mode = Mode::kFP4;
     ao.p_quant = c.pq;
-    ao.causal = true;
+    ao.window_left = c.window_left;
+    ao.window_right = 0;
     ForwardOutputs fo;
     fo.o = make_view(o.data(), DType::kFloat32, {1, Hq, nq, D}, "o");
     fo.lse = make_view(l2.data(), DType::kFloat32, {1, Hq, nq}, "lse");
@@ -142,7 +149,16 @@ INSTANTIATE_TEST_SUITE_P(
                       DecodeCase{"len17_nq3", 4, 3, 16, {17}, PQuant::kAnchored},
                       DecodeCase{"mixed_paper", 4, 2, 48, {300, 1, 129, 64}, PQuant::kPaper},
                       DecodeCase{"mixed_anchored", 4, 1, 64, {300, 2, 129, 64}, PQuant::kAnchored},
-                      DecodeCase{"nq_beyond_len", 1, 4, 16, {2}, PQuant::kAnchored}),
+                      DecodeCase{"nq_beyond_len", 1, 4, 16, {2}, PQuant::kAnchored},
+                      // Sliding windows: only the diagonal key (0), windows that begin mid-tile and
+                      // mid-page, at a tile edge (127, 128), wider than every sequence (4096), nq > 1
+                      // (each query row its own window), paper (128-key tiles from key 0).
+                      DecodeCase{"window0", 4, 1, 16, {300, 1, 17}, PQuant::kAnchored, 0},
+                      DecodeCase{"window5_nq3", 4, 3, 16, {17, 2, 129}, PQuant::kAnchored, 5},
+                      DecodeCase{"window127_paper", 2, 2, 48, {300, 129, 64, 1}, PQuant::kPaper, 127},
+                      DecodeCase{"window128", 4, 1, 64, {300, 2, 129, 128}, PQuant::kAnchored, 128},
+                      DecodeCase{"window20_paper_nq4", 1, 4, 16, {260, 3}, PQuant::kPaper, 20},
+                      DecodeCase{"window4096", 4, 2, 32, {300, 5}, PQuant::kAnchored, 4096}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // ---- Attention from packed tensors == the forward on the fake-quantized tensors ----------------
@@ -199,6 +215,21 @@ class DecodeArgs : public ::testing::Test {
 };
 
 TEST_F(DecodeArgs, ValidCallSucceeds) { EXPECT_TRUE(decode(cache.table_view(), cache.lens_view()).ok()); }
+
+TEST_F(DecodeArgs, WindowLeftBelowMinusOne) {
+  DecodeOptions opts;
+  opts.window_left = -2;
+  const Status st = decode_attention(make_view(q.data(), DType::kFloat32, {2, 4, 1, 32}, "q"), cache.view(),
+                                     cache.table_view(), cache.lens_view(), opts,
+                                     make_view(out.data(), DType::kFloat32, {2, 4, 1, 32}, "out"), TensorView{});
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("window_left: expected -1 (no window) or a number of keys >= 0"), std::string::npos)
+      << st.message();
+  EXPECT_NE(st.message().find("got -2"), std::string::npos) << st.message();
+  EXPECT_EQ(validate_decode_options(opts).code(), StatusCode::kInvalidArgument);
+  opts.window_left = 0;
+  EXPECT_TRUE(validate_decode_options(opts).ok());
+}
 
 TEST_F(DecodeArgs, PageIdOutOfRange) {
   cache.page_table[1] = static_cast<int32_t>(cache.num_pages);  // sequence 0, its second page

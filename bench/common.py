@@ -14,6 +14,8 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
@@ -96,6 +98,73 @@ def time_cuda_graph(fn: Callable[[int], object], sets: int = 1, calls: int = 10,
             "calls_per_graph": calls, "method": "cuda_graph"}
 
 
+def time_eager_loop(fn: Callable[[int], object], sets: int = 1, calls: int = 50, loops: int = 7,
+                    warmup: int = 5) -> Dict[str, float]:
+    """Times fn(i) as eager code runs it: `calls` back-to-back calls between two CUDA events (host
+    launch overhead counts wherever it exceeds the GPU's time), per call; median, min, max over
+    `loops` loops. Also the host's time to issue one call (`host_issue_ms`, median): when it
+    exceeds `median_ms` the GPU waits for the host. Without CUDA (a smoke run) the host clock
+    times the loop."""
+    for i in range(warmup):
+        fn(i % sets)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    times: List[float] = []
+    issue: List[float] = []
+    for _ in range(loops):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fn(i % sets)
+        t1 = time.perf_counter()
+        if cuda:
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        else:
+            times.append((t1 - t0) * 1e3 / calls)
+        issue.append((t1 - t0) * 1e3 / calls)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": loops,
+            "calls_per_loop": calls, "host_issue_ms": statistics.median(issue),
+            "method": "eager_loop" if cuda else "host_clock_smoke"}
+
+
+def time_wall(fn: Callable[[int], object], sets: int = 1, warmup: int = 1, reps: int = 3,
+              **_ignored) -> Dict[str, float]:
+    """time_cuda's result from the host clock, for the CPU smoke runs of the benchmarks (`--smoke`):
+    they check that a script's code paths run and that its JSON is complete; the numbers mean
+    nothing. Takes (and ignores) time_cuda_graph's keywords, so it can stand in for either."""
+    for i in range(warmup):
+        fn(i % sets)
+    times: List[float] = []
+    for i in range(reps):
+        start = time.perf_counter()
+        fn(i % sets)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps,
+            "method": "host_clock_smoke"}
+
+
+def require_device(smoke: bool, out_dir: Path | None) -> None:
+    """Exits with a message (not a traceback) when a benchmark cannot run here: without `--smoke`
+    it needs a CUDA GPU and a build of attnqat with CUDA kernels; a smoke run needs `--out` (its
+    meaningless numbers must not reach bench/results)."""
+    if smoke:
+        if out_dir is None:
+            sys.exit("--smoke needs --out DIR: a smoke run's numbers mean nothing and must not reach bench/results")
+        return
+    import attnqat
+
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (torch.cuda.is_available() is False); "
+                 "--smoke --out DIR runs its code paths on the CPU at tiny shapes")
+    if not attnqat.build_info()["cuda"]:
+        sys.exit("this benchmark needs attnqat built with CUDA kernels (attnqat.build_info()['cuda'] is False)")
+
+
 # ---- Banner and results --------------------------------------------------------------------------
 
 def git_hash() -> str:
@@ -111,6 +180,10 @@ def git_hash() -> str:
 
 
 def device_banner() -> Dict[str, object]:
+    if not torch.cuda.is_available():  # a CPU smoke run (time_wall)
+        return {"gpu": "cpu-smoke", "sm_count": 0, "memory_gib": 0, "l2_mib": 0, "capability": "-",
+                "torch": torch.__version__, "cuda_runtime": None, "git": git_hash(), "host": platform.node(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     info = {
         "gpu": props.name,
@@ -145,21 +218,51 @@ def gpu_slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def write_results(kind: str, banner: Dict[str, object], rows: Sequence[dict], out_dir: Path | None = None) -> Path:
-    """Writes bench/results/<kind>_<gpu>_<date>.json (or into out_dir) and returns the path."""
+def write_results(kind: str, banner: Dict[str, object], rows: Sequence[dict], out_dir: Path | None = None,
+                  extra: Dict[str, object] | None = None) -> Path:
+    """Writes bench/results/<kind>_<gpu>_<date>.json (or into out_dir) and returns the path.
+    `extra`: more top-level fields (a run's configuration, profiles, notes)."""
     out_dir = Path(out_dir) if out_dir else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     day = str(banner["date"])[:10]
     path = out_dir / f"{kind}_{gpu_slug(str(banner['gpu']))}_{day}.json"
-    path.write_text(json.dumps({"benchmark": kind, "device": banner, "rows": list(rows)}, indent=1) + "\n")
+    data = {"benchmark": kind, "device": banner, "rows": list(rows), **(extra or {})}
+    path.write_text(json.dumps(data, indent=1) + "\n")
     return path
 
 
 def update_headline(metrics: Dict[str, dict], out_dir: Path | None = None) -> Path:
-    """Merges {"metric": {"value", "target", "gpu", "date", "source"}} into headline.json."""
+    """Merges {"metric": {"value", "target", "gpu", "date", "source"}} into headline.json. An
+    entry may say "better": "lower" (e.g. a time ratio whose target is a ceiling); without it
+    higher is better and the target is a floor."""
     out_dir = Path(out_dir) if out_dir else RESULTS
     path = out_dir / "headline.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(metrics)
     path.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")
     return path
+
+
+def target_met(entry: dict):
+    """Whether a headline entry meets its target: value >= target, or value <= target when the
+    entry says "better": "lower"; None without a target."""
+    target = entry.get("target")
+    better = entry.get("better", "higher")
+    if better not in ("higher", "lower"):
+        raise ValueError(f"headline entry: 'better' must be 'higher' or 'lower', got {better!r}")
+    if target is None:
+        return None
+    if better == "lower":
+        return entry["value"] <= target
+    return entry["value"] >= target
+
+
+def print_headline(metrics: Dict[str, dict]) -> None:
+    """One line per headline entry: value, min/max where given, the target with its direction."""
+    for name, entry in metrics.items():
+        lower = entry.get("better", "higher") == "lower"
+        spread = "".join(f"{k} {entry[k]:.3f}; " for k in ("min", "max") if entry.get(k) is not None)
+        met = target_met(entry)
+        target = "no target" if met is None else (
+            f"target {'<=' if lower else '>='} {entry['target']}: {'met' if met else 'NOT met'}")
+        print(f"{name}: {entry['value']:.3f} ({spread}{target}{'; lower is better' if lower else ''})")

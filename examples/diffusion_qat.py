@@ -457,7 +457,7 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="the CPU smoke size (CI); else the one-GPU size")
     sizes = PRESETS["gpu"]
     for name, help_text in (("layers", "transformer blocks"), ("heads", "attention heads"),
-                            ("head-dim", "attention head dim (CUDA: 64 or 128)"), ("ffn-dim", "feed-forward width"),
+                            ("head-dim", "attention head dim (CUDA: a multiple of 16 up to 128)"), ("ffn-dim", "feed-forward width"),
                             ("channels", "latent channels C"), ("frames", "latent frames F"),
                             ("height", "latent height H (even)"), ("width", "latent width W (even)"),
                             ("text-len", "text tokens per class"), ("text-dim", "text embedding width"),
@@ -491,8 +491,8 @@ def parse_args(argv=None):
         args.probe_layer = args.layers // 2
     if not 0 <= args.probe_layer < args.layers:
         p.error(f"--probe-layer {args.probe_layer}: the model has {args.layers} layers")
-    if args.device.startswith("cuda") and args.head_dim not in (64, 128):
-        p.error(f"--head-dim {args.head_dim}: attnqat's CUDA kernels take head dims 64 and 128")
+    if args.device.startswith("cuda") and (args.head_dim % 16 or not 16 <= args.head_dim <= 128):
+        p.error(f"--head-dim {args.head_dim}: attnqat's CUDA kernels take head dims 16, 32, ..., 128")
     if args.height % PATCH[1] or args.width % PATCH[2]:
         p.error(f"--height and --width must be multiples of {PATCH[1]} (Wan's 2 x 2 patches)")
     if min(args.layers, args.heads, args.head_dim, args.batch, args.pretrain_steps, args.steps, args.probe_every,

@@ -367,7 +367,7 @@ namespace {
 std::string head_dim_message(const char* name, int64_t d) {
   return std::string(name) + ": expected head_dim a positive multiple of 16 up to " +
          std::to_string(kMaxHeadDim) + " (the NVFP4 block; CPU reference: 16, 32, ..., " +
-         std::to_string(kMaxHeadDim) + "; CUDA kernels: 64 and 128), got " + std::to_string(d);
+         std::to_string(kMaxHeadDim) + "; CUDA kernels: 16, 32, ..., 128), got " + std::to_string(d);
 }
 
 // softcap with the head dim known (numerics 9.9): the scores are b * tanh(a * S) with

@@ -58,18 +58,21 @@ Status with_dtype(DType dtype, F&& f) {
   }
 }
 
+// The kernel tile that runs head dim d (sm90::kernel_tile_head_dim: 16..64 in the 64-column
+// tile, 80..128 in the 128-column one, the columns past d read as zeros; attn_params.h).
 template <class F>
 Status with_head_dim(int64_t head_dim, F&& f) {
-  switch (head_dim) {
+  switch (sm90::kernel_tile_head_dim(head_dim)) {
     case 64:
       return f(std::integral_constant<int, 64>{});
     case 128:
       return f(std::integral_constant<int, 128>{});
     default:
       return Status::NotImplemented(
-          "q: the CUDA attention kernel supports head_dim 64 and 128, got " +
+          "q: the CUDA attention kernel supports head dims 16, 32, ..., 128 (multiples of 16 up to "
+          "128), got " +
           std::to_string(head_dim) +
-          (head_dim == 256 ? " (256 with O' needs a split-V kernel, not implemented yet)" : "") +
+          (head_dim > 128 ? " (larger head dims need a split-V kernel, not implemented yet)" : "") +
           "; run on CPU tensors (the reference) for other head dims");
   }
 }
@@ -119,6 +122,11 @@ Status dispatch(const sm90::FwdArgs& args) {
 
 Status dispatch_packed(const sm90::FwdArgs& args) {
   const MaskKind mask = args.mask;
+  // The in-kernel unpacking reads whole rows of d / 2 code bytes: no narrower head dim.
+  if (args.q.shape[3] != 64 && args.q.shape[3] != 128)
+    return Status::NotImplemented(
+        "q: attention from packed NVFP4 tensors on CUDA takes head dims 64 and 128, got " +
+        std::to_string(args.q.shape[3]) + "; dequantize the tensors and call attention()");
   return with_dtype(args.q.dtype, [&](auto f16) {
     return with_head_dim(args.q.shape[3], [&](auto head_dim) {
       return with_mask(mask, [&](auto mask_policy) {
@@ -232,7 +240,7 @@ Status check_kernel_inputs(const TensorView& q, const AttentionOptions& opts) {
   ATTNQAT_RETURN_IF_ERROR(check_kernel_options(opts));
   if (q.dtype != DType::kBFloat16 && q.dtype != DType::kFloat16)
     return with_dtype(q.dtype, [](auto) { return Status::Ok(); });  // the dtype error
-  if (q.size(-1) != 64 && q.size(-1) != 128)
+  if (sm90::kernel_tile_head_dim(q.size(-1)) == 0)
     return with_head_dim(q.size(-1), [](auto) { return Status::Ok(); });  // the head-dim error
   return Status::Ok();
 }
@@ -351,9 +359,11 @@ Status backward(const TensorView& dout, const TensorView& q, const TensorView& k
     if (need_m_l) m_ref = recomputed.m_ref(), l = recomputed.l();
   }
 
-  // Scratch: stats [B, Hq, Nq_pad] float4, dQaccum [B, Hq, Nq_pad, d] fp32, semaphores.
-  // Per sequence (packed: num_seqs of at most max_seqlen_q rows), whole 64-row blocks.
-  const int64_t B = sm90::num_sequences(q, varlen), Hq = q.shape[1], Nq = q.shape[2], d = q.shape[3];
+  // Scratch: stats [B, Hq, Nq_pad] float4, dQaccum [B, Hq, Nq_pad, d_tile] fp32, semaphores.
+  // Per sequence (packed: num_seqs of at most max_seqlen_q rows), whole 64-row blocks; the dQ
+  // pieces span the kernel's tile head dim d_tile >= d (attn_params.h).
+  const int64_t B = sm90::num_sequences(q, varlen), Hq = q.shape[1], Nq = q.shape[2];
+  const int64_t d = sm90::kernel_tile_head_dim(q.shape[3]);
   const int64_t m_blocks = ((varlen.packed() ? varlen.max_seqlen_q : Nq) + 63) / 64;
   const int64_t rows_pad = B * Hq * m_blocks * 64;
   const size_t stats_bytes = round_up(static_cast<size_t>(rows_pad) * sizeof(float4));

@@ -396,6 +396,16 @@ const Case kCases[] = {
   {"attnqat_paper_fp16_d128_window4096_causal", kQat, kPaper, test::window(4096, -1, true), kHf, 128, 1, 2, 2, 1013, 1024},
   {"attnqat_anchored_bf16_d128_window127_127_bshd", kQat, kAnch, test::window(127, 127), kBf, 128, 2, 2, 2, 700, 700, kChan,
    Layout::kBSHD},
+  // Head dims between the tiles (the next wider tile, columns past d read as zeros and never
+  // stored: the poisoned outputs would show an unwritten or a stray column).
+  {"attnqat_paper_bf16_d96_causal",          kQat, kPaper, true,  kBf, 96,  1, 2, 2, 1013, 1024},
+  {"attnqat_anchored_fp16_d80_gqa4",         kQat, kAnch,  false, kHf, 80,  1, 4, 1, 300,  333},
+  {"fp4_paper_bf16_d112_nk17",               kFp4, kPaper, false, kBf, 112, 2, 2, 2, 129,  17},
+  {"bf16_fp16_d96_causal_bshd",              kBf16, kPaper, true, kHf, 96,  2, 2, 1, 200,  257, kChan,
+   Layout::kBSHD},
+  {"attnqat_paper_bf16_d32_window127_0",     kQat, kPaper, test::window(127, 0), kBf, 32, 1, 2, 2, 700, 700},
+  {"fp4_anchored_bf16_d16",                  kFp4, kAnch,  false, kBf, 16,  1, 2, 1, 129,  300},
+  {"attnqat_anchored_fp16_d48_vtoken",       kQat, kAnch,  false, kHf, 48,  1, 2, 1, 300,  333, kTok},
 };
 // clang-format on
 
@@ -544,7 +554,9 @@ TEST_F(AttentionFwdErrors, ClearStatusForWhatTheKernelCannotDo) {
   opts.kv_tile = 128;
   st = run(DType::kBFloat16, 256, opts, 0);
   EXPECT_EQ(st.code(), StatusCode::kNotImplemented) << st.message();
-  EXPECT_NE(st.message().find("256"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("head dims 16, 32, ..., 128 (multiples of 16 up to 128), got 256"),
+            std::string::npos)
+      << st.message();
 
   st = run(DType::kFloat32, 64, opts, 0);
   EXPECT_EQ(st.code(), StatusCode::kNotImplemented) << st.message();

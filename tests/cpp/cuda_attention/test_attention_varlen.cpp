@@ -214,6 +214,7 @@ const VarlenCase kCases[] = {
   {"dropin_paper_bf16_d64_causal", Mode::kDropInQAT, PQuant::kPaper, true, DType::kBFloat16, 64, 2, 2, kSmall},
   {"deterministic_attnqat_paper_bf16_d128_causal_gqa2", Mode::kAttnQAT, PQuant::kPaper, true, DType::kBFloat16, 128, 4, 2, kSmall, {}, true},
   {"deterministic_bf16_fp16_d64_window1_1", Mode::kBF16, PQuant::kPaper, test::window(1, 1), DType::kFloat16, 64, 2, 1, kSmall, {}, true},
+  {"attnqat_anchored_bf16_d96_causal_gqa2", Mode::kAttnQAT, PQuant::kAnchored, true, DType::kBFloat16, 96, 4, 2, kSmall},
 };
 // clang-format on
 

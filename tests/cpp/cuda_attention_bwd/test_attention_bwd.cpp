@@ -430,6 +430,15 @@ const Case kCases[] = {
   {"window_dropin_paper_bf16_d64_0_127",        kDrop, kPaper, test::window(0, 127), kBf, 64, 1, 2, 2, 129, 1024},
   {"deterministic_window_paper_bf16_d128_128_0", kQat, kPaper, test::window(128, 0), kBf, 128, 1, 2, 2, 1013, 1024, kDefault, false, false, true},
   {"deterministic_window_bf16_fp16_d64_127_127_gqa4", kBf16, kPaper, test::window(127, 127), kHf, 64, 1, 4, 1, 700, 700, kDefault, false, false, true},
+  // Head dims between the tiles (the next wider tile; dQ pieces span the tile, columns past d
+  // are never stored: the poisoned gradients would show it).
+  {"attnqat_paper_bf16_d96_causal",             kQat, kPaper, true,  kBf, 96,  1, 2, 2, 1013, 1024},
+  {"attnqat_anchored_fp16_d80_gqa4",            kQat, kAnch,  false, kHf, 80,  1, 4, 1, 300,  333},
+  {"bf16_bf16_d112_causal_nq_gt_nk",            kBf16, kPaper, true, kBf, 112, 2, 2, 1, 300,  129},
+  {"attnqat_anchored_bf16_d32_window127_0",     kQat, kAnch,  test::window(127, 0), kBf, 32, 1, 2, 2, 700, 700},
+  {"dropin_paper_fp16_d48",                     kDrop, kPaper, false, kHf, 48,  1, 2, 1, 129,  257},
+  {"deterministic_attnqat_paper_bf16_d96_gqa4", kQat, kPaper, false, kBf, 96,  1, 4, 1, 700, 1024, kDefault, false, false, true},
+  {"deterministic_attnqat_anchored_bf16_d16_causal", kQat, kAnch, true, kBf, 16, 1, 2, 2, 200, 333, kDefault, false, false, true},
 };
 // clang-format on
 
@@ -492,7 +501,9 @@ TEST_F(AttentionBwdErrors, ClearStatusForWhatTheKernelCannotDo) {
   };
   Status st = run(DType::kBFloat16, 256);
   EXPECT_EQ(st.code(), StatusCode::kNotImplemented) << st.message();
-  EXPECT_NE(st.message().find("256"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("head dims 16, 32, ..., 128 (multiples of 16 up to 128), got 256"),
+            std::string::npos)
+      << st.message();
   st = run(DType::kFloat32, 64);
   EXPECT_EQ(st.code(), StatusCode::kNotImplemented) << st.message();
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);

@@ -8,6 +8,12 @@
 // [cu[s], cu[s + 1]); grid z = S, seqlen_q/k are the longest sequences (the grid's extent), and
 // a CTA past its sequence's end returns at once. Either way a CTA asks seq_rows(blockIdx.z)
 // where its rows are.
+//
+// Head dims: the kernels are built for tiles of 64 and 128 columns (kernel_tile_head_dim). A
+// head dim d < tile (a multiple of 16) runs in the next wider tile: the tensor maps have d
+// columns, so TMA fills the columns [d, tile) of every Q, K, V (and dO) tile with zeros, which
+// add nothing to Q K^T, dP or the row sums; the accumulator columns from d on are not stored
+// (head_dim), and the backward's dQ pieces cover the tile (bwd_params.h).
 #pragma once
 
 #include <cstdint>
@@ -21,12 +27,19 @@ namespace attnqat::sm90 {
 
 struct SeqRows;
 
+// The tile head dim that runs head dim d (see the file header): 64 for d <= 64, 128 for
+// 64 < d <= 128, 0 where no kernel does (d not a positive multiple of 16, or above 128).
+constexpr int kernel_tile_head_dim(int64_t d) {
+  return d <= 0 || d % 16 != 0 || d > 128 ? 0 : d <= 64 ? 64 : 128;
+}
+
 struct AttnParams {
   int heads_q;
   int heads_kv;
   int group;               // Hq / Hkv: query head h reads key/value head h / group
   int seqlen_q;            // Nq
   int seqlen_k;            // Nk
+  int head_dim;            // d of the tensors; the kernel's tile (Cfg::kHeadDim) may be wider
   int window_left;         // LocalMask's window (-1: unbounded side; src/common/mask.h)
   int window_right;
   float c2;                // RN(c * RN(log2 e)): S2 = c2 * (q . k), log2 units
@@ -103,6 +116,7 @@ inline AttnParams attn_params(const TensorView& q, const TensorView& k, float c2
   a.group = static_cast<int>(q.shape[1] / k.shape[1]);
   a.seqlen_q = static_cast<int>(q.shape[2]);
   a.seqlen_k = static_cast<int>(k.shape[2]);
+  a.head_dim = static_cast<int>(q.shape[3]);
   a.total_q = a.seqlen_q;
   a.total_k = a.seqlen_k;
   a.window_left = window.window_left;

@@ -6,7 +6,8 @@
 //                    `delta` and RowStats: lse2 = LSE / ln 2 is the same IEEE division; D sums
 //                    in another order (fp32, allowed by numerics section 8).
 //   bwd_postprocess: dQ = RN(c * dQaccum) in the input dtype, undoing the fragment order of the
-//                    dQaccum pieces.
+//                    dQaccum pieces (which span the kernel's tile head dim; columns from the
+//                    tensor's head dim on are dropped, attn_params.h).
 // Plain CUDA (no sm_90 features); memory-bound, a small share of the backward's time.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -109,7 +110,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 template <bool kF16>
 __global__ void bwd_postprocess_kernel(const float* dq_accum, void* dq, RowStrides dq_str,
                                        const int* cu_seqlens_q, int heads, int seqlen_q,
-                                       int m_blocks, int chunks, float scale) {
+                                       int m_blocks, int chunks, int head_dim, float scale) {
   const int64_t piece = blockIdx.x;
   const int chunk = static_cast<int>(piece % chunks);
   const int64_t mb = piece / chunks;
@@ -126,7 +127,7 @@ __global__ void bwd_postprocess_kernel(const float* dq_accum, void* dq, RowStrid
     const float2 v = src[i * 128 + T];
     const int row = m * kPieceRows + 16 * w + g + 8 * (i & 1);
     const int col = chunk * kPieceCols + 8 * (i >> 1) + 2 * t;
-    if (row < sp.len)
+    if (row < sp.len && col < head_dim)
       out[(dq_str.at(sp.b, h, sp.row0 + row) + col) / 2] =
           pack2<kF16>(__fmul_rn(v.x, scale), __fmul_rn(v.y, scale));
   }
@@ -168,7 +169,8 @@ Status launch_bwd_preprocess(const BwdPreArgs& a) {
 
 Status launch_bwd_postprocess(const float* dq_accum, const TensorView& dq, const VarlenArgs& varlen,
                               int m_blocks, float scale, cudaStream_t stream) {
-  const int chunks = static_cast<int>(dq.shape[3] / kPieceCols);
+  const int head_dim = static_cast<int>(dq.shape[3]);
+  const int chunks = kernel_tile_head_dim(head_dim) / kPieceCols;
   const int heads = static_cast<int>(dq.shape[1]);
   const int64_t pieces = num_sequences(dq, varlen) * heads * m_blocks * chunks;
   if (pieces == 0) return Status::Ok();
@@ -176,10 +178,12 @@ Status launch_bwd_postprocess(const float* dq_accum, const TensorView& dq, const
   const RowStrides str = row_strides(dq);
   if (dq.dtype == DType::kFloat16)
     bwd_postprocess_kernel<true><<<static_cast<unsigned>(pieces), 128, 0, stream>>>(
-        dq_accum, dq.data, str, varlen.cu_seqlens_q, heads, seqlen_q, m_blocks, chunks, scale);
+        dq_accum, dq.data, str, varlen.cu_seqlens_q, heads, seqlen_q, m_blocks, chunks,
+        head_dim, scale);
   else
     bwd_postprocess_kernel<false><<<static_cast<unsigned>(pieces), 128, 0, stream>>>(
-        dq_accum, dq.data, str, varlen.cu_seqlens_q, heads, seqlen_q, m_blocks, chunks, scale);
+        dq_accum, dq.data, str, varlen.cu_seqlens_q, heads, seqlen_q, m_blocks, chunks,
+        head_dim, scale);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? Status::Ok() : launch_error("the postprocess kernel", err);
 }

@@ -377,9 +377,10 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
   const int64_t offset0 = p.dkv_str.at(sr.b, h_kv, sr.k0 + key_row0);
   const bool valid0 = key_row0 < seq.len_k, valid1 = key_row0 + 8 < seq.len_k;
   const bool keep[2] = {false, false};
-  store_rows<kF16, Cfg::kHeadDim>(p.dk, offset0, p.dkv_str.n, valid0, valid1, dk, {p.scale, p.scale},
-                                  keep);
-  store_rows<kF16, Cfg::kHeadDim>(p.dv, offset0, p.dkv_str.n, valid0, valid1, dv, {1.0f, 1.0f}, keep);
+  store_rows<kF16, Cfg::kHeadDim>(p.dk, offset0, p.dkv_str.n, p.head_dim, valid0, valid1, dk,
+                                  {p.scale, p.scale}, keep);
+  store_rows<kF16, Cfg::kHeadDim>(p.dv, offset0, p.dkv_str.n, p.head_dim, valid0, valid1, dv,
+                                  {1.0f, 1.0f}, keep);
 }
 
 // ---- The kernel -------------------------------------------------------------------------------

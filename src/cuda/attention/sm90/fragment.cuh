@@ -29,20 +29,22 @@ __device__ __forceinline__ void apply_mask(float (&s)[kN / 2], int key0, IndexRa
   }
 }
 
-// Rows row0 and row0 + 8 of a [64, kD] accumulator as 4-byte pairs into rows of kD contiguous
-// elements, row0's first at element `row_offset0`, the rows `row_stride` elements apart (even,
-// as row_offset0): element x of row h is RN16(RN(x mult[h])),
+// Rows row0 and row0 + 8 of a [64, kD] accumulator as 4-byte pairs into rows of `cols`
+// contiguous elements (cols <= kD, a multiple of 16: the tensor's head dim, which the tile may
+// exceed, attn_params.h), row0's first at element `row_offset0`, the rows `row_stride` elements
+// apart (even, as row_offset0): element x of row h is RN16(RN(x mult[h])),
 // or +0 where zero[h] (an empty row, whose accumulator may hold 0 * NaN from a masked position).
-// Rows that are not valid (padding past the tensor's end) are skipped.
+// Rows that are not valid (padding past the tensor's end) and columns from `cols` on are skipped.
 template <bool kF16, int kD>
 __device__ __forceinline__ void store_rows(void* out, int64_t row_offset0, int64_t row_stride,
-                                           bool valid0, bool valid1,
+                                           int cols, bool valid0, bool valid1,
                                            const float (&acc)[kD / 2], const float (&mult)[2],
                                            const bool (&zero)[2]) {
   uint32_t* base = static_cast<uint32_t*>(out);  // pairs of 16-bit elements
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int k = 0; k < kD / 8; ++k) {
+    if (8 * k >= cols) break;  // cols is a multiple of 16: a pair is wholly in or out
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (!(h ? valid1 : valid0)) continue;

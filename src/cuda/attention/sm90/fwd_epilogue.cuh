@@ -40,9 +40,11 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const float (&o)[Cfg
   }
   const bool valid0 = row0 < sr.info.len_q, valid1 = row0 + 8 < sr.info.len_q;
   const int64_t o0 = p.o_str.at(sr.b, h, sr.q0 + row0);
-  store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o, o0, p.o_str.n, valid0, valid1, o, inv_l, empty);
+  store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o, o0, p.o_str.n, p.head_dim, valid0, valid1, o, inv_l,
+                                       empty);
   if constexpr (Cfg::kWithOHp)
-    store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o_hp, o0, p.o_str.n, valid0, valid1, o_hp, inv_l, empty);
+    store_rows<Cfg::kF16, Cfg::kHeadDim>(p.o_hp, o0, p.o_str.n, p.head_dim, valid0, valid1, o_hp,
+                                         inv_l, empty);
   if (threadIdx.x % 4 != 0) return;  // one lane per quad writes the row statistics
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import statistics
 import sys
 from pathlib import Path
 
@@ -217,9 +216,9 @@ def generate_rows(args, device, timer) -> list:
               f"{t['decode_ms_per_token']:.2f} ms per decode step)", flush=True)
     if len(times) == 2:
         agree = (outputs["FP4Cache"] == outputs["DynamicCache (bf16)"]).float().mean().item()
+        ratio = times["DynamicCache (bf16)"]["median_ms"] / times["FP4Cache"]["median_ms"]
         rows.append({"part": "generate ratio", "batch": b, "prompt_tokens": prompt, "new_tokens": new,
-                     "layers": args.layers, "token_agreement": agree,
-                     "bf16cache_over_fp4cache_time": times["DynamicCache (bf16)"]["median_ms"] / times["FP4Cache"]["median_ms"]})
+                     "layers": args.layers, "token_agreement": agree, "bf16cache_over_fp4cache_time": ratio})
     del model
     cuda_cleanup(device)
     return rows
@@ -269,15 +268,16 @@ def main(argv=None):
               "dtype": "bfloat16", "compile": False, "optimizer": "AdamW (foreach), bf16 parameters",
               "quick": args.quick}
     path = common.write_results("model", banner, rows, args.out, extra={"run": config})
-    print(f"\n{'part':<12} {'attention / cache':<20} {'tokens':>7} {'layers':>6} {'ms':>10} {'tokens/s':>11} "
+    print(f"\n{'part':<12} {'attention / cache':<20} {'tokens':>14} {'layers':>6} {'ms':>10} {'tokens/s':>11} "
           f"{'peak GiB':>8}")
     for r in rows:
         if r["part"] == "train_step":
-            print(f"{'train':<12} {r['attention']:<20} {r['tokens']:>7} {r['layers']:>6} {r['median_ms']:10.1f} "
+            print(f"{'train':<12} {r['attention']:<20} {r['tokens']:>14} {r['layers']:>6} {r['median_ms']:10.1f} "
                   f"{r['tokens_per_s']:11.0f} {r['peak_memory_gib'] or 0:8.1f}")
         elif r["part"] == "generate":
-            print(f"{'generate':<12} {r['cache']:<20} {r['batch']}x{r['prompt_tokens']}+{r['new_tokens']:<3} "
-                  f"{r['layers']:>4} {r['median_ms']:10.1f} {r['new_tokens_per_s']:11.0f} {r['peak_memory_gib'] or 0:8.1f}")
+            shape = f"{r['batch']}x{r['prompt_tokens']}+{r['new_tokens']}"
+            print(f"{'generate':<12} {r['cache']:<20} {shape:>14} {r['layers']:>6} {r['median_ms']:10.1f} "
+                  f"{r['new_tokens_per_s']:11.0f} {r['peak_memory_gib'] or 0:8.1f}")
     day = str(banner["date"])[:10]
     common_fields = {"gpu": banner["gpu"], "date": day, "source": f"bench/results/{path.name}"}
     metrics = {}

@@ -272,7 +272,7 @@ def main(argv=None):
     args = parse_args(argv)
     common.require_device(args.smoke, args.out)
     device = torch.device("cpu" if args.smoke else "cuda")
-    banner = common.device_banner()
+    banner = common.device_banner(args.smoke)
     common.print_banner(banner)
     backend_fn, backend_source = diffusers_backend()
     print(f"attnqat diffusers backend: {backend_source}")

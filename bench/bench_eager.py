@@ -134,7 +134,7 @@ def main(argv=None):
     common.require_device(args.smoke, args.out)
     cuda = not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
-    banner = common.device_banner()
+    banner = common.device_banner(args.smoke)
     common.print_banner(banner)
     b, h, n, d = (1, 2, 256, 128) if args.smoke else (1, 16, 4096, 128)
     print(f"B {b}, H {h}, N {n}, D {d}, bf16, not causal; {args.calls} calls per eager loop, {args.loops} loops")
@@ -147,7 +147,7 @@ def main(argv=None):
     rows, by_name = [], {}
     for name, step in steps.items():
         try:
-            eager = common.time_eager_loop(step, calls=args.calls, loops=args.loops, warmup=3)
+            eager = common.time_eager_loop(step, calls=args.calls, loops=args.loops, warmup=3, cuda=cuda)
             graph = (common.time_cuda_graph(step, calls=10, warmup=3, reps=args.reps) if cuda
                      else common.time_wall(step, reps=args.reps))
         except (RuntimeError, NotImplementedError, ValueError) as e:

@@ -256,7 +256,7 @@ def main(argv=None):
     args = parse_args(argv)
     common.require_device(args.smoke, args.out)
     device = torch.device("cpu" if args.smoke else "cuda")
-    banner = common.device_banner()
+    banner = common.device_banner(args.smoke)
     common.print_banner(banner)
     timer = common.time_wall if args.smoke else common.time_cuda
     attnqat.hf.register()

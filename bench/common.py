@@ -99,15 +99,14 @@ def time_cuda_graph(fn: Callable[[int], object], sets: int = 1, calls: int = 10,
 
 
 def time_eager_loop(fn: Callable[[int], object], sets: int = 1, calls: int = 50, loops: int = 7,
-                    warmup: int = 5) -> Dict[str, float]:
+                    warmup: int = 5, cuda: bool = True) -> Dict[str, float]:
     """Times fn(i) as eager code runs it: `calls` back-to-back calls between two CUDA events (host
     launch overhead counts wherever it exceeds the GPU's time), per call; median, min, max over
     `loops` loops. Also the host's time to issue one call (`host_issue_ms`, median): when it
-    exceeds `median_ms` the GPU waits for the host. Without CUDA (a smoke run) the host clock
-    times the loop."""
+    exceeds `median_ms` the GPU waits for the host. With `cuda=False` (a smoke run on the CPU)
+    the host clock times the loop."""
     for i in range(warmup):
         fn(i % sets)
-    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
     times: List[float] = []
@@ -179,8 +178,9 @@ def git_hash() -> str:
         return os.environ.get("ATTNQAT_GIT_HASH", "unknown")
 
 
-def device_banner() -> Dict[str, object]:
-    if not torch.cuda.is_available():  # a CPU smoke run (time_wall)
+def device_banner(smoke: bool = False) -> Dict[str, object]:
+    """The GPU and software of this run; `smoke`: a CPU smoke run (gpu "cpu-smoke")."""
+    if smoke or not torch.cuda.is_available():
         return {"gpu": "cpu-smoke", "sm_count": 0, "memory_gib": 0, "l2_mib": 0, "capability": "-",
                 "torch": torch.__version__, "cuda_runtime": None, "git": git_hash(), "host": platform.node(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -254,11 +254,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cfg, sinks: Optional[Tensor] = No
     max_seqlen_q, max_seqlen_k)`` (q ``[total_q, Hq, D]``, k, v ``[total_k, Hkv, D]``; the LSE
     is ``[Hq, total_q]``).
 
-    In the quantized modes Q, K, V are fake-quantized here first (the straight-through
-    fake_quantize op, memory from torch's caching allocator, with the second-level scales of
-    ``cfg.qkv_scale``), so the forward and the backward share the quantized copies; the drop-in
-    backward (bwd_quantized_qkv off) needs the raw inputs instead, and then the core quantizes them
-    itself (with a qkv_scale: on x / g, see :func:`_attention_rescaled`).
+    In the quantized modes, when a backward will follow, Q, K, V are fake-quantized here first
+    (the straight-through fake_quantize op, memory from torch's caching allocator, with the
+    second-level scales of ``cfg.qkv_scale``), so the forward and the backward share the quantized
+    copies; the drop-in backward (bwd_quantized_qkv off) needs the raw inputs instead, and then the
+    core quantizes them itself (with a qkv_scale: on x / g, see :func:`_attention_rescaled`).
+    Without a backward (inference, ``torch.no_grad``) and without a qkv_scale, the raw inputs go
+    to the attention op and the core quantizes them into temporaries with the same quantizer: the
+    same numbers, one op dispatch instead of four (the host time of an eager call).
     """
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
@@ -278,7 +281,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cfg, sinks: Optional[Tensor] = No
     quantizable = _quantizable(q, k, v, cfg, seqs)
     if scale is not None and (raw_backward or not quantizable):
         return _attention_rescaled(q, k, v, cfg, scale, sinks, seqs)
-    prequantize = quantized_mode and not raw_backward and quantizable
+    prequantize = quantized_mode and not raw_backward and quantizable and (wants_grad or scale is not None)
     if prequantize:
         v_axis = "token" if cfg.v_blocks == "token" else "last"
         compute = scale == "amax"

@@ -88,6 +88,28 @@ def test_no_grad_skips_o_hp():
     assert o_hp.numel() == 0
 
 
+@pytest.mark.parametrize("mode,v_blocks", [("fp4", "channel"), ("attn_qat", "token"), ("drop_in_qat", "channel")])
+def test_inference_path_quantizes_in_the_core_with_the_same_numbers(mode, v_blocks, monkeypatch):
+    # Without a backward the raw inputs go to the attention op (the core quantizes them): one op
+    # dispatch, not four. The output and LSE must be bit-identical to the path that fake-quantizes
+    # in Python first (taken when a backward follows).
+    q, k, v = qkv(seed=5)
+    calls = []
+    real = torch.ops.attnqat.fake_quantize
+    monkeypatch.setattr(torch.ops.attnqat, "fake_quantize", lambda *a: calls.append(a) or real(*a), raising=False)
+    kw = dict(mode=mode, v_blocks=v_blocks, return_lse=True)
+    with torch.no_grad():
+        o_inf, lse_inf = attnqat.attention(q, k, v, **kw)
+    assert calls == []
+    if mode == "fp4":  # fp4 has no backward: compare with an explicit Python-side quantization
+        qh, kh, vh = (attnqat.fake_quantize(t) for t in (q, k, v))
+        o_ref, lse_ref = attnqat.attention(qh, kh, vh, **kw)
+    else:
+        o_ref, lse_ref = attnqat.attention(*(t.clone().requires_grad_() for t in (q, k, v)), **kw)
+        assert len(calls) == 3 or mode == "drop_in_qat"  # drop-in: raw backward, the core quantizes
+    assert torch.equal(o_inf, o_ref.detach()) and torch.equal(lse_inf, lse_ref.detach())
+
+
 def test_gradcheck_fp64_bf16_mode():
     q, k, v = qkv(b=1, hq=2, hkv=1, nq=5, nk=7, d=16, dtype=torch.float64, requires_grad=True)
     for causal in (False, True):

@@ -123,14 +123,15 @@ def test_attention_cuda_under_no_grad_and_graph(cuda):
 
 @pytest.mark.parametrize("head_dim", [128, 96])
 def test_attention_cuda_inference_path_matches_the_training_forward(cuda, head_dim):
-    # Under no_grad the core quantizes the raw inputs itself (one op dispatch); with a backward
-    # ahead Python fake-quantizes first. Same quantizer, same kernel: bit-identical O and LSE.
+    # Under no_grad the core quantizes the raw inputs itself (one op dispatch); the same call on
+    # inputs fake-quantized in Python first (NVFP4 is idempotent: they quantize to themselves)
+    # must give bit-identical O and LSE: same quantizer, same kernel.
     q, k, v = (t.to(cuda) for t in attention_inputs(2, 4, 2, 300, 257, head_dim, torch.bfloat16, seed=4))
     with torch.no_grad():
-        o_inf, lse_inf = attnqat.attention(q, k, v, mode="attn_qat", causal=True, return_lse=True)
-    o_tr, lse_tr = attnqat.attention(*(t.clone().requires_grad_() for t in (q, k, v)), mode="attn_qat",
-                                     causal=True, return_lse=True)
-    assert torch.equal(o_inf, o_tr.detach()) and torch.equal(lse_inf, lse_tr.detach())
+        o_inf, lse_inf = attnqat.attention(q, k, v, mode="fp4", causal=True, return_lse=True)
+        qh, kh, vh = (attnqat.fake_quantize(t) for t in (q, k, v))
+        o_pre, lse_pre = attnqat.attention(qh, kh, vh, mode="fp4", causal=True, return_lse=True)
+    assert torch.equal(o_inf, o_pre) and torch.equal(lse_inf, lse_pre)
 
 
 # ---- Attention backward on CUDA against the CPU reference ----------------------------

@@ -16,6 +16,11 @@ sections 3-4) on the same quantized operands:
   tables (int32 ``[B, max_pages]``) and lengths (int32 ``[B]``), for engines that manage pages
   themselves.
 
+Sliding windows (``window_left``, as Mistral's or Gemma 2's local layers): query i of sequence b
+also needs ``j >= seq_lens[b] - nq + i - window_left``, the dense mask of
+:func:`attnqat.attention` with ``window=(window_left, 0)``; the GPU kernel visits only the keys
+inside the window (the pages before it are never read).
+
 ``p_quant="anchored"`` (the default here) makes the quantized P independent of where the keys
 are split, so the GPU kernel splits long contexts across many CTAs; ``"paper"`` runs one pass in
 128-key tiles (the reference's ``kv_tile``), slower for long contexts at small batch.
@@ -147,25 +152,41 @@ def kv_cache_append(k_data, k_scales, v_data, v_scales, k_new, v_new, page_table
                        stream=_stream_of(k_data))
 
 
-def decode_options(softmax_scale=None, p_quant: str = "anchored", num_splits: int = 0, max_seq_len: int = 0):
+def _window_left(value) -> int:
+    """``window_left`` for the core: None -> -1 (no window); an int is passed on (the core rejects
+    values below -1), one that no 32-bit key index reaches raises here."""
+    if value is None:
+        return -1
+    left = check_int("window_left", value, "None or -1 for no window, else a number of keys >= 0")
+    if left > 2**31 - 1:
+        raise ValueError(f"window_left: expected at most 2^31 - 1 keys, got {left}")
+    return max(left, -2**31)
+
+
+def decode_options(softmax_scale=None, p_quant: str = "anchored", num_splits: int = 0, max_seq_len: int = 0,
+                   window_left=None):
     """The core's DecodeOptions (values checked by the core: validate_decode_options)."""
     opts = _C.DecodeOptions(softmax_scale=check_softmax_scale("softmax_scale", softmax_scale), p_quant=p_quant,
                             num_splits=check_int("num_splits", num_splits, "0: automatic"),
-                            max_seq_len=check_int("max_seq_len", max_seq_len, "0: the page table's capacity"))
+                            max_seq_len=check_int("max_seq_len", max_seq_len, "0: the page table's capacity"),
+                            window_left=_window_left(window_left))
     _C.validate_decode_options(opts)
     return opts
 
 
 def decode_attention(q, k_data, k_scales, v_data, v_scales, page_table, seq_lens, *,
                      softmax_scale: Optional[float] = None, p_quant: str = "anchored", num_splits: int = 0,
-                     max_seq_len: int = 0, return_lse: bool = False, out=None, check: bool = True):
+                     max_seq_len: int = 0, window_left: Optional[int] = None, return_lse: bool = False, out=None,
+                     check: bool = True):
     """Decode attention of ``q`` ``[B, Hq, nq, D]`` over a paged FP4 cache (one layer). Query i
     of sequence b sees keys ``j <= seq_lens[b] - nq + i`` (the nq new tokens are the last ones,
-    already appended). ``num_splits``/``max_seq_len``: split-KV control (0: automatic / the page
-    table's capacity). Returns ``out`` (and ``lse``)."""
+    already appended), and with ``window_left`` (None or -1: no window; else a number of keys
+    >= 0) only ``j >= seq_lens[b] - nq + i - window_left``: the mask of ``window=(window_left,
+    0)``. ``num_splits``/``max_seq_len``: split-KV control (0: automatic / the page table's
+    capacity). Returns ``out`` (and ``lse``)."""
     import torch
 
-    opts = decode_options(softmax_scale, p_quant, num_splits, max_seq_len)
+    opts = decode_options(softmax_scale, p_quant, num_splits, max_seq_len, window_left)
     if check and page_table.is_cuda:
         _check_pages(page_table, seq_lens, 0, int(k_data.shape[0]), int(k_data.shape[2]))
     if out is None:
@@ -331,16 +352,18 @@ class FP4KVCache:
             self._lens[sid][layer] += n_new
 
     def attend(self, q, seq_ids: Sequence[int], layer: int = 0, *, softmax_scale: Optional[float] = None,
-               p_quant: str = "anchored", num_splits: int = 0, return_lse: bool = False):
+               p_quant: str = "anchored", num_splits: int = 0, window_left: Optional[int] = None,
+               return_lse: bool = False):
         """Decode attention of ``q`` ``[B, Hq, nq, D]`` (the sequences' last nq tokens, already
-        appended) over the cached keys of ``seq_ids`` in ``layer``. ``nq`` larger than every
-        sequence's cached length raises ``ValueError`` (the K, V of the queries are missing); in a
-        batch of ragged lengths, query rows of a shorter sequence that see no key give O = 0 and
-        LSE = -inf."""
+        appended) over the cached keys of ``seq_ids`` in ``layer``; ``window_left`` as in
+        :func:`decode_attention` (the pages before a window stay allocated: they are just not
+        read). ``nq`` larger than every sequence's cached length raises ``ValueError`` (the K, V
+        of the queries are missing); in a batch of ragged lengths, query rows of a shorter
+        sequence that see no key give O = 0 and LSE = -inf."""
         import torch
 
         seq_ids = list(seq_ids)
-        decode_options(softmax_scale, p_quant, num_splits)  # the options' errors before the tensors'
+        decode_options(softmax_scale, p_quant, num_splits, window_left=window_left)  # the options' errors first
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
         if q.dim() != 4 or q.shape[0] != len(seq_ids):
@@ -360,7 +383,7 @@ class FP4KVCache:
         q = q if q.stride(-1) == 1 else q.contiguous()
         return decode_attention(q, *self.layer_tensors(layer), self.page_table(seq_ids), self._lengths(seq_ids, layer),
                                 softmax_scale=softmax_scale, p_quant=p_quant, num_splits=num_splits,
-                                max_seq_len=max(lens), return_lse=return_lse, check=False)
+                                max_seq_len=max(lens), window_left=window_left, return_lse=return_lse, check=False)
 
     def dequantize(self, seq_id: int, layer: int = 0):
         """The cached K^, V^ of a sequence, ``[Hkv, len, D]`` float32 (exact)."""

@@ -20,10 +20,19 @@ the "attnqat" attention implementation in mode ``fp4``, the mode Attn-QAT models
   logits are bit-identical to generation with transformers' default cache (tested), on CUDA they
   differ by the order of fp32 sums.
 
+Sliding-window layers (Mistral, Qwen2/3 with ``use_sliding_window``, Gemma 2's local layers): the
+cache keeps every token of such a layer (no eviction; size ``max_cache_len`` for the whole
+sequence) and its decode runs with ``window_left = sliding_window - 1``, transformers' window (key
+j visible from query i when ``i - j < sliding_window``) as the dense path applies it; the decode
+kernel reads only the pages inside the window. A layer's window comes from the model config
+(``layer_types`` and ``sliding_window``, as transformers' own caches read it), and is checked
+against the mask transformers built for the layer.
+
 Limits (each raises a clear error): mode ``fp4`` only; no beam search, cropping or batch
 expansion (``num_return_sequences`` > 1); a step whose new tokens are partly padding after the
-prefill; a batch or a length beyond what the cache was sized for. transformers is imported
-here, so this module is imported by ``attnqat.hf.FP4Cache`` on first use.
+prefill; a batch or a length beyond what the cache was sized for; layer types other than full and
+sliding-window attention. transformers is imported here, so this module is imported by
+``attnqat.hf.FP4Cache`` on first use.
 """
 
 from __future__ import annotations
@@ -94,6 +103,24 @@ class _FP4Layer(DynamicLayer):
         raise NotImplementedError("attnqat.hf.FP4Cache: selecting batch elements is not supported")
 
 
+def _sliding_windows(text_config) -> list:
+    """Per layer, transformers' ``sliding_window`` of its attention (None: full attention), read as
+    transformers' caches read it: ``layer_types`` when the config has them ("sliding_attention"
+    layers take ``sliding_window``), else ``sliding_window`` for every layer (Mistral)."""
+    n = int(text_config.num_hidden_layers)
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is None:
+        return [window] * n
+    windows = []
+    for i, kind in enumerate(layer_types):
+        if kind not in ("full_attention", "sliding_attention"):
+            raise NotImplementedError(f"attnqat.hf.FP4Cache: layer {i} is a {kind!r} layer; the FP4 cache serves "
+                                      "full and sliding-window attention layers; use transformers' default cache")
+        windows.append(window if kind == "sliding_attention" else None)
+    return windows
+
+
 class FP4Cache(Cache):
     """A transformers cache backed by a paged FP4 KV cache (see the module docstring).
 
@@ -111,6 +138,8 @@ class FP4Cache(Cache):
     Attributes:
         store: the :class:`attnqat.FP4KVCache` (created on the first update, on the keys' device).
         capacity: ``max_cache_len``.
+        sliding_windows: per layer, transformers' ``sliding_window`` (None: full attention); the
+            decode of such a layer runs with ``window_left = sliding_window - 1``.
     """
 
     def __init__(self, model, max_cache_len: int, page_size: int = 64, max_batch_size: Optional[int] = None):
@@ -127,6 +156,7 @@ class FP4Cache(Cache):
         self.num_layers = int(text.num_hidden_layers)
         self.num_kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
         self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        self.sliding_windows = _sliding_windows(text)
         # (Not max_cache_len / max_batch_size: transformers' Cache has properties of those names.)
         self.capacity, self.page_size = int(max_cache_len), int(page_size)
         self.batch_capacity = max_batch_size
@@ -162,12 +192,15 @@ class FP4Cache(Cache):
 
 
 def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], scaling: Optional[float],
-                        opts: dict, dense_attention) -> torch.Tensor:
+                        opts: dict, dense_attention, sliding_window: Optional[int] = None) -> torch.Tensor:
     """The attention of one layer through an FP4Cache (called by attnqat.hf.attention_forward).
 
     ``rec``: the hand-off record of attnqat.hf (the cache, the layer, the new K, V); ``mask``:
-    boolean ``[B, 1, Nq, Nk]`` or None (plain causal); ``dense_attention(q, k, v, mask)``: the
-    cache-less path, used for the prefill. Returns ``[B, Hq, Nq, D]``."""
+    boolean ``[B, 1, Nq, Nk]`` or None (plain causal, or the sliding window ``sliding_window``);
+    ``sliding_window``: the window of the mask transformers built for the layer when attnqat.hf
+    read it as a structure instead of a tensor (None otherwise); ``dense_attention(q, k, v,
+    mask)``: the cache-less path (with that window), used for the prefill. Returns ``[B, Hq, Nq,
+    D]``."""
     cache, layer, k_new, v_new = rec
     # The dense path's dtype rule (under autocast every operand in the autocast dtype): models
     # such as Qwen3 hand over float32 keys (after their q/k norm) with bf16 values.
@@ -182,6 +215,13 @@ def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], 
     b, hq, nq, _ = query.shape
     nk = cache.layers[layer].seen
     past = nk - nq
+    window = cache.sliding_windows[layer]
+    if sliding_window is not None and sliding_window != window:
+        raise ValueError(f"attnqat.hf.FP4Cache: layer {layer}'s mask has sliding_window={sliding_window}, but the model "
+                         f"config gives {window}")
+    if mask is None and sliding_window is None and window is not None and nk > window:
+        raise ValueError(f"attnqat.hf.FP4Cache: the model config gives layer {layer} sliding_window={window}, shorter "
+                         f"than its {nk} keys, but transformers built no sliding-window mask for it")
     if mask is None:
         structures = [(0, nk, None)] * b
     else:
@@ -201,6 +241,17 @@ def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], 
     if past > 0 and any(f != 0 for f in first):  # (a sequence with no visible new token included)
         raise ValueError("attnqat.hf.FP4Cache: new tokens that are padding after the prefill are not supported")
     store, ids = cache.store, cache.seq_ids
+    if past > 0 and mask is not None:
+        # A decode step with padding: each sequence's first visible key must be its first cached
+        # token (the left padding is not cached) or, later, the start of the window that the decode
+        # applies; anything else would be silently ignored.
+        for i, (s, _, _) in enumerate(structures):
+            cached = store.length(ids[i], layer) + nq  # after this step's append
+            expect = max(nk - cached, 0 if window is None else nk - nq - (window - 1))
+            if s != expect:
+                raise ValueError(f"attnqat.hf.FP4Cache: sequence {i}'s mask starts at key {s}, but its cache and the "
+                                 f"layer's window ({'none' if window is None else window}) start it at {expect}; "
+                                 "only left padding and the layer's sliding window can hide keys")
     groups = {}
     for i, f in enumerate(first):
         if f < nq:
@@ -211,4 +262,5 @@ def fp4_cache_attention(rec, query: torch.Tensor, mask: Optional[torch.Tensor], 
                      layer)
     if past == 0:
         return dense_attention(query, k_new, v_new, mask)
-    return store.attend(query, ids, layer, softmax_scale=scaling, p_quant=opts["p_quant"])
+    return store.attend(query, ids, layer, softmax_scale=scaling, p_quant=opts["p_quant"],
+                        window_left=None if window is None else window - 1)

@@ -263,13 +263,14 @@ void bind_options(nb::module_& m) {
   attn.def_prop_ro("needs_o_hp", [](const AttentionOptions& o) { return needs_o_hp(o); });
   bind_repr(attn, kAttentionFields);
 
-  static constexpr const char* kDecodeFields = "softmax_scale, p_quant, num_splits, max_seq_len";
+  static constexpr const char* kDecodeFields = "softmax_scale, p_quant, num_splits, max_seq_len, window_left";
   nb::class_<DecodeOptions> dec(m, "DecodeOptions", "The options of decode_attention (attnqat.h).");
   kwargs_init(dec, kDecodeFields);
   softmax_scale_attr(dec);
   choice_attr(dec, "p_quant", &DecodeOptions::p_quant, kPQuants);
   dec.def_rw("num_splits", &DecodeOptions::num_splits);
   dec.def_rw("max_seq_len", &DecodeOptions::max_seq_len);
+  dec.def_rw("window_left", &DecodeOptions::window_left);  // checked by validate_decode_options
   bind_repr(dec, kDecodeFields);
 
   static constexpr const char* kQuantizeFields = "format, axis, compute_global_scale";

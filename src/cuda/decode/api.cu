@@ -24,6 +24,7 @@ namespace {
 
 constexpr float kLog2e = 1.44269504088896340736f;  // RN(log2 e)
 constexpr int kRows = 8;              // decode::kRows
+constexpr int kStepKeys = 32;         // decode::kStepKeys: keys per warp step
 constexpr int kCtaStepKeys = 128;     // decode::kCtaStepKeys: keys per CTA iteration
 constexpr int kMaxSplits = 1024;     // decode::kMaxSplits: the combine kernel's shared memory
 // Split heuristic (tuned with bench/lab/decode_probe.cu; the sweep is in docs/decode.md): a whole
@@ -167,27 +168,35 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   const int64_t bound = opts.max_seq_len > 0 ? std::min<int64_t>(opts.max_seq_len, capacity) : capacity;
   const int64_t units = B * dims.heads * row_groups;
   const bool paper = opts.p_quant == PQuant::kPaper;
+  // The keys one (sequence, KV head) may visit. With a window the kernel starts at the step
+  // (anchored) or 128-key tile (paper) that holds query token 0's first visible key, so at most
+  // window_left + nq keys plus that rounding, whatever the context length: the splits are sized
+  // on this, not on the context.
+  const int64_t span =
+      opts.window_left >= 0
+          ? std::min<int64_t>(bound, opts.window_left + nq + (paper ? kCtaStepKeys : kStepKeys) - 1)
+          : bound;
   // Split-KV: as many splits as fit one wave next to the other units, but no split shorter than
   // kMinSplitKeys. paper: one split (its P depends on the running max of 128-key tiles from key
   // 0, as the reference's).
   int64_t splits = 1;
   const int64_t max_splits =
-      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, (bound + kCtaStepKeys - 1) / kCtaStepKeys));
+      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, (span + kCtaStepKeys - 1) / kCtaStepKeys));
   if (!paper) {
     if (opts.num_splits > 0) {
       splits = std::min<int64_t>(opts.num_splits, max_splits);
     } else {
       const int64_t slots = static_cast<int64_t>(shape.sms) * shape.blocks_per_sm;
       const int64_t one_wave = std::max<int64_t>(1, slots / units);
-      const int64_t waves = one_wave >= kOneWaveSplits || (bound + one_wave - 1) / one_wave <= kOneWaveMaxKeys ? 1 : 2;
+      const int64_t waves = one_wave >= kOneWaveSplits || (span + one_wave - 1) / one_wave <= kOneWaveMaxKeys ? 1 : 2;
       const int64_t min_keys = std::clamp<int64_t>(32 * units, kMinSplitKeys, kMaxMinSplitKeys);
       splits = std::clamp<int64_t>(waves * slots / units, 1,
-                                   std::min<int64_t>(max_splits, std::max<int64_t>(1, bound / min_keys)));
+                                   std::min<int64_t>(max_splits, std::max<int64_t>(1, span / min_keys)));
     }
   }
-  int64_t split_keys = std::max<int64_t>(1, (bound + splits - 1) / splits);
+  int64_t split_keys = std::max<int64_t>(1, (span + splits - 1) / splits);
   split_keys = (split_keys + kCtaStepKeys - 1) / kCtaStepKeys * kCtaStepKeys;
-  splits = std::max<int64_t>(1, (bound + split_keys - 1) / split_keys);  // <= the request, so <= kMaxSplits
+  splits = std::max<int64_t>(1, (span + split_keys - 1) / split_keys);  // <= the request, so <= kMaxSplits
   if (splits > 65535 || dims.heads * row_groups > 65535 || B > 65535)
     return Status::Invalid("decode_attention: the launch grid is too large (batch " + std::to_string(B) +
                            ", kv heads x row groups " + std::to_string(dims.heads * row_groups) + ")");
@@ -214,6 +223,7 @@ Status decode_attention(const TensorView& q, const PagedKVCache& cache, const KV
   scale_opts.softmax_scale = opts.softmax_scale;
   p.c2 = resolve_softmax_scale(scale_opts, dims.head_dim) * kLog2e;  // c2 = RN(c * RN(log2 e))
   p.p_quant = opts.p_quant;
+  p.window_left = opts.window_left;
   p.o = out.data;
   p.lse = static_cast<float*>(lse.data);
   p.heads_q = static_cast<int>(Hq);

@@ -2,7 +2,8 @@
 //
 // Computes, for every sequence b and KV head, the `fp4`-mode forward of its group of query heads
 // (GQA: the group's query rows share one read of K and V) and its nq new query tokens (causal
-// among themselves, bottom-right) over the keys [0, seq_lens[b]) of the cache. Must match
+// among themselves, bottom-right) over the keys [0, seq_lens[b]) of the cache, or with a sliding
+// window (p.window_left >= 0) over the keys of the window of each query token. Must match
 // attnqat::reference::decode_attention (src/reference/decode.cpp), i.e. the reference forward of
 // mode fp4 over the dequantized cache, up to fp32 summation order and ex2.approx (tolerances in
 // tests/cpp/cuda_decode).
@@ -68,6 +69,13 @@
 // conflicts, see smem_row / smem_chunk_xor). Keys past the sequence end are masked (scores -inf,
 // V scales 0 so that stale shared memory can never inject NaN). The first steps' loads are issued
 // before Q is quantized, so that small batches (one or two steps per warp) overlap the two.
+//
+// Sliding window (mask.h's LocalMask with window (window_left, 0), Nq = nq, Nk = L). The splits
+// start at the step (anchored) or 128-key tile (paper: tiles stay at multiples of 128 from key 0)
+// that holds the first key of query token 0's window, so the keys before it are never visited and
+// their pages never read; the host sizes the splits on the window, not the context. In a visited
+// step, keys before a row's window are masked like keys past the end (scores -inf), tiles wholly
+// before the first visible key are not loaded, and keys before it get V scale 0 as well.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -276,19 +284,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   const int split = blockIdx.x;
   const int rg = blockIdx.y % p.row_groups, kvh = blockIdx.y / p.row_groups, b = blockIdx.z;
   const int capacity = p.pages_per_seq * p.page_size;
-  const int k_begin = split * p.split_keys;
   const int32_t* table = p.page_table + b * p.pt_stride_b;
   auto page_index = [&](int key) { return p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size; };
-  // The page id of this warp's first step does not depend on the sequence length: it is read
-  // before the length, so that the two global loads overlap instead of following each other
-  // (the copies of the first step wait for both; small batches are latency-bound). The table
-  // row is pages_per_seq long, so the read stays inside it; the id is only used when the step
-  // is in the sequence.
-  const int first_pidx = page_index(k_begin + kStepKeys * warp);
-  const int first_page = first_pidx < p.pages_per_seq ? table[first_pidx * p.pt_stride_p] : -1;
+  // Without a window the page id of this warp's first step does not depend on the sequence
+  // length: it is read before the length, so that the two global loads overlap instead of
+  // following each other (the copies of the first step wait for both; small batches are
+  // latency-bound). The table row is pages_per_seq long, so the read stays inside it; the id is
+  // only used when the step is in the sequence. With a window the steps start where the window
+  // does, known after the length: no early read (first_pidx -1 matches no key).
+  const bool windowed = p.window_left >= 0;
+  const int first_pidx = windowed ? -1 : page_index(split * p.split_keys + kStepKeys * warp);
+  const int first_page = !windowed && first_pidx < p.pages_per_seq ? table[first_pidx * p.pt_stride_p] : -1;
   const int L = max(0, min(p.seq_lens[b * p.lens_stride], capacity));
+  // The query tokens see the cache causally, bottom-right, cut to the window: the dense mask with
+  // window (window_left, 0) ((-1, 0) is the causal mask).
+  const SeqInfo seq{p.nq, L, p.window_left, 0};
+  // The first key any query row sees (query token 0's window starts first; 0 without a window).
+  // The splits cover [key_base, L): key_base is it rounded down to a step, or for paper to a
+  // 128-key tile, so that steps and tiles keep their alignment from key 0.
+  const int window_begin = LocalMask::keys(0, seq).begin;
+  constexpr int kBaseAlign = kPaper ? kCtaStepKeys : kStepKeys;
+  const int key_base = window_begin / kBaseAlign * kBaseAlign;
+  const int k_begin = key_base + split * p.split_keys;
   const int k_end = min(k_begin + p.split_keys, L);
-  const SeqInfo seq{p.nq, L};  // the query tokens see the cache causally, bottom-right
 
   cuda::griddep_launch_dependents();
 
@@ -302,8 +320,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
 
   auto step_key0 = [&](int it) { return k_begin + kStepKeys * (warp + kWarps * it); };
 
-  // Issues the cp.async copies of step `it` into its ring slot (tiles past k_end are skipped:
-  // they are masked), then commits a group (possibly empty: the group count stays uniform).
+  // Issues the cp.async copies of step `it` into its ring slot (tiles past k_end or wholly before
+  // window_begin are skipped: they are masked), then commits a group (possibly empty: the group
+  // count stays uniform).
   // Per tile, lane l copies 16-byte chunks l (and l + 32 at D = 128) of the K codes and of the V
   // codes (key l / kChunks, chunk l % kChunks: the second pass lands 512 bytes further in both),
   // and lanes below 2 kScaleChunks the K and V scales (contiguous in the tile). All per-lane
@@ -345,10 +364,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       const uint32_t slot_u32 = ring_u32 + (it % kStages) * kStepBytes;
       const int key0 = step_key0(it);
       if (step_in_page) {
-        if (key0 < k_end) {
+        if (key0 < k_end && key0 + kStepKeys > window_begin) {
           const int64_t row0 = cache_row(key0, it);
           if (row0 >= 0) {
-            copy_tile(slot_u32, 0, row0);
+            if (key0 + kTileKeys > window_begin) copy_tile(slot_u32, 0, row0);
             if (key0 + kTileKeys < k_end) copy_tile(slot_u32, 1, row0 + kTileKeys);
           }
         }
@@ -356,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
 #pragma unroll
         for (int tt = 0; tt < 2; ++tt) {
           const int key = key0 + kTileKeys * tt;
-          if (key >= k_end) continue;
+          if (key >= k_end || key + kTileKeys <= window_begin) continue;
           const int64_t row0 = cache_row(key, it);
           if (row0 >= 0) copy_tile(slot_u32, tt, row0);
         }
@@ -404,17 +423,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
   }
 
   // This thread's two accumulator columns 2t, 2t+1 hold rows row_of[0..1] (kPack: columns 4-7
-  // repeat rows 0-3). Visible keys of those rows: key j < lim. Rows past `rows` are padding
-  // (their results are dropped); they get lim = L so that they never force masking.
-  int row_of[2], lim[2];
+  // repeat rows 0-3). Visible keys of those rows: lo <= j < lim. Rows past `rows` are padding
+  // (their results are dropped); they get [window_begin, L) so that they never force masking
+  // and never see a key that was not loaded.
+  int row_of[2], lo[2], lim[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     row_of[i] = kPack ? (2 * t + i) & 3 : 2 * t + i;
     const int R = rg * kRows + row_of[i];
-    lim[i] = R < p.rows ? CausalMask::keys(R % p.nq, seq).end : L;
+    const IndexRange keys = R < p.rows ? LocalMask::keys(R % p.nq, seq) : IndexRange{window_begin, L};
+    lo[i] = keys.begin;
+    lim[i] = keys.end;
   }
-  // Steps reaching this key need masking: the end of the range every query token sees.
-  const int mask_from = keys_seen_by_rows<CausalMask>(0, p.nq - 1, seq).end;
+  // Steps that need masking: those not inside the range every query token sees.
+  const IndexRange seen_by_all = keys_seen_by_rows<LocalMask>(0, p.nq - 1, seq);
 
   // Fragment read offsets (bytes within a tile), constant per thread.
   // D = 128: 16 bytes (chunk t) of key g; D = 64: 8 bytes [8t, 8t+8).
@@ -445,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
     __syncwarp();
     const uint8_t* step = ring + (it % kStages) * kStepBytes;
     const int key0 = step_key0(it);
-    const bool masked = key0 + kStepKeys > mask_from;
+    const bool masked = keys_need_mask(key0, kStepKeys, seen_by_all);
 
     // S^T = K Q^T for the step's two tiles.
     float s[2][4];
@@ -490,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = kg + ((e >> 1) << 3);
-          if (key >= lim[e & 1]) s[tt][e] = neg_inf();
+          if (key < lo[e & 1] || key >= lim[e & 1]) s[tt][e] = neg_inf();
         }
       }
     }
@@ -615,12 +637,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) decode_kernel(const
       const uint8_t* vs = tile + kOffVScales + (g * D) / 128;  // this thread's block
       uint32_t sa0 = vs[(2 * t) * kKeyScaleBytes], sa1 = vs[(2 * t + 1) * kKeyScaleBytes];
       uint32_t sb0 = vs[(2 * t + 8) * kKeyScaleBytes], sb1 = vs[(2 * t + 9) * kKeyScaleBytes];
-      if (masked) {  // keys past the sequence: scale 0, so stale codes decode to 0 (never NaN)
+      if (masked) {  // keys no row sees (past the sequence, before the window): scale 0, so
+                     // stale or non-finite codes decode to 0 (never NaN)
         const int kt = key0 + kTileKeys * tt + 2 * t;
-        sa0 = kt < L ? sa0 : 0u;
-        sa1 = kt + 1 < L ? sa1 : 0u;
-        sb0 = kt + 8 < L ? sb0 : 0u;
-        sb1 = kt + 9 < L ? sb1 : 0u;
+        auto seen = [&](int key) { return key >= window_begin && key < L; };
+        sa0 = seen(kt) ? sa0 : 0u;
+        sa1 = seen(kt + 1) ? sa1 : 0u;
+        sb0 = seen(kt + 8) ? sb0 : 0u;
+        sb1 = seen(kt + 9) ? sb1 : 0u;
       }
       const uint32_t ssa = cuda::e4m3x2_to_f16x2(sa0 | (sa1 << 8));
       const uint32_t ssb = cuda::e4m3x2_to_f16x2(sb0 | (sb1 << 8));

@@ -42,6 +42,10 @@ struct DecodeParams : PagedCacheRef<const uint8_t> {
   int split_keys;  // keys per split, a multiple of kCtaStepKeys
   float c2;        // RN(c * RN(log2 e))
   PQuant p_quant;  // paper (m_ref = m, g = 1, one split) or anchored
+  // Sliding window (DecodeOptions::window_left): -1 none; >= 0: query token i also needs
+  // j >= L - nq + i - window_left. The splits then cover the keys from the first step (anchored)
+  // or 128-key tile (paper) holding query token 0's first visible key, not from key 0.
+  int window_left;
   // Outputs: o [B, Hq, nq, D] (dtype of q) and lse [B, Hq, nq] fp32 (may be null), contiguous.
   void* o;
   float* lse;

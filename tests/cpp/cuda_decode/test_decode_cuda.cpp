@@ -3,7 +3,10 @@
 //  - kv_cache_append on the GPU writes the same bytes as the CPU append (codes and scales bit
 //    for bit; slots nobody wrote keep their poison pattern), from strided bf16/fp16/fp32 inputs;
 //  - decode_attention on the GPU against reference::decode_attention (the mode-fp4 forward over
-//    the dequantized cache) on the same cache bytes and the same 16-bit queries;
+//    the dequantized cache) on the same cache bytes and the same 16-bit queries; with sliding
+//    windows, the K and V scales of the tokens that no query row sees are poisoned (E4M3 NaN)
+//    after the append: the reference never reads them, and they must not reach the kernel's
+//    output either;
 //  - attention_forward_packed on the GPU is bit-identical to attention_forward on the GPU with the
 //    decoded tensors (it is that forward, after an exact decode).
 //
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <random>
 #include <string>
@@ -52,6 +56,7 @@ struct Case {
   int64_t chunk = 61;     // tokens per append call
   DType append_dt = DType::kBFloat16;
   int64_t d = kD;         // head dim (the kernel is built for 64 and 128)
+  int window_left = -1;   // DecodeOptions::window_left
 };
 
 // The device copy of a HostCache: same shapes, same poison pattern.
@@ -132,6 +137,23 @@ void append_on_gpu(DeviceCache& dc, HostCache& h, const test::SeqKV& seqs, const
   cuda_check(cudaDeviceSynchronize(), "append");
 }
 
+// Writes the E4M3 NaN scale over the K and V of every token that no query row of its sequence
+// sees under the window (those before query token 0's window, t < len - nq - window_left), in
+// the host cache and its device copy. Scales only: a NaN scale poisons every value of its block.
+void poison_before_window(HostCache& h, DeviceCache& dev, const std::vector<int64_t>& lens, int64_t nq,
+                          int window_left) {
+  const int64_t nblk = h.D / 16;
+  for (int64_t b = 0; b < h.B; ++b)
+    for (int64_t t = 0; t < lens[b] - nq - window_left; ++t)
+      for (int64_t head = 0; head < h.heads; ++head) {
+        const int64_t page = h.page_table[b * h.pages_per_seq + t / h.page_size];
+        const int64_t row = (page * h.heads + head) * h.page_size + t % h.page_size;
+        for (int64_t j = 0; j < nblk; ++j) h.k_scales[row * nblk + j] = h.v_scales[row * nblk + j] = kE4M3NaN;
+      }
+  dev.k_scales.upload(h.k_scales.data(), h.k_scales.size());
+  dev.v_scales.upload(h.v_scales.data(), h.v_scales.size());
+}
+
 double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;
   for (size_t i = 0; i < a.size(); ++i) {
@@ -169,6 +191,7 @@ TEST_P(DecodeCuda, MatchesReference) {
     ASSERT_EQ(bad, 0) << c.name << ": cache tensor " << i << " differs from the CPU append in " << bad
                       << " bytes, first at " << first;
   }
+  if (c.window_left >= 0) poison_before_window(host, dev, c.lens, nq, c.window_left);
 
   // 2. Decode.
   auto qp = test::random_problem<float>(B, Hq, H, nq, 1, D, 303);
@@ -180,6 +203,7 @@ TEST_P(DecodeCuda, MatchesReference) {
   DecodeOptions opts;
   opts.p_quant = c.pq;
   opts.num_splits = c.num_splits;
+  opts.window_left = c.window_left;
   const IndexView table = index_view(host.page_table, B, host.pages_per_seq, "page_table", Device::kCUDA,
                                      static_cast<const int32_t*>(dev.table.get()));
   const IndexView lens = index_view(host.lens, B, -1, "seq_lens", Device::kCUDA, static_cast<const int32_t*>(dev.lens.get()));
@@ -275,6 +299,33 @@ std::vector<Case> cases() {
   v[22].num_splits = 7;
   v[22].dt = DType::kFloat16;
   v[23].chunk = 4096;
+  // Sliding windows: only the diagonal key (0), one more (1), a tile's worth (127, 128) and
+  // wider than most sequences (4096); one query token (GQA 4: packed rows for anchored) and four
+  // (GQA 2: 8 rows, each query token its own window); page size 16, both P quantizations, head
+  // dims 64 and 128, bf16 and fp16 queries; mixed lengths: shorter than the window, shorter than
+  // nq (rows that see no key), windows starting mid-page and mid-tile, long contexts where most
+  // pages lie before the window (anchored: the splits cover the window only).
+  static const char* const kWindowNames[] = {
+      "win0", "win1", "win127", "win128", "win4096"};
+  const int kWindows[] = {0, 1, 127, 128, 4096};
+  const std::vector<int64_t> window_lens = {4095, 1, 17, 300, 16, 1000, 130, 2048, 9000};
+  static std::deque<std::string> names;  // Case::name points into it (a deque never moves them)
+  const size_t first_name = names.size();
+  for (int w = 0; w < 5; ++w)
+    for (const int64_t nq : {1, 4})
+      for (const PQuant pq : {PQuant::kAnchored, PQuant::kPaper})
+        for (const int64_t d : {128, 64}) {
+          names.push_back(std::string(kWindowNames[w]) + "_nq" + std::to_string(nq) +
+                          (pq == PQuant::kPaper ? "_paper" : "_anchored") + "_d" + std::to_string(d));
+          Case wc{nullptr, 2, nq == 1 ? 4 : 2, nq, 16, window_lens};
+          wc.pq = pq;
+          wc.d = d;
+          wc.window_left = kWindows[w];
+          wc.dt = (w + nq) % 2 == 0 ? DType::kFloat16 : DType::kBFloat16;
+          wc.chunk = 1000;
+          v.push_back(wc);
+        }
+  for (size_t i = first_name; i < names.size(); ++i) v[v.size() - (names.size() - i)].name = names[i].c_str();
   return v;
 }
 

@@ -169,11 +169,17 @@ struct IndexView {
 // max_seqlen_*: at least every sequence's length (the CUDA grid's extent; the CPU checks the
 // offsets, CUDA reads them only on the device and trusts them, as FlashAttention does).
 // v_blocks must be 'channel' (a 16-token V block would straddle sequences).
+// seqused_k (optional, int32 [S], FlashAttention's seqused_k): sequence s has only the first
+// seqused_k[s] keys of its rows (0 .. its range's length; CUDA clamps, the CPU checks); the rest
+// are padding that no query sees (masks align to the used length) and whose dK, dV are 0. With
+// it a padded batch [B, Nk] of key-padding masks (e.g. a text encoder's) runs as one call:
+// cu_seqlens_k = 0, Nk, 2 Nk, ..., seqused_k = the valid lengths.
 // Outputs: o, o_hp [total_q, Hq, D] and dq [total_q, Hq, D], dk, dv [total_k, Hkv, D]
 // (contiguous); lse, m_ref, l [Hq, total_q] fp32 (contiguous); dout like o (last dim contiguous).
 struct VarlenSeqs {
   IndexView cu_seqlens_q, cu_seqlens_k;
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  IndexView seqused_k;  // optional (data == nullptr: every key of a sequence's range is used)
 };
 
 Status attention_forward_varlen(const TensorView& q, const TensorView& k, const TensorView& v,

@@ -176,40 +176,42 @@ def _(dout, q, k, v, o, o_hp, lse, m_ref, l, options, sinks=None):
 
 
 # Packed sequences (varlen): q [total_q, Hq, D], k, v [total_k, Hkv, D], the sequences' offsets
-# cu_seqlens_q/k (int32 [S + 1], on q's device, read by the core only: no host synchronization)
-# and their maximum lengths; the row statistics are [Hq, total_q]. Otherwise the dense ops.
+# cu_seqlens_q/k (int32 [S + 1], on q's device, read by the core only: no host synchronization),
+# the optional used key counts seqused_k (int32 [S]; None: every key of a range) and the maximum
+# lengths; the row statistics are [Hq, total_q]. Otherwise the dense ops.
 @torch.library.custom_op(f"{_LIB}::attention_varlen_fwd", mutates_args=())
 def _attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                          max_seqlen_q: int, max_seqlen_k: int, options: str, need_o_hp: bool,
-                          sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          seqused_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, options: str,
+                          need_o_hp: bool, sinks: Optional[Tensor] = None
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     o, o_hp, lse, m_ref, l = out = _forward_outputs(q, need_o_hp, _varlen_rows(q))
     _C.attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o,
                                 o_hp if need_o_hp else None, lse, m_ref, l, core_options_from_string(options),
-                                stream=_stream(q), sinks=_sinks_view(sinks))
+                                stream=_stream(q), sinks=_sinks_view(sinks), seqused_k=seqused_k)
     return out
 
 
 @_attention_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options, need_o_hp, sinks=None):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, options, need_o_hp, sinks=None):
     return _forward_outputs(q, need_o_hp, _varlen_rows(q))
 
 
 @torch.library.custom_op(f"{_LIB}::attention_varlen_bwd", mutates_args=())
 def _attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                          max_seqlen_q: int, max_seqlen_k: int, o: Tensor, o_hp: Tensor, lse: Tensor, m_ref: Tensor,
-                          l: Tensor, options: str, sinks: Optional[Tensor] = None
+                          seqused_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, o: Tensor, o_hp: Tensor,
+                          lse: Tensor, m_ref: Tensor, l: Tensor, options: str, sinks: Optional[Tensor] = None
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dsinks = out = _backward_outputs(q, k, v, sinks)
     _C.attention_backward_varlen(_last_dim_contiguous(dout), q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  max_seqlen_k, o, _o_hp_given(o_hp, q), lse, m_ref, l, dq, dk, dv,
                                  core_options_from_string(options), stream=_stream(q), sinks=_sinks_view(sinks),
-                                 dsinks=None if sinks is None else dsinks)
+                                 dsinks=None if sinks is None else dsinks, seqused_k=seqused_k)
     return out
 
 
 @_attention_varlen_bwd.register_fake
-def _(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o, o_hp, lse, m_ref, l, options,
-      sinks=None):
+def _(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, o, o_hp, lse, m_ref, l,
+      options, sinks=None):
     return _backward_outputs(q, k, v, sinks)
 
 
@@ -221,8 +223,9 @@ def _register_attention_autograd(fwd: str, bwd: str, num_seq_args: int) -> None:
     """The autograd formula of the forward op `fwd`, inputs (q, k, v, *seq_args, options,
     need_o_hp, sinks): the backward op `bwd`, inputs (dout, q, k, v, *seq_args, o, o_hp, lse,
     m_ref, l, options, sinks), gives dq, dk, dv and dsinks (and has no backward itself).
-    seq_args: none for the dense op; the varlen op's cu_seqlens_q, cu_seqlens_k (saved tensors)
-    and max_seqlen_q, max_seqlen_k (ints, kept on ctx)."""
+    seq_args: none for the dense op; the varlen op's cu_seqlens_q, cu_seqlens_k, seqused_k
+    (saved tensors; seqused_k may be None) and max_seqlen_q, max_seqlen_k (ints, kept on ctx
+    after the tensors: every tensor argument comes before every other one)."""
     torch.library.register_autograd(f"{_LIB}::{bwd}", _attention_bwd_backward)
     bwd_op = getattr(torch.ops.attnqat, bwd)
 
@@ -244,14 +247,14 @@ def _register_attention_autograd(fwd: str, bwd: str, num_seq_args: int) -> None:
 
 
 _register_attention_autograd("attention_fwd", "attention_bwd", 0)
-_register_attention_autograd("attention_varlen_fwd", "attention_varlen_bwd", 4)
+_register_attention_autograd("attention_varlen_fwd", "attention_varlen_bwd", 5)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, cfg, sinks: Optional[Tensor] = None, seqs=None) -> Tuple[Tensor, Tensor]:
     """Runs the forward op; O' is computed only when autograd will call the backward. ``sinks``:
     None or the float32 ``[Hq]`` sink logits (numerics 9.10), differentiable. ``seqs``: None
     (dense ``[B, H, N, D]`` tensors) or packed sequences' ``(cu_seqlens_q, cu_seqlens_k,
-    max_seqlen_q, max_seqlen_k)`` (q ``[total_q, Hq, D]``, k, v ``[total_k, Hkv, D]``; the LSE
+    seqused_k, max_seqlen_q, max_seqlen_k)`` (q ``[total_q, Hq, D]``, k, v ``[total_k, Hkv, D]``; the LSE
     is ``[Hq, total_q]``).
 
     In the quantized modes, when a backward will follow, Q, K, V are fake-quantized here first

@@ -468,7 +468,7 @@ def attention_varlen(
     kv_tile: int = 128, bwd_quantized_qkv: Optional[bool] = None, bwd_quant_p: Optional[bool] = None,
     bwd_high_precision_o: Optional[bool] = None, return_lse: bool = False, precision: str = "fp32",
     deterministic: bool = False, qkv_scale=None, check_finite: bool = False, window=None,
-    softcap: float = 0.0, sinks=None,
+    softcap: float = 0.0, sinks=None, seqused_k=None,
 ):
     """Attention over packed sequences of different lengths, without padding (the layout of
     FlashAttention's ``flash_attn_varlen_func``).
@@ -491,6 +491,13 @@ def attention_varlen(
         causal, window: per sequence, bottom-right aligned within it as in :func:`attention`.
         sinks: ``None`` or float32 ``[Hq]`` logits shared by every sequence; their gradient is the
             sum over the sequences.
+        seqused_k: ``None`` or int32 ``[S]`` on the device of ``q`` (FlashAttention's
+            ``seqused_k``): sequence ``s`` has only the first ``seqused_k[s]`` keys of its range
+            (``0 .. cu_seqlens_k[s + 1] - cu_seqlens_k[s]``; CPU inputs are checked, CUDA inputs
+            clamped); the rest are padding that no query sees (masks align to the used length),
+            whose ``dk``, ``dv`` are 0. A padded batch ``[B, Nk]`` with a key-padding mask (a text
+            encoder's) runs as one call: ``cu_seqlens_k = 0, Nk, 2 Nk, ...`` and ``seqused_k`` the
+            valid lengths.
         v_blocks: ``"channel"`` only: a 16-token V block (``"token"``) would straddle sequences.
         qkv_scale: as in :func:`attention`; ``"amax"`` gives one second-level scale per packed
             tensor (as a padded batch of the same sequences would), so each sequence equals its own
@@ -525,10 +532,13 @@ def attention_varlen(
     tensors = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if sinks is not None:
         tensors["sinks"] = sinks
+    if seqused_k is not None:
+        tensors["seqused_k"] = seqused_k
     if check_same_kind(**tensors):
-        o, lse = torch_ops().attention(q, k, v, cfg, sinks, (cu_seqlens_q, cu_seqlens_k) + lengths)
+        o, lse = torch_ops().attention(q, k, v, cfg, sinks, (cu_seqlens_q, cu_seqlens_k, seqused_k) + lengths)
     else:
-        seqs = (np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k)) + lengths
+        seqs = (np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k),
+                None if seqused_k is None else np.asarray(seqused_k)) + lengths
         o, lse = _attention_numpy(q, k, v, cfg, sinks, seqs)
     return (o, lse) if return_lse else o
 
@@ -592,8 +602,9 @@ def _attention_numpy(q, k, v, cfg: AttentionConfig, sinks=None, seqs=None):
         _C.attention_forward(q, k, v, o, None, lse, None, None, core_options(cfg, prequantized), sinks=sinks)
     else:
         lse = np.empty((q.shape[1], q.shape[0]), np.float32)
-        _C.attention_forward_varlen(q, k, v, *seqs, o, None, lse, None, None, core_options(cfg, prequantized),
-                                    sinks=sinks)
+        cu_q, cu_k, seqused_k, max_q, max_k = seqs
+        _C.attention_forward_varlen(q, k, v, cu_q, cu_k, max_q, max_k, o, None, lse, None, None,
+                                    core_options(cfg, prequantized), sinks=sinks, seqused_k=seqused_k)
     return o, lse
 
 

@@ -14,7 +14,9 @@ sdpa accepts beyond that is mapped *exactly* onto such calls, or rejected with a
   host synchronization) and each group of batch elements with the same ``(s_b, e_b, delta_b)``
   runs as at most two calls on the visible keys only (so, in the FP4 modes, a padded sequence
   is quantized exactly as the same sequence without padding: P blocks start at its first key).
-  Any other boolean mask raises.
+  The commonest such mask, keys ``[0, e_b)`` without a causal limit (a text encoder's padding in
+  cross-attention), runs as one packed-sequence call whatever the lengths (attention_varlen with
+  ``seqused_k = e_b``), with the same numbers. Any other boolean mask raises.
 - A float ``attn_mask`` (an additive bias), ``dropout_p > 0`` and a per-head mask raise.
 """
 
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._config import resolve_options
-from .attention import _is_bool, attention, check_bool, check_softmax_scale, first_non_finite
+from .attention import _is_bool, attention, attention_varlen, check_bool, check_softmax_scale, first_non_finite
 
 # A plan: for each group of batch elements with the same mask structure, the calls to make.
 # (batch indices or None for all, key start, key end, causal rows r: rows [0, r) bottom-right
@@ -54,9 +56,11 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-# The last analysed mask: transformers passes the same mask tensor to every layer, so a model
-# forward verifies it (and synchronizes) once, not once per layer. Keyed on the tensor object
-# (weak reference) and its version counter, which in-place writes bump.
+# The last analysed mask: transformers (and diffusers) pass the same mask tensor to every layer,
+# so a model forward verifies it (and synchronizes) once, not once per layer. Keyed on the tensor
+# whose memory it is (weak reference: a view made per call, as diffusers' [B, Nk] masks get, is
+# recognised by its base), the view's geometry and the version counter, which in-place writes
+# bump (shared by a base and its views).
 _LAST_MASK = (None, None, None, None)
 
 
@@ -68,11 +72,13 @@ def _mask_structure(mask: Tensor, b: int, hq: int, nq: int, nk: int):
         current = mask._version
     except RuntimeError:  # inference-mode tensors have no version counter: no reuse
         return _analyse_mask(mask, b, hq, nq, nk)
-    ref, version, dims, structures = _LAST_MASK
-    if ref is not None and ref() is mask and version == current and dims == (b, hq, nq, nk):
+    base = mask if mask._base is None else mask._base
+    key = (current, tuple(mask.shape), mask.stride(), mask.storage_offset(), (b, hq, nq, nk))
+    ref, cached_key, _, structures = _LAST_MASK
+    if ref is not None and ref() is base and cached_key == key:
         return structures
     structures = _analyse_mask(mask, b, hq, nq, nk)
-    _LAST_MASK = (weakref.ref(mask), current, (b, hq, nq, nk), structures)
+    _LAST_MASK = (weakref.ref(base), key, None, structures)
     return structures
 
 
@@ -146,10 +152,44 @@ def _run_segment(q, k, v, s, e, r, opts, softmax_scale):
     return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
 
 
+# Offsets and used lengths of _padded_keys_attention, on the device (a few recent shapes: made once,
+# not copied to the device at every call of every layer).
+_PADDING_INDEX = {}
+
+
+def _padding_index(b: int, nq: int, nk: int, ends: Tuple[int, ...], device: torch.device):
+    key = (b, nq, nk, ends, device)
+    if key not in _PADDING_INDEX:
+        if len(_PADDING_INDEX) >= 8:
+            _PADDING_INDEX.pop(next(iter(_PADDING_INDEX)))
+        steps = torch.arange(b + 1, dtype=torch.int32)
+        _PADDING_INDEX[key] = tuple(t.to(device) for t in (steps * nq, steps * nk, torch.tensor(ends, dtype=torch.int32)))
+    return _PADDING_INDEX[key]
+
+
+def _padded_keys_attention(q, k, v, ends, opts, softmax_scale):
+    """Non-causal attention in which batch element b sees its first ends[b] keys, as one packed-
+    sequence call: [B, H, N, D] as [B * N, H, D] rows (a view when the memory is [B, N, H, D], as
+    diffusers' is), cu_seqlens 0, N, 2 N, ... and seqused_k = ends. Each element's result is that of
+    attention on its own visible keys, as the grouped calls give (attnqat.h)."""
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    cu_q, cu_k, used = _padding_index(b, nq, nk, tuple(ends), q.device)
+    rows = lambda t: t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], t.shape[1], t.shape[3])
+    o, lse = attention_varlen(rows(q), rows(k), rows(v), cu_q, cu_k, nq, nk, causal=False, softmax_scale=softmax_scale,
+                              return_lse=True, seqused_k=used, **opts)
+    return o.view(b, nq, hq, d).transpose(1, 2), lse.view(hq, b, nq).permute(1, 0, 2)
+
+
 def _dense_attention(q, k, v, structures, opts, softmax_scale):
-    """Runs attention for per-batch (s, e, delta) structures, grouping equal ones."""
+    """Runs attention for per-batch (s, e, delta) structures: one packed-sequence call when every
+    element sees a prefix of the keys without a causal limit (and the options allow packing: no
+    token V blocks, no per-call amax scale), else grouping equal structures."""
     b, nq = q.shape[0], q.shape[2]
     segs = [_segment(nq, *st) for st in structures]
+    if (all(s == 0 and r == 0 for s, _, r in segs) and opts.get("v_blocks") != "token"
+            and opts.get("qkv_scale") is None):
+        return _padded_keys_attention(q, k, v, [e for _, e, _ in segs], opts, softmax_scale)
     groups = {}
     for i, seg in enumerate(segs):
         groups.setdefault(seg, []).append(i)

@@ -337,9 +337,13 @@ IndexView to_index(const AnyArray& a, const char* name) {
   return v;
 }
 
-// The offsets and maximum lengths of packed sequences (cu_seqlens_* int32 [S + 1]).
-VarlenSeqs to_seqs(const AnyArray& cu_q, const AnyArray& cu_k, int64_t max_q, int64_t max_k) {
-  return VarlenSeqs{to_index(cu_q, "cu_seqlens_q"), to_index(cu_k, "cu_seqlens_k"), max_q, max_k};
+// The offsets and maximum lengths of packed sequences (cu_seqlens_* int32 [S + 1]) and the
+// optional used key counts (seqused_k int32 [S]).
+VarlenSeqs to_seqs(const AnyArray& cu_q, const AnyArray& cu_k, int64_t max_q, int64_t max_k,
+                   const OptArray& seqused_k) {
+  VarlenSeqs s{to_index(cu_q, "cu_seqlens_q"), to_index(cu_k, "cu_seqlens_k"), max_q, max_k, {}};
+  if (seqused_k) s.seqused_k = to_index(*seqused_k, "seqused_k");
+  return s;
 }
 
 PagedKVCache to_cache(const AnyArray& kd, const AnyArray& ks, const AnyArray& vd, const AnyArray& vs) {
@@ -435,9 +439,9 @@ NB_MODULE(_C, m) {
   m.def("attention_forward_varlen",
         [](AnyArray q, AnyArray k, AnyArray v, AnyArray cu_q, AnyArray cu_k, int64_t max_q, int64_t max_k,
            AnyArray o, OptArray o_hp, AnyArray lse, OptArray m_ref, OptArray l, const AttentionOptions& opts,
-           uintptr_t stream, OptArray sinks) {
+           uintptr_t stream, OptArray sinks, OptArray seqused_k) {
           const TensorView qv = to_view(q, "q"), kv = to_view(k, "k"), vv = to_view(v, "v");
-          const VarlenSeqs seqs = to_seqs(cu_q, cu_k, max_q, max_k);
+          const VarlenSeqs seqs = to_seqs(cu_q, cu_k, max_q, max_k, seqused_k);
           const ForwardOutputs out = forward_tensors<ForwardOutputs>(o, o_hp, lse, m_ref, l);
           AttentionOptions call = opts;
           call.sinks = opt_view(sinks, "sinks", Accepts::kFloat32);
@@ -446,16 +450,16 @@ NB_MODULE(_C, m) {
         nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k"),
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("o"), nb::arg("o_hp").none(), nb::arg("lse"),
         nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("options"), nb::arg("stream") = 0,
-        nb::arg("sinks").none() = nb::none());
+        nb::arg("sinks").none() = nb::none(), nb::arg("seqused_k").none() = nb::none());
 
   m.def("attention_backward_varlen",
         [](AnyArray dout, AnyArray q, AnyArray k, AnyArray v, AnyArray cu_q, AnyArray cu_k, int64_t max_q,
            int64_t max_k, OptArray o, OptArray o_hp, AnyArray lse, OptArray m_ref, OptArray l, AnyArray dq,
            AnyArray dk, AnyArray dv, const AttentionOptions& opts, uintptr_t stream, OptArray sinks,
-           OptArray dsinks) {
+           OptArray dsinks, OptArray seqused_k) {
           const TensorView dov = to_view(dout, "dout"), qv = to_view(q, "q"), kv = to_view(k, "k"),
                            vv = to_view(v, "v");
-          const VarlenSeqs seqs = to_seqs(cu_q, cu_k, max_q, max_k);
+          const VarlenSeqs seqs = to_seqs(cu_q, cu_k, max_q, max_k, seqused_k);
           const ForwardState s = forward_tensors<ForwardState>(o, o_hp, lse, m_ref, l);
           const BackwardOutputs g{to_view(dq, "dq"), to_view(dk, "dk"), to_view(dv, "dv"),
                                   opt_view(dsinks, "dsinks", Accepts::kFloat32)};
@@ -469,7 +473,8 @@ NB_MODULE(_C, m) {
         nb::arg("cu_seqlens_k"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("o").none(),
         nb::arg("o_hp").none(), nb::arg("lse"), nb::arg("m_ref").none(), nb::arg("l").none(), nb::arg("dq"),
         nb::arg("dk"), nb::arg("dv"), nb::arg("options"), nb::arg("stream") = 0,
-        nb::arg("sinks").none() = nb::none(), nb::arg("dsinks").none() = nb::none());
+        nb::arg("sinks").none() = nb::none(), nb::arg("dsinks").none() = nb::none(),
+        nb::arg("seqused_k").none() = nb::none());
 
   // ---- FP4 inference ------------------------------------------------------------------------------
 

@@ -859,7 +859,23 @@ Status check_varlen_seqs(const VarlenSeqs& s, const TensorView& q, const TensorV
   if (q.shape[0] > kMaxLen || k.shape[0] > kMaxLen)
     return Status::Invalid("q, k: packed sequences hold at most 2^31 - 256 tokens, got " +
                            std::to_string(q.shape[0]) + " and " + std::to_string(k.shape[0]));
+  if (s.seqused_k.data != nullptr) {
+    ATTNQAT_RETURN_IF_ERROR(check_index(s.seqused_k, 1, q));
+    if (s.seqused_k.shape[0] != n - 1)
+      return Status::Invalid(std::string(s.seqused_k.name) + ": expected an int32 tensor [num_seqs] = [" +
+                             std::to_string(n - 1) + "], got " + std::to_string(s.seqused_k.shape[0]));
+  }
   if (q.device != Device::kCPU) return Status::Ok();  // on the device: trusted (attnqat.h)
+  for (int64_t i = 0; s.seqused_k.data != nullptr && i + 1 < n; ++i) {
+    const int32_t* ck = s.cu_seqlens_k.data;
+    const int64_t range = static_cast<int64_t>(ck[(i + 1) * s.cu_seqlens_k.stride[0]]) -
+                          ck[i * s.cu_seqlens_k.stride[0]];
+    const int64_t used = s.seqused_k.data[i * s.seqused_k.stride[0]];
+    if (used < 0 || used > range)
+      return Status::Invalid(std::string(s.seqused_k.name) + ": sequence " + std::to_string(i) +
+                             " uses " + std::to_string(used) + " keys, expected 0 .. " +
+                             std::to_string(range) + " (its range in cu_seqlens_k)");
+  }
   for (const auto& [cu, total, max_len] :
        {std::tuple<const IndexView*, int64_t, int64_t>{&s.cu_seqlens_q, q.shape[0], s.max_seqlen_q},
         std::tuple<const IndexView*, int64_t, int64_t>{&s.cu_seqlens_k, k.shape[0], s.max_seqlen_k}}) {

@@ -1,6 +1,7 @@
 // Packed sequences (varlen) on the CPU reference: each sequence's rows are copied into a
 // contiguous [1, H, len, D] buffer, the dense reference runs on it, and its outputs are copied
-// back — "exactly as a separate call on its rows would", by construction (attnqat.h).
+// back — "exactly as a separate call on its rows would", by construction (attnqat.h). With
+// seqused_k only a sequence's used keys are gathered; the dK, dV of the others stay 0.
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -71,10 +72,13 @@ void zero(const TensorView& t) {  // a validated contiguous output
 struct Span {
   int64_t q0, lq, k0, lk;
 };
+// Sequence i's query rows and the keys it uses (seqused_k: a prefix of its range; validated).
 Span span(const VarlenSeqs& s, int64_t i) {
   const IndexView &cq = s.cu_seqlens_q, &ck = s.cu_seqlens_k;
   const int64_t q0 = cq.data[i * cq.stride[0]], k0 = ck.data[i * ck.stride[0]];
-  return Span{q0, cq.data[(i + 1) * cq.stride[0]] - q0, k0, ck.data[(i + 1) * ck.stride[0]] - k0};
+  const int64_t lk = s.seqused_k.data != nullptr ? s.seqused_k.data[i * s.seqused_k.stride[0]]
+                                                 : ck.data[(i + 1) * ck.stride[0]] - k0;
+  return Span{q0, cq.data[(i + 1) * cq.stride[0]] - q0, k0, lk};
 }
 
 }  // namespace

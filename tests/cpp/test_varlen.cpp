@@ -60,7 +60,7 @@ struct Packed {
     int64_t mq = 0, mk = 0;
     for (int n : lens_q) mq = std::max<int64_t>(mq, n);
     for (int n : lens_k) mk = std::max<int64_t>(mk, n);
-    return VarlenSeqs{index_view(cu_q, "cu_seqlens_q"), index_view(cu_k, "cu_seqlens_k"), mq, mk};
+    return VarlenSeqs{index_view(cu_q, "cu_seqlens_q"), index_view(cu_k, "cu_seqlens_k"), mq, mk, {}};
   }
 };
 
@@ -225,6 +225,62 @@ TEST(Varlen, QuantizedModesEqualOneDenseCallPerSequenceBitForBit) {
   }
 }
 
+TEST(Varlen, SeqUsedKIsTheDenseCallOnTheUsedKeysWithZeroGradientsForThePadding) {
+  // A padded batch of text keys (cross-attention with a key-padding mask): every sequence's key
+  // range is 12 rows, of which it uses 12, 5 or 0; and a causal case (aligned to the used length).
+  Packed p({9, 9, 9}, {12, 12, 12}, 2, 1, 16, 4);
+  const std::vector<int32_t> used = {12, 5, 0};
+  std::vector<float> q(p.q.begin(), p.q.end()), k(p.k.begin(), p.k.end()), v(p.v.begin(), p.v.end()),
+      dout(p.dout.begin(), p.dout.end());
+  auto f32 = [](std::vector<float>& x, std::initializer_list<int64_t> shape, const char* n) {
+    return make_view(x.data(), DType::kFloat32, shape, n);
+  };
+  for (bool causal : {false, true}) {
+    const AttentionOptions opts = test::options(Mode::kAttnQAT, PQuant::kPaper, causal);
+    VarlenSeqs seqs = p.seqs();
+    seqs.seqused_k = index_view(used, "seqused_k");
+    const int64_t nq = p.tq * p.Hq * p.D, nk = p.tk * p.Hkv * p.D, ns = p.Hq * p.tq;
+    std::vector<float> o(nq), ohp(nq), lse(ns), dq(nq), dk(nk, 7.0f), dv(nk, 7.0f);
+    const ForwardOutputs out{f32(o, {p.tq, p.Hq, p.D}, "o"), f32(ohp, {p.tq, p.Hq, p.D}, "o_hp"),
+                             f32(lse, {p.Hq, p.tq}, "lse"), {}, {}};
+    const TensorView tq = f32(q, {p.tq, p.Hq, p.D}, "q"), tk = f32(k, {p.tk, p.Hkv, p.D}, "k"),
+                     tv = f32(v, {p.tk, p.Hkv, p.D}, "v"), tdo = f32(dout, {p.tq, p.Hq, p.D}, "dout");
+    ASSERT_TRUE(attention_forward_varlen(tq, tk, tv, seqs, opts, out).ok());
+    ASSERT_TRUE(attention_backward_varlen(tdo, tq, tk, tv, seqs, ForwardState{out.o, out.o_hp, out.lse, {}, {}}, opts,
+                                          BackwardOutputs{f32(dq, {p.tq, p.Hq, p.D}, "dq"),
+                                                          f32(dk, {p.tk, p.Hkv, p.D}, "dk"),
+                                                          f32(dv, {p.tk, p.Hkv, p.D}, "dv"), {}})
+                    .ok());
+    for (size_t s = 0; s < used.size(); ++s) {
+      const int64_t q0 = p.cu_q[s], lq = p.lens_q[s], k0 = p.cu_k[s], lk = used[s];
+      std::vector<float> sq = rows(q, q0, lq, p.Hq, p.D), sk = rows(k, k0, lk, p.Hkv, p.D),
+                         sv = rows(v, k0, lk, p.Hkv, p.D), sdo = rows(dout, q0, lq, p.Hq, p.D);
+      std::vector<float> so(sq.size()), sh(sq.size()), sl(p.Hq * lq), sdq(sq.size()), sdk(sk.size()), sdv(sv.size());
+      const ForwardOutputs o1{f32(so, {1, p.Hq, lq, p.D}, "o"), f32(sh, {1, p.Hq, lq, p.D}, "o_hp"),
+                              f32(sl, {1, p.Hq, lq}, "lse"), {}, {}};
+      const TensorView q4 = f32(sq, {1, p.Hq, lq, p.D}, "q"), k4 = f32(sk, {1, p.Hkv, lk, p.D}, "k"),
+                       v4 = f32(sv, {1, p.Hkv, lk, p.D}, "v"), do4 = f32(sdo, {1, p.Hq, lq, p.D}, "dout");
+      ASSERT_TRUE(attention_forward(q4, k4, v4, opts, o1).ok());
+      ASSERT_TRUE(attention_backward(do4, q4, k4, v4, ForwardState{o1.o, o1.o_hp, o1.lse, {}, {}}, opts,
+                                     BackwardOutputs{f32(sdq, {1, p.Hq, lq, p.D}, "dq"),
+                                                     f32(sdk, {1, p.Hkv, lk, p.D}, "dk"),
+                                                     f32(sdv, {1, p.Hkv, lk, p.D}, "dv"), {}})
+                      .ok());
+      EXPECT_EQ(rows(o, q0, lq, p.Hq, p.D), so) << s << " causal " << causal;
+      EXPECT_EQ(rows(dq, q0, lq, p.Hq, p.D), sdq) << s;
+      EXPECT_EQ(rows(dk, k0, lk, p.Hkv, p.D), sdk) << s;
+      EXPECT_EQ(rows(dv, k0, lk, p.Hkv, p.D), sdv) << s;
+      for (int64_t j = k0 + lk; j < p.cu_k[s + 1]; ++j)  // the padding keys: no gradient
+        for (int64_t e = 0; e < p.Hkv * p.D; ++e) {
+          EXPECT_EQ(dk[j * p.Hkv * p.D + e], 0.0f) << s << " key " << j;
+          EXPECT_EQ(dv[j * p.Hkv * p.D + e], 0.0f) << s << " key " << j;
+        }
+    }
+    // The sequence without used keys: O = 0, LSE = -inf (an empty row).
+    EXPECT_EQ(lse[p.cu_q[2]], -std::numeric_limits<float>::infinity());
+  }
+}
+
 TEST(Varlen, ValidationNamesTheProblem) {
   Packed p({3, 5}, {4, 6}, 2, 1, 16, 3);
   std::vector<float> q(p.q.begin(), p.q.end()), k(p.k.begin(), p.k.end()), v(p.v.begin(), p.v.end());
@@ -260,6 +316,12 @@ TEST(Varlen, ValidationNamesTheProblem) {
   s.cu_seqlens_k = index_view(long_k, "cu_seqlens_k");
   s.max_seqlen_k = 5;
   EXPECT_THAT(run(s).message(), HasSubstr("cu_seqlens_k: sequence 0 has length 6"));
+  std::vector<int32_t> used_long = {4, 7}, used_three = {1, 2, 3};
+  s = p.seqs();
+  s.seqused_k = index_view(used_long, "seqused_k");
+  EXPECT_THAT(run(s).message(), HasSubstr("seqused_k: sequence 1 uses 7 keys, expected 0 .. 6 (its range in cu_seqlens_k)"));
+  s.seqused_k = index_view(used_three, "seqused_k");
+  EXPECT_THAT(run(s).message(), HasSubstr("seqused_k: expected an int32 tensor [num_seqs] = [2], got 3"));
   AttentionOptions tok = opts;
   tok.v_blocks = VBlocks::kToken;
   EXPECT_THAT(run(p.seqs(), tok).message(), HasSubstr("v_blocks: 'token' blocks run 16 tokens along the sequence"));

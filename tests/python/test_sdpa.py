@@ -131,6 +131,44 @@ def test_fp4_padded_sequence_equals_the_sequence_alone(p_quant):
     assert torch.equal(o[:1, :, :7], torch.zeros_like(o[:1, :, :7]))  # rows that see no key
 
 
+@pytest.mark.parametrize("mode", ["fp4", "attn_qat"])
+def test_key_padding_of_different_lengths_is_one_packed_call(mode, monkeypatch):
+    """A text encoder's key padding (keys [0, e_b), no causal limit), different per element: one
+    attention_varlen call with seqused_k instead of one call per length, same numbers as each
+    element alone on its visible keys."""
+    from attnqat import functional
+
+    calls = []
+    real = functional.attention_varlen
+    monkeypatch.setattr(functional, "attention_varlen", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = qkv(b=3, nq=20, nk=24, requires_grad=mode != "fp4")
+    ends = [24, 9, 0]
+    m = (torch.arange(24)[None, :] < torch.tensor(ends)[:, None])[:, None, None, :]
+    o = attnqat.sdpa(q, k, v, attn_mask=m, enable_gqa=True, mode=mode)
+    assert len(calls) == 1
+    for b, e in enumerate(ends[:2]):
+        alone = attnqat.attention(q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e], mode=mode)
+        assert torch.equal(o[b:b + 1], alone)
+    assert torch.equal(o[2], torch.zeros_like(o[2]))  # no visible key: O = 0
+    if mode != "fp4":
+        grads = torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+        assert torch.equal(grads[1][1, :, 9:], torch.zeros_like(grads[1][1, :, 9:]))  # padding keys
+
+
+def test_mask_views_made_per_call_are_analysed_once(monkeypatch):
+    """diffusers passes a [B, Nk] mask that the backend views as [B, 1, 1, Nk] at every layer."""
+    from attnqat import functional
+
+    calls = []
+    analyse = functional._analyse_mask
+    monkeypatch.setattr(functional, "_analyse_mask", lambda *a: calls.append(1) or analyse(*a))
+    q, k, v = qkv(b=2, nq=8, nk=12)
+    key_padding = torch.arange(12)[None, :] < torch.tensor([12, 5])[:, None]
+    for _ in range(3):
+        attnqat.sdpa(q, k, v, attn_mask=key_padding[:, None, None, :], enable_gqa=True, mode="bf16")
+    assert len(calls) == 1
+
+
 # ---- What raises -------------------------------------------------------------------------------------
 
 

@@ -300,14 +300,18 @@ def test_opcheck():
     q, k, v = (t.requires_grad_() for t in inputs)
     sinks = torch.tensor([1.0, -2.0], requires_grad=True)
     options = resolve_config(causal=True, p_quant="anchored", window=(6, 0)).op_options(False)
-    args = (q, k, v, *seqs, options, True, sinks)
-    torch.library.opcheck(torch.ops.attnqat.attention_varlen_fwd.default, args)
-    o, o_hp, lse, m_ref, l = torch.ops.attnqat.attention_varlen_fwd(*args)
-    assert o_hp.shape == q.shape and lse.shape == m_ref.shape == l.shape == (2, 22)
-    bwd_args = (do, *(t.detach() for t in (q, k, v)), *seqs, o.detach(), o_hp, lse, m_ref, l, options, sinks.detach())
-    torch.library.opcheck(torch.ops.attnqat.attention_varlen_bwd.default, bwd_args)
-    dq, dk, dv, dsinks = torch.ops.attnqat.attention_varlen_bwd(*bwd_args)
-    assert dk.shape == k.shape and dsinks.shape == (2,) and dsinks.dtype == torch.float32
+    # The op's sequence arguments: cu_seqlens_q, cu_seqlens_k, seqused_k (None or int32 [S]), the lengths.
+    for seqused_k in (None, torch.tensor([9, 1, 14], dtype=torch.int32)):
+        op_seqs = (seqs[0], seqs[1], seqused_k, seqs[2], seqs[3])
+        args = (q, k, v, *op_seqs, options, True, sinks)
+        torch.library.opcheck(torch.ops.attnqat.attention_varlen_fwd.default, args)
+        o, o_hp, lse, m_ref, l = torch.ops.attnqat.attention_varlen_fwd(*args)
+        assert o_hp.shape == q.shape and lse.shape == m_ref.shape == l.shape == (2, 22)
+        bwd_args = (do, *(t.detach() for t in (q, k, v)), *op_seqs, o.detach(), o_hp, lse, m_ref, l, options,
+                    sinks.detach())
+        torch.library.opcheck(torch.ops.attnqat.attention_varlen_bwd.default, bwd_args)
+        dq, dk, dv, dsinks = torch.ops.attnqat.attention_varlen_bwd(*bwd_args)
+        assert dk.shape == k.shape and dsinks.shape == (2,) and dsinks.dtype == torch.float32
 
 
 def test_torch_compile_fullgraph():
@@ -349,3 +353,57 @@ def test_cuda_varlen_equals_cuda_calls_per_sequence(cuda, mode, causal, window, 
     got = varlen(inputs, do, seqs, train=train, **opts)
     assert_equal(got, per_sequence(inputs, do, seqs, train=train, **opts))
 
+
+
+# ---- seqused_k: a prefix of each sequence's key range ----------------------------------------------
+
+
+def check_seqused_k(mode, causal, lens_q, range_k, used, device=None, **kw):
+    # The same as packing only the used keys, bit for bit; the padding keys get dk = dv = 0.
+    inputs, do, seqs = packed(lens_q, [range_k] * len(used), seed=11, **kw)
+    keep = torch.cat([torch.arange(range_k * s, range_k * s + n) for s, n in enumerate(used)])
+    ref_seqs = (seqs[0], offsets(used), seqs[2], max(used))
+    used_t = torch.tensor(used, dtype=torch.int32)
+    if device is not None:
+        inputs, do, keep, used_t = tuple(t.to(device) for t in inputs), do.to(device), keep.to(device), used_t.to(device)
+        seqs, ref_seqs = ((s[0].to(device), s[1].to(device)) + s[2:] for s in (seqs, ref_seqs))
+    q, k, v = inputs
+    opts = dict(mode=mode, causal=causal, deterministic=True)
+    train = mode != "fp4"
+    got = run(lambda q, k, v, s: attnqat.attention_varlen(q, k, v, *seqs, seqused_k=used_t, return_lse=True, **opts),
+              inputs, do, train=train)
+    ref = run(lambda q, k, v, s: attnqat.attention_varlen(q, k, v, *ref_seqs, return_lse=True, **opts),
+              (q, k[keep], v[keep]), do, train=train)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert not train or torch.equal(got[2][0], ref[2][0])
+    for g, r in zip(got[2][1:] if train else (), ref[2][1:] if train else ()):
+        assert torch.equal(g[keep], r)
+        padding = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
+        padding[keep] = False
+        assert torch.equal(g[padding], torch.zeros_like(g[padding]))
+    empty = used.index(0)  # a sequence without keys: empty rows
+    q0 = sum(lens_q[:empty])
+    assert torch.isneginf(got[1][:, q0:q0 + lens_q[empty]]).all()
+
+
+@pytest.mark.parametrize("mode", ["attn_qat", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_seqused_k_is_the_call_on_the_used_keys_with_zero_gradients_for_the_padding(mode, causal):
+    # Key ranges of 12 rows, of which the sequences use 12, 5, 0 and 1 (a text encoder's padding).
+    check_seqused_k(mode, causal, [9, 9, 9, 9], 12, [12, 5, 0, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["attn_qat", "fp4"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_seqused_k(cuda, mode, causal):
+    # Cross-attention shaped: 300 queries, 512 text keys of which 512, 77, 0, 1 are used.
+    check_seqused_k(mode, causal, [300] * 4, 512, [512, 77, 0, 1], cuda, hq=4, hkv=2, d=128, dtype=torch.bfloat16)
+
+
+def test_seqused_k_errors():
+    inputs, _, seqs = packed([3, 5], [4, 6], seed=12)
+    with pytest.raises(ValueError, match=r"seqused_k: sequence 1 uses 7 keys, expected 0 \.\. 6"):
+        attnqat.attention_varlen(*inputs, *seqs, seqused_k=torch.tensor([4, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seqused_k: expected an int32 tensor \[num_seqs\] = \[2\], got 3"):
+        attnqat.attention_varlen(*inputs, *seqs, seqused_k=torch.tensor([1, 2, 3], dtype=torch.int32))

@@ -250,6 +250,7 @@ sm90::VarlenArgs varlen_args(const VarlenSeqs& seqs) {
   sm90::VarlenArgs a;
   a.cu_seqlens_q = seqs.cu_seqlens_q.data;
   a.cu_seqlens_k = seqs.cu_seqlens_k.data;
+  a.seqused_k = seqs.seqused_k.data;
   a.num_seqs = static_cast<int>(seqs.cu_seqlens_q.shape[0] - 1);
   a.max_seqlen_q = static_cast<int>(seqs.max_seqlen_q);
   a.max_seqlen_k = static_cast<int>(seqs.max_seqlen_k);

@@ -30,6 +30,7 @@ struct VarlenCase {
   int64_t D, Hq, Hkv;
   std::vector<int> lens_q, lens_k;  // lens_k empty: the lengths of q
   bool deterministic = false;
+  std::vector<int> used_k;  // seqused_k (empty: none): sequence s uses its first used_k[s] keys
 };
 
 using Bits = std::vector<uint16_t>;
@@ -120,7 +121,8 @@ TEST_P(AttentionVarlen, EqualsOneDenseCallPerSequence) {
     out.m_ref = dv.out(DType::kFloat32, {c.Hq, tq}, "m_ref");
     out.l = dv.out(DType::kFloat32, {c.Hq, tq}, "l");
   }
-  const VarlenSeqs seqs{dv.index(cu_q, "cu_seqlens_q"), dv.index(cu_k, "cu_seqlens_k"), max_q, max_k};
+  VarlenSeqs seqs{dv.index(cu_q, "cu_seqlens_q"), dv.index(cu_k, "cu_seqlens_k"), max_q, max_k, {}};
+  if (!c.used_k.empty()) seqs.seqused_k = dv.index(c.used_k, "seqused_k");
   Status st = attention_forward_varlen(q3, k3, v3, seqs, opts, out);
   ASSERT_TRUE(st.ok()) << st.message();
   BackwardOutputs grads{dv.out(c.dt, {tq, c.Hq, c.D}, "dq"), dv.out(c.dt, {tk, c.Hkv, c.D}, "dk"),
@@ -138,7 +140,15 @@ TEST_P(AttentionVarlen, EqualsOneDenseCallPerSequence) {
   int64_t bad_o = 0, bad_lse = 0, bad_dkv = 0, bad_dq = 0;
   double worst_dq = 0;
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t nq = c.lens_q[s], nk = lens_k[s];
+    // With seqused_k the sequence is its first used_k[s] keys; the rest of its key rows are
+    // padding whose dK, dV must be exactly 0 (the outputs start as 0xABAB...: an unwritten row shows).
+    const int64_t nq = c.lens_q[s], nk = c.used_k.empty() ? lens_k[s] : c.used_k[s];
+    if (train)
+      for (int64_t j = nk; j < lens_k[s]; ++j)
+        for (int64_t e = 0; e < c.Hkv * c.D; ++e) {
+          const int64_t a = (cu_k[s] + j) * c.Hkv * c.D + e;
+          bad_dkv += (dk[a] != 0) + (dvv[a] != 0);
+        }
     if (nq == 0) continue;
     Dev dd;
     const TensorView qs = dd.put(dense_rows(q, cu_q[s], nq, c.Hq, c.D), c.dt, {1, c.Hq, nq, c.D}, "q");
@@ -215,6 +225,14 @@ const VarlenCase kCases[] = {
   {"deterministic_attnqat_paper_bf16_d128_causal_gqa2", Mode::kAttnQAT, PQuant::kPaper, true, DType::kBFloat16, 128, 4, 2, kSmall, {}, true},
   {"deterministic_bf16_fp16_d64_window1_1", Mode::kBF16, PQuant::kPaper, test::window(1, 1), DType::kFloat16, 64, 2, 1, kSmall, {}, true},
   {"attnqat_anchored_bf16_d96_causal_gqa2", Mode::kAttnQAT, PQuant::kAnchored, true, DType::kBFloat16, 96, 4, 2, kSmall},
+  // seqused_k: a padded batch of text keys (cross-attention with a key-padding mask), and a
+  // causal packed batch whose key ranges end in padding (alignment to the used length).
+  {"seqused_attnqat_paper_bf16_d128_text_mask", Mode::kAttnQAT, PQuant::kPaper, false, DType::kBFloat16, 128, 4, 4,
+   {300, 300, 300}, {512, 512, 512}, false, {512, 77, 0}},
+  {"seqused_fp4_anchored_fp16_d64_causal", Mode::kFP4, PQuant::kAnchored, true, DType::kFloat16, 64, 2, 1, kSmall,
+   {20, 0, 300, 64, 129, 256}, false, {17, 0, 129, 1, 128, 200}},
+  {"seqused_deterministic_bf16_bf16_d64_causal", Mode::kBF16, PQuant::kPaper, true, DType::kBFloat16, 64, 2, 2,
+   kSmall, {20, 0, 300, 64, 129, 256}, true, {17, 0, 129, 1, 128, 200}},
 };
 // clang-format on
 

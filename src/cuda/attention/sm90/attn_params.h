@@ -7,7 +7,9 @@
 // [total, H, d] and cu_seqlens_q/k (int32 [S + 1], prefix sums) say that sequence s owns rows
 // [cu[s], cu[s + 1]); grid z = S, seqlen_q/k are the longest sequences (the grid's extent), and
 // a CTA past its sequence's end returns at once. Either way a CTA asks seq_rows(blockIdx.z)
-// where its rows are.
+// where its rows are. seqused_k (packed only, optional, int32 [S]): sequence s uses only the
+// first seqused_k[s] keys of its rows; its other key rows (to the range's end) are padding,
+// seen by no query, whose dK, dV the backward writes as 0.
 //
 // Head dims: the kernels are built for tiles of 64 and 128 columns (kernel_tile_head_dim). A
 // head dim d < tile (a multiple of 16) runs in the next wider tile: the tensor maps have d
@@ -47,6 +49,7 @@ struct AttnParams {
   cuda::PQuantConsts pq;   // the constants of phi_nv(.; g) for p_quant
   const int* cu_seqlens_q;  // packed sequences: [S + 1] row offsets (device); nullptr: dense
   const int* cu_seqlens_k;
+  const int* seqused_k;     // packed sequences: [S] used keys per sequence (device); nullptr: all
   int total_q, total_k;     // rows of the tensors (dense: Nq, Nk)
 
   // The sequence as the mask policy sees it (src/common/mask.h).
@@ -63,6 +66,7 @@ struct SeqRows {
   int b;       // batch coordinate (dense: the sequence; packed: 0)
   int q0, k0;  // first query row, first key row (dense: 0)
   SeqInfo info;
+  int k_rows;  // key rows of the sequence in the tensors: info.len_k used + padding (seqused_k)
 };
 
 // Sequence s's rows [cu[s], cu[s + 1]), clamped to [0, total) and to max_len rows: offsets that
@@ -73,11 +77,13 @@ __device__ __forceinline__ IndexRange seq_span(const int* cu, int s, int total, 
 }
 
 __device__ __forceinline__ SeqRows AttnParams::seq_rows(int s) const {
-  if (cu_seqlens_q == nullptr) return SeqRows{s, 0, 0, seq()};
+  if (cu_seqlens_q == nullptr) return SeqRows{s, 0, 0, seq(), seqlen_k};
   const IndexRange q = seq_span(cu_seqlens_q, s, total_q, seqlen_q);
   const IndexRange k = seq_span(cu_seqlens_k, s, total_k, seqlen_k);
-  return SeqRows{0, q.begin, k.begin,
-                 SeqInfo{q.end - q.begin, k.end - k.begin, window_left, window_right}};
+  const int k_rows = k.end - k.begin;
+  const int used = seqused_k == nullptr ? k_rows : min(max(seqused_k[s], 0), k_rows);
+  return SeqRows{0, q.begin, k.begin, SeqInfo{q.end - q.begin, used, window_left, window_right},
+                 k_rows};
 }
 
 // Element strides of a [B, H, N, ...] output over batch, head and row (the last dim contiguous).
@@ -95,6 +101,7 @@ inline RowStrides row_strides(const TensorView& t) {
 struct VarlenArgs {
   const int* cu_seqlens_q = nullptr;  // device, int32 [num_seqs + 1]
   const int* cu_seqlens_k = nullptr;
+  const int* seqused_k = nullptr;  // device, int32 [num_seqs], optional
   int num_seqs = 0;
   int max_seqlen_q = 0;  // host bounds on the lengths (the grid's extent)
   int max_seqlen_k = 0;
@@ -126,6 +133,7 @@ inline AttnParams attn_params(const TensorView& q, const TensorView& k, float c2
   a.pq = cuda::p_quant_consts(p_quant);
   a.cu_seqlens_q = varlen.cu_seqlens_q;
   a.cu_seqlens_k = varlen.cu_seqlens_k;
+  a.seqused_k = varlen.seqused_k;
   if (varlen.packed()) {
     a.seqlen_q = varlen.max_seqlen_q;
     a.seqlen_k = varlen.max_seqlen_k;

@@ -372,15 +372,16 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
     if (leader && !p.deterministic) cuda::bulk_wait_all();  // the last reduce-add left shared memory
   }
 
-  // dK = c dS^T Q, dV: keys key0 + 16 warp + g (+ 8); keys past the sequence's end are padding.
+  // dK = c dS^T Q, dV: keys key0 + 16 warp + g (+ 8); keys past the sequence's rows are not
+  // its own, and its seqused_k padding keys get 0.
   const int key_row0 = key0 + 16 * warp + g;
   const int64_t offset0 = p.dkv_str.at(sr.b, h_kv, sr.k0 + key_row0);
-  const bool valid0 = key_row0 < seq.len_k, valid1 = key_row0 + 8 < seq.len_k;
-  const bool keep[2] = {false, false};
+  const bool valid0 = key_row0 < sr.k_rows, valid1 = key_row0 + 8 < sr.k_rows;
+  const bool padding[2] = {key_row0 >= seq.len_k, key_row0 + 8 >= seq.len_k};
   store_rows<kF16, Cfg::kHeadDim>(p.dk, offset0, p.dkv_str.n, p.head_dim, valid0, valid1, dk,
-                                  {p.scale, p.scale}, keep);
+                                  {p.scale, p.scale}, padding);
   store_rows<kF16, Cfg::kHeadDim>(p.dv, offset0, p.dkv_str.n, p.head_dim, valid0, valid1, dv,
-                                  {1.0f, 1.0f}, keep);
+                                  {1.0f, 1.0f}, padding);
 }
 
 // ---- The kernel -------------------------------------------------------------------------------
@@ -398,9 +399,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_kernel(const __grid_cons
   // Packed sequences: the grid covers the longest one; a CTA past its own returns (all threads,
   // before any barrier is set up). It has no query block to write to, so the deterministic dQ
   // turns (dq_turn) never count it.
-  if (n_block * Cfg::kBlockN >= sr.info.len_k) return;
-  // The query blocks that meet this key block, [m_begin, m_end) (src/common/mask.h).
-  const IndexRange qb = query_blocks<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, sr.info);
+  if (n_block * Cfg::kBlockN >= sr.k_rows) return;
+  // The query blocks that meet this key block, [m_begin, m_end) (src/common/mask.h); none for a
+  // block of seqused_k padding only, which just writes its zero dK, dV.
+  const bool used_keys = n_block * Cfg::kBlockN < sr.info.len_k;
+  const IndexRange qb = used_keys ? query_blocks<Mask>(n_block, Cfg::kBlockN, Cfg::kBlockM, sr.info)
+                                  : IndexRange{0, 0};
   const int m_begin = qb.empty() ? 0 : qb.begin, m_end = qb.empty() ? 0 : qb.end;
   const int n_iters = p.group * (m_end - m_begin);
 

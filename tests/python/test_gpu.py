@@ -339,6 +339,35 @@ def test_hf_attn_qat_training_step_cuda(cuda):
     assert losses[-1] < losses[0], losses
 
 
+def test_hf_phi3_head_dim_96_cuda(cuda):
+    """Phi-3's head dim 96 runs in the 128-column kernels: a bf16-mode forward matches sdpa's,
+    and an attn_qat training step and an fp4 generation run on CUDA."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    attnqat.hf.register()
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=256, hidden_size=384, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)
+    assert cfg.hidden_size // cfg.num_attention_heads == 96
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnqat").to(cuda, torch.bfloat16)
+    ids = torch.randint(3, 256, (2, 200), generator=torch.Generator().manual_seed(3)).to(cuda)
+    with torch.no_grad():
+        with attnqat.config(mode="bf16"):
+            ours = model(ids).logits.float()
+        model.set_attn_implementation("sdpa")
+        ref = model(ids).logits.float()
+        model.set_attn_implementation("attnqat")
+    assert rel_err(ours, ref) < 2e-2  # bf16 rounding of both attentions through two layers
+    with attnqat.config(mode="attn_qat"):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad(), attnqat.config(mode="fp4"):
+        out = model.generate(ids[:, :40], max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 48)
+
+
 @pytest.mark.parametrize("head_dim", [128, 64])
 def test_hf_fp4_cache_generation_cuda(cuda, head_dim):
     """attnqat.hf.FP4Cache on CUDA (the decode kernel, head dims 128 and 64): the scores follow

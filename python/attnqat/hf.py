@@ -239,17 +239,22 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             raise ValueError("attnqat (transformers): cu_seq_lens_q/cu_seq_lens_k (packed sequences) were given "
                              "together with an attention mask (padding, or a pattern attnqat cannot read); pass the "
                              "packed sequences without padding")
-        if rec is not None:
-            raise NotImplementedError("attnqat.hf.FP4Cache: this layer's sliding window is shorter than the keys; "
-                                      "the FP4 KV cache's decode has no window; use transformers' default cache")
+        if rec is not None and (flash_sequences is not None or structured.sequence_ids is not None):
+            raise NotImplementedError("attnqat.hf.FP4Cache: packed sequences are not a generation pattern; call the "
+                                      "model without the FP4Cache")
         if structured is not None and (structured.q_length, structured.kv_length) != (nq, nk):
             raise ValueError(f"attnqat (transformers): the mask was built for {structured.q_length} queries and "
                              f"{structured.kv_length} keys, the layer has {nq} and {nk}")
-        out = _structured_attention(query, key, value, structured, flash_sequences, module_causal, dropout, scaling,
-                                    opts)
-        return out, None
+        if rec is None:
+            out = _structured_attention(query, key, value, structured, flash_sequences, module_causal, dropout,
+                                        scaling, opts)
+            return out, None
+        # An FP4Cache layer whose sliding window is shorter than the keys: the cache's decode applies
+        # the window itself (attnqat.hf_cache), the prefill runs the windowed attention below.
 
     def dense(q, k, v, m):
+        if structured is not None:  # the FP4Cache prefill of a sliding-window layer (m is None)
+            return _structured_attention(q, k, v, structured, None, module_causal, dropout, scaling, opts).transpose(1, 2)
         # No mask on a causal module: _causal_mask skipped building an exactly bottom-right causal
         # mask (transformers < 4.53, which has no mask registry, always builds one for causal models).
         return _sdpa(q, k, v, m, dropout, module_causal and m is None, scaling, True, opts, "bottom_right")[0]
@@ -262,7 +267,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if softmax_extras:
             raise NotImplementedError(f"attnqat.hf.FP4Cache: the FP4 KV cache's decode has no {' or '.join(softmax_extras)} "
                                       "(this model's attention uses it); use transformers' default cache")
-        out = fp4_cache_attention(rec, query, mask, scaling, opts, dense)
+        out = fp4_cache_attention(rec, query, mask, scaling, opts, dense,
+                                  sliding_window=structured.sliding_window if structured is not None else None)
     else:
         out = dense(query, key, value, mask)
     return out.transpose(1, 2).contiguous(), None

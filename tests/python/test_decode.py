@@ -206,9 +206,6 @@ def test_fp4_cache_sliding_window_decode_with_left_padding(kind, p_quant):
         assert rel_err(_whole_sequence_logits(wide, x[:1])[prefill:], full[0][prefill:]) > 1e-2
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="attnqat.hf.attention_forward still refuses FP4Cache on the sliding-window masks it reads "
-                          "as a structure (hf.py); remove this marker once it hands them to fp4_cache_attention")
 @pytest.mark.parametrize("kind", ["mistral", "qwen3"])
 @pytest.mark.parametrize("p_quant", ["anchored", "paper"])
 def test_fp4_cache_sliding_window_generation_matches_the_whole_sequence(kind, p_quant):

@@ -2,7 +2,8 @@
 (GPT-OSS's s_aux) on the CPU reference (docs/numerics.md 9.9, 9.10), against a float64 formula
 written out here: mode bf16 to round-off, the FP4 modes through their distance to it; gradients
 (dsinks included) by gradcheck; the edge cases, the options' checks, the torch ops (opcheck,
-torch.compile) and the CUDA refusal. The quantized numerics are checked bit for bit against naive
+torch.compile); on a GPU, the CUDA kernels against the CPU reference (Gemma 2's cap, GPT-OSS's
+sinks). The quantized numerics are checked bit for bit against naive
 versions in tests/cpp/test_softcap_sinks.cpp."""
 
 import math
@@ -271,15 +272,76 @@ def test_torch_compile_fullgraph():
     assert all(torch.equal(a, b) for a, b in zip(g_c, g_e))
 
 
-# ---- CUDA: not in the kernels yet ---------------------------------------------------------------------
+# ---- CUDA against the CPU reference -------------------------------------------------------------------
+
+
+def run_on(device, q, k, v, do, sinks=None, **kw):
+    """O, LSE and the gradients (dsinks last, with sinks) of one call on `device`, back on the CPU."""
+    qq, kk, vv = (t.detach().to(device).requires_grad_(True) for t in (q, k, v))
+    zz = None if sinks is None else sinks.detach().to(device).requires_grad_(True)
+    o, lse = attnqat.attention(qq, kk, vv, sinks=zz, return_lse=True, **kw)
+    o.backward(do.to(device))
+    grads = [t.grad.float().cpu() for t in (qq, kk, vv) + (() if zz is None else (zz,))]
+    return o.detach().float().cpu(), lse.cpu(), grads
+
+
+def assert_cuda_matches_cpu(got, ref, fp4):
+    (o, lse, grads), (o_ref, lse_ref, grads_ref) = got, ref
+    # O: bf16 output rounding (2^-9 relative), plus in the FP4 modes the rare E2M1 boundary flips
+    # of P from the GPU's approximate exp2 and tanh (the kernels' tanh is good to ~2.4e-7 absolute:
+    # softcap.cuh); tests/cpp/cuda_attention holds the justified per-output tolerances.
+    assert rel_err(o, o_ref) < (2e-2 if fp4 else 8e-3)
+    # LSE: fp32 sums in another order, ex2.approx and the tanh: ~1e-5 relative (C++ tests: 1e-5).
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert bool(((lse - lse_ref)[finite].abs() <= 1e-4 * (1 + lse_ref[finite].abs())).all())
+    # Gradients: bf16 operands of the dS / P_F products, O and O' of two forwards that round
+    # differently (D and dsinks read them), E2M1 flips of P_F (tests/cpp/cuda_attention_bwd).
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), grads, grads_ref):
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kwargs, name", [(dict(softcap=30.0), "softcap"), (dict(sinks="sinks"), "sinks")])
-@pytest.mark.parametrize("mode", ["bf16", "attn_qat"])
-def test_cuda_refuses_softcap_and_sinks(cuda, kwargs, name, mode):
-    q, k, v = (t.to(cuda, torch.bfloat16) for t in qkv(b=1, hq=2, hkv=1, nq=128, nk=128, d=64))
-    if kwargs.get("sinks") == "sinks":
-        kwargs = dict(sinks=torch.zeros(2, device=cuda, requires_grad=True))
-    with pytest.raises(NotImplementedError, match=f"{name}: .* runs? on the CPU reference only in this build"):
-        attnqat.attention(q, k, v, mode=mode, **kwargs)
+@pytest.mark.parametrize("mode, p_quant", [("bf16", "paper"), ("attn_qat", "paper"), ("attn_qat", "anchored"),
+                                           ("drop_in_qat", "anchored")])
+def test_cuda_gemma2_softcap_matches_the_cpu_reference(cuda, mode, p_quant):
+    """Gemma 2's attention logit soft-capping (50 on the scaled logits), causal, GQA, head dim
+    128: the CUDA kernels against the CPU reference, forward and backward. Queries scaled by 12
+    give logits of tens of units, where the cap bends them: the result without the cap is far."""
+    q, k, v = qkv(b=2, hq=8, hkv=4, nq=300, nk=300, d=128, dtype=torch.bfloat16, seed=20, scale=12.0)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(21)).to(torch.bfloat16)
+    kw = dict(mode=mode, p_quant=p_quant, causal=True, softcap=50.0)
+    got = run_on(cuda, q, k, v, do, **kw)
+    assert_cuda_matches_cpu(got, run_on("cpu", q, k, v, do, **kw), fp4=mode != "bf16")
+    # The cap is applied: it lowers each row's top logits (e.g. 36 -> 31 at 100 keys), and its LSE.
+    uncapped = run_on("cpu", q, k, v, do, **dict(kw, softcap=0.0))
+    assert float((uncapped[1] - got[1]).mean()) > 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, p_quant", [("bf16", "paper"), ("attn_qat", "anchored"), ("attn_qat", "paper"),
+                                           ("drop_in_qat", "paper")])
+@pytest.mark.parametrize("nq, nk, window", [(256, 256, None), (300, 129, None), (333, 333, (127, 0))])
+def test_cuda_gpt_oss_sinks_match_the_cpu_reference(cuda, mode, p_quant, nq, nk, window):
+    """GPT-OSS's attention sinks: one learned logit per query head (here one of them -inf: no sink,
+    one large), GQA 4, head dim 64, causal, and a sliding window of 128 keys as on GPT-OSS's
+    alternating layers; Nq > Nk leaves rows without keys (O = 0, LSE = the sink). The sinks'
+    gradient (dsinks) against the CPU reference's too."""
+    q, k, v = qkv(b=2, hq=8, hkv=2, nq=nq, nk=nk, d=64, dtype=torch.bfloat16, seed=22, scale=1.0)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(23)).to(torch.bfloat16)
+    sinks = sink_logits([0.5, 2.0, NEG_INF, -1.0, 3.5, 8.0, 1.0, -0.25])
+    kw = dict(mode=mode, p_quant=p_quant, causal=True, window=window)
+    got = run_on(cuda, q, k, v, do, sinks, **kw)
+    assert_cuda_matches_cpu(got, run_on("cpu", q, k, v, do, sinks, **kw), fp4=mode != "bf16")
+    o, lse, grads = got
+    dsinks = grads[3]
+    assert dsinks[2] == 0 and bool((dsinks[[0, 1, 3, 4, 5, 6, 7]] != 0).all())
+    if nq > nk:  # rows 0 .. nq - nk - 1 see no key
+        empty = nq - nk
+        assert bool((o[:, :, :empty] == 0).all())
+        want = sinks[None, :, None].expand(2, 8, empty).clone()
+        has = torch.isfinite(want)
+        assert torch.allclose(lse[:, :, :empty][has], want[has], atol=2e-5, rtol=0)
+        assert bool(torch.isneginf(lse[:, 2, :empty]).all())
+    without = run_on("cpu", q, k, v, do, **kw)
+    assert rel_err(o, without[0]) > 0.05

@@ -30,7 +30,7 @@
 namespace attnqat::cuda {
 namespace {
 
-constexpr float kLog2e = 1.44269504088896340736f;  // RN(log2 e)
+using sm90::kLog2e;  // RN(log2 e)
 static_assert(sm90::FwdConfig<false, 64, false>::kBlockN == kKernelKvTile &&
                   sm90::FwdConfig<false, 128, false>::kBlockN == kKernelKvTile,
               "check_paper_kv_tile() (common/validate.h) assumes the kernels' key tile");
@@ -92,17 +92,29 @@ Status with_mask(MaskKind kind, F&& f) {
 
 // What the kernels refuse, checked before anything runs (temporaries, zeroed gradients): the
 // forward (plain and packed) and the backward call it first. "paper" P quantization depends on
-// the key tile, and the kernels' tile is kKernelKvTile keys; logit soft-capping and attention
-// sinks (numerics 9.9, 9.10) are not in the kernels yet.
-Status check_kernel_options(const AttentionOptions& opts) {
-  if (opts.softcap != 0.0f)
-    return Status::NotImplemented(
-        "softcap: logit soft-capping runs on the CPU reference only in this build; the CUDA kernels take "
-        "no softcap");
-  if (has_sinks(opts))
-    return Status::NotImplemented(
-        "sinks: attention sinks run on the CPU reference only in this build; the CUDA kernels take no sinks");
-  return check_paper_kv_tile(opts);
+// the key tile, and the kernels' tile is kKernelKvTile keys. (Logit soft-capping and attention
+// sinks, numerics 9.9 and 9.10, run in every kernel: score_consts below.)
+Status check_kernel_options(const AttentionOptions& opts) { return check_paper_kv_tile(opts); }
+
+// The kernels' score constants (numerics 9.1, 9.9; attn_params.h, SoftcapSinks): c2 = RN(c
+// RN(log2 e)), or with a softcap c2 = b = RN(softcap RN(log2 e)) and cap_a = RN(c / softcap)
+// (validate_attention_* checked that both are normal fp32 numbers); the sinks' device pointer.
+struct ScoreConsts {
+  float c2;
+  sm90::SoftcapSinks extras;
+};
+ScoreConsts score_consts(const AttentionOptions& opts, int64_t head_dim) {
+  const float c = resolve_softmax_scale(opts, head_dim);
+  ScoreConsts sc{c * kLog2e, {}};
+  if (opts.softcap != 0.0f) {
+    sc.c2 = opts.softcap * kLog2e;
+    sc.extras.cap_a = c / opts.softcap;
+  }
+  if (has_sinks(opts)) {
+    sc.extras.sinks = static_cast<const float*>(opts.sinks.data);
+    sc.extras.sinks_stride = opts.sinks.stride[0];
+  }
+  return sc;
 }
 
 Status dispatch(const sm90::FwdArgs& args) {
@@ -163,7 +175,9 @@ sm90::FwdArgs forward_args(const TensorView& q, const TensorView& k, const Tenso
   args.k = k;
   args.v = v;
   args.out = out;
-  args.c2 = resolve_softmax_scale(opts, q.shape[3]) * kLog2e;
+  const ScoreConsts sc = score_consts(opts, q.shape[3]);
+  args.c2 = sc.c2;
+  args.extras = sc.extras;
   args.quantize_p = quantized_mode;
   args.p_quant = opts.p_quant;
   args.mask = attention_mask_kind(opts);
@@ -198,7 +212,7 @@ Status zero_async(const TensorView& t, cudaStream_t stream) {
 // l (anchored: m_ref = ceil(m)). Costs one bf16 forward pass, including an O that is dropped.
 class RecomputedStats {
  public:
-  Status make(const TensorView& q, const TensorView& k, const TensorView& v, float c2,
+  Status make(const TensorView& q, const TensorView& k, const TensorView& v, const ScoreConsts& sc,
               const AttentionOptions& opts, const sm90::VarlenArgs& varlen, cudaStream_t stream) {
     const int64_t rows = q.shape[0] * q.shape[1] * q.shape[2];
     const size_t o_bytes = round_up(static_cast<size_t>(q.numel()) * dtype_size(q.dtype));
@@ -217,7 +231,8 @@ class RecomputedStats {
     args.out.lse = lse_ = row_view(o_bytes, "lse (recomputed)");
     args.out.m_ref = m_ref_ = row_view(o_bytes + row_bytes, "m_ref (recomputed)");
     args.out.l = l_ = row_view(o_bytes + 2 * row_bytes, "l (recomputed)");
-    args.c2 = c2;
+    args.c2 = sc.c2;
+    args.extras = sc.extras;  // the cap and the sinks, as the forward (numerics 9.9, 9.10)
     args.quantize_p = false;
     args.p_quant = opts.p_quant;
     args.mask = attention_mask_kind(opts);
@@ -333,14 +348,16 @@ Status backward(const TensorView& dout, const TensorView& q, const TensorView& k
   ATTNQAT_RETURN_IF_ERROR(guard.select(q.device_id, kBwdOp, kTensorsDevice));
   ATTNQAT_RETURN_IF_ERROR(check_device(kFwdOp, q.device_id, DeviceNeed::kSm90a));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool want_dsinks = has_sinks(opts) && has_sinks_tensor(grads.dsinks);
   if (q.numel() == 0 || k.numel() == 0) {  // no query row or no key: every gradient is 0
     ATTNQAT_RETURN_IF_ERROR(zero_async(grads.dq, s));
     ATTNQAT_RETURN_IF_ERROR(zero_async(grads.dk, s));
+    if (want_dsinks) ATTNQAT_RETURN_IF_ERROR(zero_async(grads.dsinks, s));
     return zero_async(grads.dv, s);
   }
 
   const float scale = resolve_softmax_scale(opts, q.shape[3]);
-  const float c2 = scale * kLog2e;
+  const ScoreConsts sc = score_consts(opts, q.shape[3]);
   QuantizedInputs temps;  // freed (stream-ordered) when this returns
   TensorView oq = q, ok = k, ov = v;
   if (sw.quantized_qkv && !opts.inputs_quantized) {
@@ -355,7 +372,7 @@ Status backward(const TensorView& dout, const TensorView& q, const TensorView& k
   RecomputedStats recomputed;
   if (quantized_mode && !sw.quantized_qkv) {
     ATTNQAT_RETURN_IF_ERROR(
-        recomputed.make(oq, ok, ov, c2, opts, varlen, s));
+        recomputed.make(oq, ok, ov, sc, opts, varlen, s));
     lse = recomputed.lse();
     if (need_m_l) m_ref = recomputed.m_ref(), l = recomputed.l();
   }
@@ -372,8 +389,11 @@ Status backward(const TensorView& dout, const TensorView& q, const TensorView& k
   const size_t sem_bytes = opts.deterministic
                                ? round_up(static_cast<size_t>(B * Hq * m_blocks * (d / 64)) * sizeof(int))
                                : 0;
+  // dsinks: one fp32 term per padded row (bwd_aux.cu), after the rest (not zeroed: the
+  // preprocess writes every one).
+  const size_t sink_bytes = want_dsinks ? round_up(static_cast<size_t>(rows_pad) * sizeof(float)) : 0;
   Workspace scratch;
-  ATTNQAT_RETURN_IF_ERROR(scratch.allocate(stats_bytes + accum_bytes + sem_bytes, s));
+  ATTNQAT_RETURN_IF_ERROR(scratch.allocate(stats_bytes + accum_bytes + sem_bytes + sink_bytes, s));
   uint8_t* base = static_cast<uint8_t*>(scratch.data());
   float4* stats = reinterpret_cast<float4*>(base);
   float* dq_accum = reinterpret_cast<float*>(base + stats_bytes);
@@ -391,8 +411,16 @@ Status backward(const TensorView& dout, const TensorView& q, const TensorView& k
   pre.varlen = varlen;
   pre.stats = stats;
   pre.m_blocks = static_cast<int>(m_blocks);
+  if (want_dsinks) {
+    pre.dsink_rows = reinterpret_cast<float*>(base + stats_bytes + accum_bytes + sem_bytes);
+    pre.attn = sm90::attn_params(q, k, sc.c2, opts.p_quant, attention_seq(opts, Nq, k.shape[2]), varlen);
+    pre.attn.extras = sc.extras;
+    pre.mask = attention_mask_kind(opts);
+  }
   pre.stream = s;
   ATTNQAT_RETURN_IF_ERROR(sm90::launch_bwd_preprocess(pre));
+  if (want_dsinks)
+    ATTNQAT_RETURN_IF_ERROR(sm90::launch_dsinks_reduce(pre.dsink_rows, rows_pad / Hq, grads.dsinks, s));
 
   sm90::BwdArgs args;
   args.q = oq;
@@ -404,7 +432,8 @@ Status backward(const TensorView& dout, const TensorView& q, const TensorView& k
   args.stats = stats;
   args.dq_accum = dq_accum;
   args.dq_sem = dq_sem;
-  args.c2 = c2;
+  args.c2 = sc.c2;
+  args.extras = sc.extras;
   args.scale = scale;
   args.quant_p = sw.quant_p;
   args.p_quant = opts.p_quant;

@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -55,6 +56,21 @@ inline std::vector<float> from_half(const std::vector<uint16_t>& v, DType dt) {
 inline TensorView cuda_view(void* data, DType dt, std::initializer_list<int64_t> shape,
                             const char* name) {
   return make_view(data, dt, shape, name, Device::kCUDA);
+}
+
+// Attention sinks of the test cases (numerics 9.10): head h gets kSinkPattern[(h + offset) % 8],
+// a case choosing its offset (-1: no sinks). Against the scores of test::random_problem (c q.k
+// with a standard deviation of ~2.4 natural-log units, row LSEs of ~5-10): finite sinks of the
+// scores' scale (2.5, -3, 0.25, 7), one that takes most of each row's mass (12), one that takes
+// all of it (60: the keys' p~ are ~e^-50, which "paper" mode's P blocks flush to 0), and -inf (no
+// sink for that head). No z2 = z log2(e) lies within 0.09 of an integer, so the anchored
+// m_ref = ceil(z2) of the fp32 kernel and of the fp64 reference agree.
+constexpr float kSinkPattern[8] = {2.5f, -INFINITY, 12.0f, -3.0f, 0.25f, 60.0f, -INFINITY, 7.0f};
+inline std::vector<float> sink_values(int offset, int64_t heads) {
+  std::vector<float> z;
+  if (offset < 0) return z;
+  for (int64_t h = 0; h < heads; ++h) z.push_back(kSinkPattern[(h + offset) % 8]);
+  return z;
 }
 
 }  // namespace attnqat::gpu_test

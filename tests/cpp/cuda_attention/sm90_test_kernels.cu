@@ -12,6 +12,7 @@
 #include "cuda/attention/sm90/fwd_smem.cuh"
 #include "cuda/attention/sm90/fwd_softmax.cuh"
 #include "cuda/attention/sm90/fragment.cuh"
+#include "cuda/attention/sm90/softcap.cuh"
 #include "cuda/common/p_quant.cuh"
 #include "cuda/common/ptx.cuh"
 #include "cuda/common/ptx_sm90.cuh"
@@ -59,9 +60,9 @@ __global__ void __launch_bounds__(128) p_quant_kernel(const PQuantParams p) {
   for (int i = 0; i < kN / 2; ++i) x[i] = p.scores[frag_row(i) * kN + frag_col(i)];
   const int row0 = frag_row(0);
   apply_mask<kN>(x, 0, IndexRange{0, p.key_end[row0]}, IndexRange{0, p.key_end[row0 + 8]});
-  RowState st = row_state_init();
-  float f[2];
   const PQuant p_quant = p.anchored ? PQuant::kAnchored : PQuant::kPaper;
+  RowState st = row_state_init(-INFINITY, p_quant);  // no sink
+  float f[2];
   online_softmax<kN>(x, st, p.c2, p_quant, f);
   // The forward's P scale table, filled and published as fwd_kernel does.
   __shared__ __align__(16) uint8_t table[cuda::kPScaleTableBytes];
@@ -87,6 +88,16 @@ __global__ void __launch_bounds__(128) p_quant_kernel(const PQuantParams p) {
       p.l[row0 + 8 * h] = l;
     }
   }
+}
+
+// t = tanh(RN(a x)) and 1 - t^2 as the kernels form them (softcap.cuh), one element per thread.
+__global__ void softcap_kernel(const float* x, int n, float a, float* t, float* slope) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float frag[1] = {x[i]};
+  cap_scores<2>(frag, a);
+  t[i] = frag[0];
+  slope[i] = cap_slope(frag[0]);
 }
 
 struct GemmParams {
@@ -221,6 +232,24 @@ Status run_p_quant(bool f16, bool anchored, float c2, const std::vector<float>& 
   dph.download(out->p_hat.data(), n * 4);
   dm.download(out->m_ref.data(), kTileRows * 4);
   dl.download(out->l.data(), kTileRows * 4);
+  return Status::Ok();
+}
+
+Status run_softcap(float a, const std::vector<float>& x, std::vector<float>* t,
+                   std::vector<float>* slope) {
+  const int n = static_cast<int>(x.size());
+  DeviceBuffer dx(n * 4 + 4), dt(n * 4 + 4), ds(n * 4 + 4);
+  dx.upload(x.data(), n * 4);
+  dt.poison();
+  ds.poison();
+  softcap_kernel<<<(n + 255) / 256, 256>>>(static_cast<const float*>(dx.get()), n, a,
+                                           static_cast<float*>(dt.get()), static_cast<float*>(ds.get()));
+  cuda_check(cudaGetLastError(), "softcap_kernel launch");
+  cuda_check(cudaDeviceSynchronize(), "softcap_kernel");
+  t->resize(n);
+  slope->resize(n);
+  dt.download(t->data(), n * 4);
+  ds.download(slope->data(), n * 4);
   return Status::Ok();
 }
 

@@ -2,6 +2,7 @@
 // device steps of the sm90 forward kernel (src/cuda/attention/sm90/*.cuh) in isolation:
 //  - run_p_quant: apply_mask + online_softmax + convert_p on one warpgroup's [64, 128] tile of
 //    scores, returning p~, the decoded P^ fragments, m_ref and l per row;
+//  - run_softcap: the softcap's tanh and slope (softcap.cuh) per element;
 //  - run_gemm_layout: load_q / load_kv_tile (TMA, 128B swizzle) + qk_gemm + pv_gemm on one CTA's
 //    tiles (2 consumer warpgroups), returning S = Q K^T and O = P V as the fragments say.
 // Both write every element at the (row, column) the fragment-layout formulas assign to it, so a
@@ -27,6 +28,11 @@ struct PQuantResult {
 // scores: [64, 128] raw q.k values; key_end: [64] (keys >= key_end[r] are masked).
 Status run_p_quant(bool f16, bool anchored, float c2, const std::vector<float>& scores,
                    const std::vector<int>& key_end, PQuantResult* out);
+
+// The softcap's device steps (sm90/softcap.cuh) on each element of x: t = tanh(RN(a x)) (cap_scores)
+// and 1 - t^2 (cap_slope).
+Status run_softcap(float a, const std::vector<float>& x, std::vector<float>* t,
+                   std::vector<float>* slope);
 
 struct GemmResult {
   std::vector<float> s;  // [128, 128] = Q K^T

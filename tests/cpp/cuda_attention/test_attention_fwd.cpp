@@ -17,8 +17,15 @@
 //    integer (then off by exactly 1); paper: within 1e-4 max(1, |m|) (the dot products'
 //    fp32 summation order differs from the reference's).
 //  - l: where m_ref agrees, relative 1e-5 (anchored) or 1e-4 (paper: l carries exp2 of m's error).
-//  - Rows that see no key: O = O' = 0 exactly, LSE = m_ref = -inf, l = 0.
+//  - Rows that see no key: O = O' = 0 exactly, LSE = m_ref = -inf, l = 0; with a sink (numerics
+//    9.10) O = O' = 0 exactly and LSE, m_ref, l as above (the sink's start state).
 //  - Outputs are poisoned (NaN) before each GPU run: any NaN left is an unwritten element.
+// Softcap (numerics 9.9) needs no other tolerance: the kernels' tanh (sm90/softcap.cuh) is good to
+// ~2.4e-7 absolute, an error of softcap * log2(e) * 2.4e-7 * ln 2 relative in p~ (5e-6 at softcap
+// 30, 1e-5 at 50): 50x ex2.approx's, still ~1e-6 relative in O and O' (under the 2e-4 floor) and
+// far inside the LSE's 1e-5; the E2M1 boundary flips it adds are as rare as a relative error of
+// 5e-6 makes them (a P element within 5e-6 of a boundary: ~1 in 10^4), each worth what the 1e-3
+// floor of the quantized O already allows for.
 // On failure the messages give the error norms, the worst elements (batch, head, row, column),
 // the worst rows and the per-warpgroup (64-row) error split.
 #include <gtest/gtest.h>
@@ -26,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -53,6 +61,8 @@ struct Case {
   int64_t D, B, Hq, Hkv, Nq, Nk;
   VBlocks vb = VBlocks::kChannel;
   Layout layout = Layout::kBHSD;
+  float softcap = 0.0f;  // numerics 9.9 (0: off)
+  int sinks = -1;        // numerics 9.10: sink_values(sinks, Hq) (gpu_util.h); -1: no sinks
 };
 
 bool quantizes(Mode m) { return m != Mode::kBF16; }
@@ -96,8 +106,30 @@ AttentionOptions options_of(const Case& c) {
   o.v_blocks = c.vb;
   o.kv_tile = 128;
   o.inputs_quantized = true;
+  o.softcap = c.softcap;
   return o;
 }
+
+// The case's sinks as a host copy (sink_values) and the view of it or of a device copy.
+struct CaseSinks {
+  std::vector<float> host;
+  DeviceBuffer dev;
+  CaseSinks(const Case& c, Device where) : host(sink_values(c.sinks, c.Hq)) {
+    if (where == Device::kCUDA && !host.empty()) {
+      dev = DeviceBuffer(host.size() * 4);
+      dev.upload(host);
+    }
+  }
+  // opts with the sinks attached (unchanged without).
+  AttentionOptions attach(AttentionOptions opts) {
+    if (host.empty()) return opts;
+    void* data = dev.get() != nullptr ? dev.get() : static_cast<void*>(host.data());
+    opts.sinks = make_view(data, DType::kFloat32, {static_cast<int64_t>(host.size())}, "sinks",
+                           dev.get() != nullptr ? Device::kCUDA : Device::kCPU);
+    return opts;
+  }
+  bool has(int64_t h) const { return !host.empty() && host[h] != -INFINITY; }
+};
 
 // ---- GPU run ----------------------------------------------------------------------------------
 
@@ -146,7 +178,8 @@ Status run_gpu(const Case& c, const Inputs& in, const AttentionOptions& opts, Gp
   fo.lse = cuda_view(lse.get(), DType::kFloat32, {c.B, c.Hq, c.Nq}, "lse");
   fo.m_ref = cuda_view(m_ref.get(), DType::kFloat32, {c.B, c.Hq, c.Nq}, "m_ref");
   fo.l = cuda_view(l.get(), DType::kFloat32, {c.B, c.Hq, c.Nq}, "l");
-  const Status st = attention_forward(q, k, v, opts, fo);
+  CaseSinks sinks(c, Device::kCUDA);  // unless the caller attached its own
+  const Status st = attention_forward(q, k, v, has_sinks(opts) ? opts : sinks.attach(opts), fo);
   if (!st.ok()) return st;
   cuda_check(cudaDeviceSynchronize(), "attention_forward kernel");
   std::vector<uint16_t> h(rows * c.D);
@@ -205,9 +238,11 @@ RefOut run_ref(const Case& c, const Inputs& in, Precision precision) {
   fo.lse = make_view(r.lse.data(), DType::kFloat32, {c.B, c.Hq, c.Nq}, "lse");
   fo.m_ref = make_view(r.m_ref.data(), DType::kFloat32, {c.B, c.Hq, c.Nq}, "m_ref");
   fo.l = make_view(r.l.data(), DType::kFloat32, {c.B, c.Hq, c.Nq}, "l");
+  CaseSinks sinks(c, Device::kCPU);
   const Status st = attention_forward(make_view(qp, dt, {c.B, c.Hq, c.Nq, c.D}, "q"),
                                       make_view(kp, dt, {c.B, c.Hkv, c.Nk, c.D}, "k"),
-                                      make_view(vp, dt, {c.B, c.Hkv, c.Nk, c.D}, "v"), opts, fo);
+                                      make_view(vp, dt, {c.B, c.Hkv, c.Nk, c.D}, "v"),
+                                      sinks.attach(opts), fo);
   EXPECT_TRUE(st.ok()) << "reference: " << st.message();
   if (f64) {
     r.o = o64;
@@ -302,6 +337,7 @@ void check_output(const Case& c, const char* name, const std::vector<float>& gpu
 void check_stats(const Case& c, const GpuOut& g, const RefOut& r) {
   const int64_t rows = c.B * c.Hq * c.Nq;
   const bool anchored = c.pq == PQuant::kAnchored && quantizes(c.mode);
+  const CaseSinks sinks(c, Device::kCPU);
   int64_t bad_lse = 0, m_off = 0, bad_m = 0, bad_l = 0, bad_empty = 0;
   std::ostringstream os;
   auto note = [&](int64_t& counter, int64_t row, const std::string& what) {
@@ -309,7 +345,16 @@ void check_stats(const Case& c, const GpuOut& g, const RefOut& r) {
   };
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t i = row % c.Nq;
-    if (visible(i, c) == 0) {
+    const bool sink = sinks.has(row / c.Nq % c.Hq);
+    if (visible(i, c) == 0 && sink) {
+      // With a sink: O = O' = 0 exactly; LSE (= the sink), m_ref and l are checked below.
+      bool ok = true;
+      for (int64_t d = 0; d < c.D; ++d) {
+        ok = ok && g.o[row * c.D + d] == 0.0f;
+        if (!g.o_hp.empty()) ok = ok && g.o_hp[row * c.D + d] == 0.0f;
+      }
+      if (!ok) note(bad_empty, row, "row with no key but a sink: want O = O' = 0");
+    } else if (visible(i, c) == 0) {
       bool ok = g.lse[row] == -INFINITY && g.m_ref[row] == -INFINITY && g.l[row] == 0.0f;
       for (int64_t d = 0; d < c.D; ++d) {
         ok = ok && g.o[row * c.D + d] == 0.0f;
@@ -406,6 +451,31 @@ const Case kCases[] = {
   {"attnqat_paper_bf16_d32_window127_0",     kQat, kPaper, test::window(127, 0), kBf, 32, 1, 2, 2, 700, 700},
   {"fp4_anchored_bf16_d16",                  kFp4, kAnch,  false, kBf, 16,  1, 2, 1, 129,  300},
   {"attnqat_anchored_fp16_d48_vtoken",       kQat, kAnch,  false, kHf, 48,  1, 2, 1, 300,  333, kTok},
+  // Logit soft-capping (numerics 9.9): caps 30 (Gemma-2-like, mostly linear on these scores) and 5
+  // (saturating), every mode and both mainloops (O': attn_qat; overlap: fp4, bf16), both
+  // p_quant, causal or not, a window, d 64 / 128 / 96, bf16 and fp16.
+  {"softcap30_attnqat_paper_bf16_d128",      kQat, kPaper, false, kBf, 128, 1, 2, 2, 1013, 1024, kChan, Layout::kBHSD, 30.0f},
+  {"softcap5_attnqat_anchored_fp16_d64_causal_gqa4", kQat, kAnch, true, kHf, 64, 1, 4, 1, 300, 333, kChan, Layout::kBHSD, 5.0f},
+  {"softcap5_fp4_paper_bf16_d128_causal",    kFp4, kPaper, true,  kBf, 128, 2, 2, 1, 129,  1024, kChan, Layout::kBHSD, 5.0f},
+  {"softcap30_fp4_anchored_fp16_d64",        kFp4, kAnch,  false, kHf, 64,  1, 2, 2, 300,  1024, kChan, Layout::kBHSD, 30.0f},
+  {"softcap5_bf16_fp16_d128_causal_4096",    kBf16, kPaper, true, kHf, 128, 1, 1, 1, 4096, 4096, kChan, Layout::kBHSD, 5.0f},
+  {"softcap30_bf16_bf16_d64_window127_0",    kBf16, kPaper, test::window(127, 0), kBf, 64, 1, 2, 1, 700, 700, kChan, Layout::kBHSD, 30.0f},
+  {"softcap5_attnqat_anchored_bf16_d96_vtoken", kQat, kAnch, false, kBf, 96, 1, 2, 1, 300, 333, kTok, Layout::kBHSD, 5.0f},
+  // Attention sinks (numerics 9.10; the values: kSinkPattern, gpu_util.h): finite, dominant (12),
+  // all the mass (60), -inf (no sink) per head; rows without keys (causal with Nq > Nk, a window
+  // that leaves rows empty, Nk = 0: their LSE is the sink's), whole CTAs without keys.
+  {"sinks_attnqat_paper_bf16_d128_causal_nq_gt_nk", kQat, kPaper, true, kBf, 128, 1, 4, 2, 1024, 700, kChan, Layout::kBHSD, 0.0f, 0},
+  {"sinks_attnqat_anchored_fp16_d64_gqa4",   kQat, kAnch,  false, kHf, 64,  2, 4, 1, 300,  1024, kChan, Layout::kBHSD, 0.0f, 2},
+  {"sinks_attnqat_anchored_bf16_d64_window0_0_nq_gt_nk", kQat, kAnch, test::window(0, 0), kBf, 64, 1, 8, 2, 300, 200, kChan, Layout::kBHSD, 0.0f, 0},
+  {"sinks_fp4_paper_bf16_d64_gqa8",          kFp4, kPaper, false, kBf, 64,  1, 8, 1, 129,  1024, kChan, Layout::kBHSD, 0.0f, 0},
+  {"sinks_fp4_anchored_fp16_d128_causal_nk17", kFp4, kAnch, true,  kHf, 128, 1, 4, 2, 300,  17, kChan, Layout::kBHSD, 0.0f, 4},
+  {"sinks_bf16_bf16_d128_causal_nq_gt_nk_gqa4", kBf16, kPaper, true, kBf, 128, 1, 8, 2, 300, 129, kChan, Layout::kBHSD, 0.0f, 0},
+  {"sinks_attnqat_paper_bf16_d64_nk0",       kQat, kPaper, false, kBf, 64,  1, 4, 2, 129,  0, kChan, Layout::kBHSD, 0.0f, 1},
+  {"sinks_attnqat_anchored_bf16_d128_bshd",  kQat, kAnch,  false, kBf, 128, 2, 4, 2, 200,  333, kChan, Layout::kBSHD, 0.0f, 5},
+  // Both.
+  {"softcap5_sinks_attnqat_anchored_bf16_d128_causal", kQat, kAnch, true, kBf, 128, 1, 4, 2, 1013, 1024, kChan, Layout::kBHSD, 5.0f, 0},
+  {"softcap30_sinks_fp4_paper_fp16_d64_causal_nq_gt_nk", kFp4, kPaper, true, kHf, 64, 1, 8, 2, 300, 200, kChan, Layout::kBHSD, 30.0f, 0},
+  {"softcap50_sinks_bf16_bf16_d128_window128_0", kBf16, kPaper, test::window(128, 0), kBf, 128, 1, 4, 1, 1013, 1024, kChan, Layout::kBHSD, 50.0f, 2},
 };
 // clang-format on
 
@@ -525,6 +595,120 @@ TEST_F(AttentionFwdRawInputs, SameAsPrequantizedAndQuantizersBitExact) {
   EXPECT_EQ(same(self.o_hp, pre.o_hp), 0) << "O' differs";
   EXPECT_EQ(same(self.lse, pre.lse), 0) << "LSE differs";
   EXPECT_EQ(same(self.l, pre.l), 0) << "l differs";
+}
+
+// ---- Sinks and softcap: exact properties ------------------------------------------------------
+
+// Elements whose bits differ (NaN patterns compared too).
+int64_t differing_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return static_cast<int64_t>(std::max(a.size(), b.size()));
+  int64_t n = 0;
+  for (size_t i = 0; i < a.size(); ++i) n += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;
+  return n;
+}
+
+class AttentionFwdSinks : public Sm90Test {};
+
+// A sink of -inf is no sink (numerics 9.10): every output bit for bit the call's without sinks,
+// in both mainloops (O': attn_qat; overlap: fp4), with a cap, rows and a CTA that see no key.
+TEST_F(AttentionFwdSinks, MinusInfSinksAreNoSinks) {
+  for (const Mode mode : {Mode::kAttnQAT, Mode::kFP4}) {
+    const Case c{"minus_inf_sinks", mode, PQuant::kAnchored, true, DType::kBFloat16, 64, 1, 2, 1,
+                 300, 129, kChan, Layout::kBHSD, 5.0f};
+    const Inputs in = make_inputs(c, 11);
+    GpuOut plain, with;
+    Status st = run_gpu(c, in, options_of(c), &plain);
+    ASSERT_TRUE(st.ok()) << st.message();
+    const std::vector<float> none(c.Hq, -INFINITY);
+    DeviceBuffer dz(none.size() * 4);
+    dz.upload(none);
+    AttentionOptions opts = options_of(c);
+    opts.sinks = cuda_view(dz.get(), DType::kFloat32, {c.Hq}, "sinks");
+    st = run_gpu(c, in, opts, &with);
+    ASSERT_TRUE(st.ok()) << st.message();
+    const char* m = mode == Mode::kFP4 ? "fp4" : "attn_qat";
+    EXPECT_EQ(differing_bits(with.o, plain.o), 0) << m << ": O";
+    EXPECT_EQ(differing_bits(with.o_hp, plain.o_hp), 0) << m << ": O'";
+    EXPECT_EQ(differing_bits(with.lse, plain.lse), 0) << m << ": LSE";
+    EXPECT_EQ(differing_bits(with.m_ref, plain.m_ref), 0) << m << ": m_ref";
+    EXPECT_EQ(differing_bits(with.l, plain.l), 0) << m << ": l";
+  }
+}
+
+// Attention from packed NVFP4 tensors (attention_forward_packed: Q, K, V unpacked in the kernel,
+// or into temporaries) takes the cap and the sinks like the dense forward (the same consumer
+// warpgroups): O and LSE bit for bit those of attention_forward on the dequantized tensors.
+TEST_F(AttentionFwdSinks, PackedInputsTakeSoftcapAndSinks) {
+  const int64_t B = 1, Hq = 4, Hkv = 2, Nq = 300, Nk = 333, D = 128;
+  const DType dt = DType::kBFloat16;
+  auto prob = test::random_problem<float>(B, Hq, Hkv, Nq, Nk, D, 21);
+  const float one = 1.0f;
+  DeviceBuffer g(4);
+  g.upload(&one, 4);
+  const TensorView gv = cuda_view(g.get(), DType::kFloat32, {1}, "g");
+  struct Packed {
+    DeviceBuffer x, data, scales, hat;
+    PackedTensor t;
+    TensorView hat_view;
+  };
+  auto pack = [&](const std::vector<float>& x, int64_t h, int64_t n) {
+    Packed r;
+    const std::vector<uint16_t> bits = to_half(x, dt);
+    r.x = DeviceBuffer(bits.size() * 2);
+    r.x.upload(bits);
+    r.data = DeviceBuffer(B * h * n * D / 2);
+    r.scales = DeviceBuffer(B * h * n * D / 16);
+    r.hat = DeviceBuffer(B * h * n * D * 2);
+    r.t = PackedTensor{cuda_view(r.data.get(), DType::kUInt8, {B, h, n, D / 2}, "data"),
+                       cuda_view(r.scales.get(), DType::kUInt8, {B, h, n, D / 16}, "scales"), gv};
+    QuantizeOptions qo;
+    Status st = quantize(cuda_view(r.x.get(), dt, {B, h, n, D}, "x"), r.t.data, r.t.scales, gv, qo);
+    EXPECT_TRUE(st.ok()) << st.message();
+    r.hat_view = cuda_view(r.hat.get(), dt, {B, h, n, D}, "hat");
+    st = dequantize(r.t.data, r.t.scales, gv, r.hat_view, qo);
+    EXPECT_TRUE(st.ok()) << st.message();
+    return r;
+  };
+  const Packed q = pack(prob.q, Hq, Nq), k = pack(prob.k, Hkv, Nk), v = pack(prob.v, Hkv, Nk);
+  const std::vector<float> z = sink_values(0, Hq);
+  DeviceBuffer dz(z.size() * 4);
+  dz.upload(z);
+  AttentionOptions opts = test::options(Mode::kFP4, PQuant::kAnchored, true);
+  opts.softcap = 30.0f;
+  opts.sinks = cuda_view(dz.get(), DType::kFloat32, {Hq}, "sinks");
+  const int64_t rows = B * Hq * Nq;
+  auto run = [&](bool packed, PackedUnpack where, std::vector<uint16_t>* o, std::vector<float>* lse) {
+    DeviceBuffer ob(rows * D * 2), lb(rows * 4);
+    ob.poison();
+    lb.poison();
+    ForwardOutputs fo;
+    fo.o = cuda_view(ob.get(), dt, {B, Hq, Nq, D}, "o");
+    fo.lse = cuda_view(lb.get(), DType::kFloat32, {B, Hq, Nq}, "lse");
+    AttentionOptions dense = opts;
+    dense.inputs_quantized = true;
+    const Status st = packed ? attention_forward_packed(q.t, k.t, v.t, opts, fo, nullptr, where)
+                             : attention_forward(q.hat_view, k.hat_view, v.hat_view, dense, fo);
+    if (!st.ok()) return st;
+    cuda_check(cudaDeviceSynchronize(), "forward");
+    o->resize(rows * D);
+    lse->resize(rows);
+    ob.download(o->data(), o->size() * 2);
+    lb.download(lse->data(), lse->size() * 4);
+    return Status::Ok();
+  };
+  std::vector<uint16_t> o_ref, o_pk;
+  std::vector<float> lse_ref, lse_pk;
+  Status st = run(false, PackedUnpack::kAuto, &o_ref, &lse_ref);
+  ASSERT_TRUE(st.ok()) << st.message();
+  for (const PackedUnpack where : {PackedUnpack::kInKernel, PackedUnpack::kTemporary}) {
+    const char* wname = where == PackedUnpack::kInKernel ? "in-kernel" : "temporary";
+    st = run(true, where, &o_pk, &lse_pk);
+    ASSERT_TRUE(st.ok()) << wname << ": " << st.message();
+    int64_t o_diff = 0;
+    for (size_t i = 0; i < o_ref.size(); ++i) o_diff += o_pk[i] != o_ref[i];
+    EXPECT_EQ(o_diff, 0) << wname << ": O elements that differ from the forward on the decoded tensors";
+    EXPECT_EQ(differing_bits(lse_pk, lse_ref), 0) << wname << ": LSE rows that differ";
+  }
 }
 
 // ---- Errors

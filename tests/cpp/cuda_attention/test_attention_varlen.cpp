@@ -5,7 +5,9 @@
 // are never written). The dense calls are themselves tested against the CPU reference
 // (test_attention_fwd.cpp, ../cuda_attention_bwd). The backward is compared bit for bit in the
 // deterministic mode; with the default bulk reduce-add of dQ only dK and dV are ordered, and dQ
-// is compared to within the rounding of a different summation order.
+// is compared to within the rounding of a different summation order. With attention sinks
+// (numerics 9.10, 9.11) the sinks' gradient of the varlen call is the sum over the sequences of
+// the dense calls' dsinks, within the rounding of another fp32 summation order (see below).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -31,6 +33,8 @@ struct VarlenCase {
   std::vector<int> lens_q, lens_k;  // lens_k empty: the lengths of q
   bool deterministic = false;
   std::vector<int> used_k;  // seqused_k (empty: none): sequence s uses its first used_k[s] keys
+  float softcap = 0.0f;     // numerics 9.9 (0: off)
+  int sinks = -1;           // numerics 9.10: sink_values(sinks, Hq) (gpu_util.h); -1: no sinks
 };
 
 using Bits = std::vector<uint16_t>;
@@ -108,11 +112,19 @@ TEST_P(AttentionVarlen, EqualsOneDenseCallPerSequence) {
 
   AttentionOptions opts = test::options(c.mode, c.pq, c.mask);
   opts.deterministic = c.deterministic;
+  opts.softcap = c.softcap;
+  const std::vector<float> sink_host = sink_values(c.sinks, c.Hq);
+  const bool with_sinks = !sink_host.empty();
   const bool with_hp = c.mode == Mode::kAttnQAT, with_ml = c.pq == PQuant::kAnchored;
   const bool train = c.mode != Mode::kFP4;
 
   // One varlen call.
   Dev dv;
+  if (with_sinks) {
+    dv.bufs.emplace_back(sink_host.size() * 4);
+    dv.bufs.back().upload(sink_host);
+    opts.sinks = cuda_view(dv.bufs.back().get(), DType::kFloat32, {c.Hq}, "sinks");
+  }
   const TensorView q3 = dv.put(q, c.dt, {tq, c.Hq, c.D}, "q"), k3 = dv.put(k, c.dt, {tk, c.Hkv, c.D}, "k");
   const TensorView v3 = dv.put(v, c.dt, {tk, c.Hkv, c.D}, "v"), do3 = dv.put(dout, c.dt, {tq, c.Hq, c.D}, "dout");
   ForwardOutputs out{dv.out(c.dt, {tq, c.Hq, c.D}, "o"), {}, dv.out(DType::kFloat32, {c.Hq, tq}, "lse"), {}, {}};
@@ -127,6 +139,7 @@ TEST_P(AttentionVarlen, EqualsOneDenseCallPerSequence) {
   ASSERT_TRUE(st.ok()) << st.message();
   BackwardOutputs grads{dv.out(c.dt, {tq, c.Hq, c.D}, "dq"), dv.out(c.dt, {tk, c.Hkv, c.D}, "dk"),
                         dv.out(c.dt, {tk, c.Hkv, c.D}, "dv"), {}};
+  if (with_sinks) grads.dsinks = dv.out(DType::kFloat32, {c.Hq}, "dsinks");
   if (train) {
     st = attention_backward_varlen(do3, q3, k3, v3, seqs,
                                    ForwardState{out.o, out.o_hp, out.lse, out.m_ref, out.l}, opts, grads);
@@ -136,6 +149,9 @@ TEST_P(AttentionVarlen, EqualsOneDenseCallPerSequence) {
   const Bits o = fetch<uint16_t>(out.o), dq = train ? fetch<uint16_t>(grads.dq) : Bits{};
   const Bits dk = train ? fetch<uint16_t>(grads.dk) : Bits{}, dvv = train ? fetch<uint16_t>(grads.dv) : Bits{};
   const std::vector<float> lse = fetch<float>(out.lse);
+  const std::vector<float> dsinks = train && with_sinks ? fetch<float>(grads.dsinks) : std::vector<float>{};
+  // The dense calls' dsinks, summed over the sequences (and their magnitudes, for the bound).
+  std::vector<double> dsinks_sum(c.Hq, 0.0), dsinks_abs(c.Hq, 0.0);
 
   int64_t bad_o = 0, bad_lse = 0, bad_dkv = 0, bad_dq = 0;
   double worst_dq = 0;
@@ -165,7 +181,8 @@ TEST_P(AttentionVarlen, EqualsOneDenseCallPerSequence) {
     ASSERT_TRUE(st.ok()) << st.message();
     BackwardOutputs g1{dd.out(c.dt, {1, c.Hq, nq, c.D}, "dq"), dd.out(c.dt, {1, c.Hkv, nk, c.D}, "dk"),
                        dd.out(c.dt, {1, c.Hkv, nk, c.D}, "dv"), {}};
-    if (train && nk > 0) {
+    if (with_sinks) g1.dsinks = dd.out(DType::kFloat32, {c.Hq}, "dsinks");
+    if (train && nk > 0) {  // (nk = 0: every row is empty and adds nothing to dsinks)
       st = attention_backward(dos, qs, ks, vs, ForwardState{o1.o, o1.o_hp, o1.lse, o1.m_ref, o1.l}, opts, g1);
       ASSERT_TRUE(st.ok()) << st.message();
     }
@@ -180,6 +197,13 @@ TEST_P(AttentionVarlen, EqualsOneDenseCallPerSequence) {
         bad_lse += !(a == b || (std::isnan(a) && std::isnan(b)));
       }
     if (!train) continue;
+    if (with_sinks && nk > 0) {
+      const std::vector<float> ds1 = fetch<float>(g1.dsinks);
+      for (int64_t h = 0; h < c.Hq; ++h) {
+        dsinks_sum[h] += ds1[h];
+        dsinks_abs[h] += std::fabs(ds1[h]);
+      }
+    }
     const Bits dq_ref = nk > 0 ? fetch<uint16_t>(g1.dq) : Bits(static_cast<size_t>(c.Hq * nq * c.D), 0);
     for (int64_t h = 0; h < c.Hq; ++h)
       for (int64_t i = 0; i < nq; ++i)
@@ -208,6 +232,21 @@ TEST_P(AttentionVarlen, EqualsOneDenseCallPerSequence) {
   // Default mode: the dQ pieces are added in L2 in any order; ~3 bf16 ulps of the larger of
   // |dq| and 0.01 cover a different fp32 summation order rounded to 16 bits.
   EXPECT_LE(worst_dq, 3 * (c.dt == DType::kBFloat16 ? 0x1p-8 : 0x1p-11));
+  // dsinks: the varlen call sums every row's term in one fixed order (bwd_aux.cu), the dense calls
+  // each their own rows; fp32 sums of terms of random sign differ by ~sqrt(rows) 2^-24 of the
+  // terms' scale (~4e-6 for 4096 rows): 1e-4 of the sum of the sequences' |dsinks| is 10x that.
+  if (train && with_sinks) {
+    int64_t bad_ds = 0;
+    double norm = 0;
+    for (int64_t h = 0; h < c.Hq; ++h) {
+      norm += dsinks_abs[h];
+      if (!(std::fabs(dsinks[h] - dsinks_sum[h]) <= 1e-4 * dsinks_abs[h]) && bad_ds++ < 4)
+        ADD_FAILURE() << "dsinks head " << h << ": varlen " << dsinks[h] << ", sum of the dense calls "
+                      << dsinks_sum[h];
+    }
+    EXPECT_EQ(bad_ds, 0);
+    EXPECT_GT(norm, 0.0) << "dsinks is zero";
+  }
 }
 
 const std::vector<int> kMix = {1, 15, 16, 17, 127, 128, 129, 4095};
@@ -233,6 +272,19 @@ const VarlenCase kCases[] = {
    {20, 0, 300, 64, 129, 256}, false, {17, 0, 129, 1, 128, 200}},
   {"seqused_deterministic_bf16_bf16_d64_causal", Mode::kBF16, PQuant::kPaper, true, DType::kBFloat16, 64, 2, 2,
    kSmall, {20, 0, 300, 64, 129, 256}, true, {17, 0, 129, 1, 128, 200}},
+  // Softcap and sinks (numerics 9.9, 9.10, 9.11): one sink per head shared by every sequence; a
+  // sequence with queries and no keys (kMixK's 0: its rows are the sink's), causal sequences with
+  // rows without keys, seqused_k.
+  {"sinks_attnqat_paper_bf16_d128_causal_gqa4", Mode::kAttnQAT, PQuant::kPaper, true, DType::kBFloat16, 128, 4, 1, kMix,
+   {}, false, {}, 0.0f, 0},
+  {"softcap5_sinks_attnqat_anchored_bf16_d64_cross", Mode::kAttnQAT, PQuant::kAnchored, false, DType::kBFloat16, 64, 8, 2,
+   kMix, kMixK, false, {}, 5.0f, 2},
+  {"softcap30_sinks_deterministic_bf16_fp16_d64_causal", Mode::kBF16, PQuant::kPaper, true, DType::kFloat16, 64, 4, 2,
+   kSmall, {20, 0, 300, 64, 129, 256}, true, {17, 0, 129, 1, 128, 200}, 30.0f, 0},
+  {"softcap30_sinks_dropin_paper_bf16_d128_causal", Mode::kDropInQAT, PQuant::kPaper, true, DType::kBFloat16, 128, 4, 2,
+   kSmall, {}, false, {}, 30.0f, 4},
+  {"softcap5_sinks_fp4_anchored_fp16_d128_window128_0", Mode::kFP4, PQuant::kAnchored, test::window(128, 0), DType::kFloat16,
+   128, 4, 2, kMix, {}, false, {}, 5.0f, 5},
 };
 // clang-format on
 

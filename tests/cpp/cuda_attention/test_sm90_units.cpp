@@ -2,11 +2,14 @@
 // forward kernel (sm90_test_kernels.h):
 //  - PQuant*: the in-register P pipeline (mask, online softmax, ex2, NVFP4 quantization of P in
 //    the accumulator layout) against the host: exp2f and attnqat::fake_quantize_block_nv.
+//  - Softcap*: the softcap's tanh and slope (softcap.cuh) against tanh in double.
 //  - GemmLayout*: TMA + 128B swizzle + wgmma descriptors + accumulator / A-fragment layouts of the
 //    two GEMMs, exactly (small integers: every product and sum is exact in fp32).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -185,6 +188,55 @@ INSTANTIATE_TEST_SUITE_P(
              (i.param.anchored ? "anchored_" : "paper_") +
              (i.param.integer_scores ? "integer" : "random");
     });
+
+// ---- Softcap (numerics 9.9) ---------------------------------------------------------------------
+
+class Softcap : public Sm90Test {};
+
+// The kernels' tanh (sm90/softcap.cuh: 1 - 2 / (1 + 2^(2 log2(e) |x|)) with ex2.approx and
+// rcp.approx) against tanh in double on x = RN(a s): within 5e-7 absolute (its analysis: ~2.4e-7,
+// ex2.approx's 2^-22 relative plus the fp32 roundings of 1 + e and 1 - 2r, which cancel near 0),
+// never above 1 in magnitude (|S2| <= b), odd; special values as IEEE tanh: +-inf -> +-1,
+// NaN -> NaN, +-0 -> +-0. The slope 1 - t^2 within 1e-6 of 1 - tanh^2 (two more roundings).
+TEST_F(Softcap, TanhAndSlopeMatchDouble) {
+  const float a = 0.08838835f / 30.0f;  // c / softcap for d = 128, softcap 30
+  std::vector<float> s;
+  for (int i = -200000; i <= 200000; ++i) s.push_back(static_cast<float>(i) * 0.1f);  // x in [-59, 59]
+  for (int e = -40; e <= 10; ++e)
+    for (const float m : {1.0f, 1.37f, 1.99f}) {
+      s.push_back(std::ldexp(m, e) / a);
+      s.push_back(-std::ldexp(m, e) / a);
+    }
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> special = {inf, -inf, std::numeric_limits<float>::quiet_NaN(), 0.0f, -0.0f};
+  s.insert(s.end(), special.begin(), special.end());
+  std::vector<float> t, slope;
+  const Status st = run_softcap(a, s, &t, &slope);
+  ASSERT_TRUE(st.ok()) << st.message();
+  double worst = 0, worst_slope = 0;
+  int64_t bad = 0;
+  std::ostringstream first;
+  const size_t n_finite = s.size() - special.size();
+  for (size_t i = 0; i < n_finite; ++i) {
+    const float x = a * s[i];  // RN(a s), as the kernel forms it
+    const double want = std::tanh(static_cast<double>(x));
+    const double err = std::fabs(t[i] - want), err_slope = std::fabs(slope[i] - (1 - want * want));
+    worst = std::max(worst, err);
+    worst_slope = std::max(worst_slope, err_slope);
+    if (!(err <= 5e-7 && err_slope <= 1e-6 && std::fabs(t[i]) <= 1.0f) && bad++ < 8)
+      first << "\n    x " << x << ": t " << t[i] << " (want " << want << "), slope " << slope[i];
+  }
+  std::printf("[ softcap ] tanh max abs error %.3e, slope %.3e\n", worst, worst_slope);
+  EXPECT_EQ(bad, 0) << bad << " elements out of tolerance:" << first.str();
+  const size_t k = n_finite;
+  EXPECT_EQ(t[k], 1.0f);
+  EXPECT_EQ(t[k + 1], -1.0f);
+  EXPECT_TRUE(std::isnan(t[k + 2]));
+  EXPECT_TRUE(t[k + 3] == 0.0f && !std::signbit(t[k + 3]));
+  EXPECT_TRUE(t[k + 4] == 0.0f && std::signbit(t[k + 4]));
+  EXPECT_EQ(slope[k], 0.0f);
+  EXPECT_EQ(slope[k + 3], 1.0f);
+}
 
 // ---- GEMM layouts ------------------------------------------------------------------------------
 

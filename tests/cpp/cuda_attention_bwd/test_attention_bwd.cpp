@@ -31,7 +31,13 @@
 // emulation's by more than 1e-6).
 // Outputs are poisoned (NaN) before every GPU run: a NaN left is an unwritten element. On failure
 // the messages give the error norms and the worst elements (batch, head, row, column).
-// Deterministic mode: three runs must give the same bits in dQ, dK and dV.
+// Deterministic mode: three runs must give the same bits in dQ, dK and dV (and dsinks).
+// Softcap (numerics 9.9) keeps these bounds: the kernel's tanh (sm90/softcap.cuh, ~2.4e-7
+// absolute) moves P by at most softcap * log2(e) * 2.4e-7 * ln 2 relative (1.2e-5 at softcap 50)
+// and the slope 1 - t^2 by ~1e-6, two orders below the bf16 operand rounding that the emulation
+// shares with the kernel; dS = RN(RN(P (1 - t^2)) (dP - D)) against the reference's
+// RN(RN(P (dP - D)) (1 - t^2)) is one fp32 rounding apart before the 16-bit rounding. Sinks
+// (9.10) change nothing in the kernel (LSE, m_ref, l include them); dsinks: check_dsinks.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -71,6 +77,8 @@ struct Case {
   bool raw = false;      // bwd_quantized_qkv on, but the backward gets the raw inputs
   bool gpu_fwd = false;  // the saved state comes from the GPU forward
   bool deterministic = false;
+  float softcap = 0.0f;  // numerics 9.9 (0: off)
+  int sinks = -1;        // numerics 9.10: sink_values(sinks, Hq) (gpu_util.h); -1: no sinks
 };
 
 bool quantizes(Mode m) { return m != Mode::kBF16; }
@@ -82,8 +90,29 @@ AttentionOptions options_of(const Case& c) {
   if (c.sw.hp_o >= 0) o.bwd.high_precision_o = c.sw.hp_o;
   o.kv_tile = 128;
   o.deterministic = c.deterministic;
+  o.softcap = c.softcap;
   return o;
 }
+
+// The case's sinks (host values; the device copy when `where` is CUDA), attached to options.
+struct CaseSinks {
+  std::vector<float> host;
+  DeviceBuffer dev;
+  CaseSinks(const Case& c, Device where) : host(sink_values(c.sinks, c.Hq)) {
+    if (where == Device::kCUDA && !host.empty()) {
+      dev = DeviceBuffer(host.size() * 4);
+      dev.upload(host);
+    }
+  }
+  bool any() const { return !host.empty(); }
+  AttentionOptions attach(AttentionOptions opts) {
+    if (host.empty()) return opts;
+    void* data = dev.get() != nullptr ? dev.get() : static_cast<void*>(host.data());
+    opts.sinks = make_view(data, DType::kFloat32, {static_cast<int64_t>(host.size())}, "sinks",
+                           dev.get() != nullptr ? Device::kCUDA : Device::kCPU);
+    return opts;
+  }
+};
 bool eff_qkv(const Case& c) { return quantizes(c.mode) && options_of(c).bwd.quantized_qkv; }
 bool eff_quant_p(const Case& c) { return quantizes(c.mode) && options_of(c).bwd.quant_p; }
 
@@ -129,7 +158,8 @@ struct State {
 };
 
 State forward_state(const Case& c, const Problem& p) {
-  AttentionOptions opts = options_of(c);
+  CaseSinks sinks(c, c.gpu_fwd ? Device::kCUDA : Device::kCPU);
+  AttentionOptions opts = sinks.attach(options_of(c));
   opts.inputs_quantized = true;  // Q^, K^, V^ (== raw in mode bf16)
   const int64_t rows = c.B * c.Hq * c.Nq, n = rows * c.D;
   State s;
@@ -183,6 +213,7 @@ State forward_state(const Case& c, const Problem& p) {
 
 struct Grads {
   std::vector<double> dq, dk, dv;
+  std::vector<double> dsinks;  // [Hq], cases with sinks
 };
 
 // The backward's q, k, v (see the file header) and its inputs_quantized.
@@ -195,7 +226,8 @@ AttentionOptions bwd_options(const Case& c) {
   return o;
 }
 
-Grads run_gpu(const Case& c, const Problem& p, const State& s, Status* status) {
+Grads run_gpu(const Case& c, const Problem& p, const State& s, Status* status,
+              const Bits* dout_override = nullptr) {
   const int64_t rows = c.B * c.Hq * c.Nq, nq = rows * c.D, nk = c.B * c.Hkv * c.Nk * c.D;
   auto up = [](const Bits& x) {
     DeviceBuffer b(x.size() * 2 + 16);
@@ -207,7 +239,8 @@ Grads run_gpu(const Case& c, const Problem& p, const State& s, Status* status) {
     b.upload(x.data(), x.size() * 4);
     return b;
   };
-  DeviceBuffer q = up(bwd_q(c, p)), k = up(bwd_k(c, p)), v = up(bwd_v(c, p)), dout = up(p.dout);
+  DeviceBuffer q = up(bwd_q(c, p)), k = up(bwd_k(c, p)), v = up(bwd_v(c, p));
+  DeviceBuffer dout = up(dout_override != nullptr ? *dout_override : p.dout);
   DeviceBuffer o = up(s.o), o_hp = up(s.o_hp), lse = upf(s.lse), m = upf(s.m_ref), l = upf(s.l);
   DeviceBuffer dq(nq * 2 + 16), dk(nk * 2 + 16), dv(nk * 2 + 16);
   for (DeviceBuffer* b : {&dq, &dk, &dv}) b->poison();
@@ -221,11 +254,15 @@ Grads run_gpu(const Case& c, const Problem& p, const State& s, Status* status) {
   g.dq = cuda_view(dq.get(), c.dt, {c.B, c.Hq, c.Nq, c.D}, "dq");
   g.dk = cuda_view(dk.get(), c.dt, {c.B, c.Hkv, c.Nk, c.D}, "dk");
   g.dv = cuda_view(dv.get(), c.dt, {c.B, c.Hkv, c.Nk, c.D}, "dv");
+  CaseSinks sinks(c, Device::kCUDA);
+  DeviceBuffer dsinks(c.Hq * 4 + 16);
+  dsinks.poison();
+  if (sinks.any()) g.dsinks = cuda_view(dsinks.get(), DType::kFloat32, {c.Hq}, "dsinks");
   *status = attention_backward(cuda_view(dout.get(), c.dt, {c.B, c.Hq, c.Nq, c.D}, "dout"),
                                cuda_view(q.get(), c.dt, {c.B, c.Hq, c.Nq, c.D}, "q"),
                                cuda_view(k.get(), c.dt, {c.B, c.Hkv, c.Nk, c.D}, "k"),
                                cuda_view(v.get(), c.dt, {c.B, c.Hkv, c.Nk, c.D}, "v"), fs,
-                               bwd_options(c), g);
+                               sinks.attach(bwd_options(c)), g);
   Grads r;
   if (!status->ok()) return r;
   cuda_check(cudaDeviceSynchronize(), "attention_backward kernels");
@@ -239,11 +276,17 @@ Grads run_gpu(const Case& c, const Problem& p, const State& s, Status* status) {
   r.dq = down(dq, nq);
   r.dk = down(dk, nk);
   r.dv = down(dv, nk);
+  if (sinks.any()) {
+    std::vector<float> h(c.Hq);
+    dsinks.download(h.data(), h.size() * 4);
+    r.dsinks.assign(h.begin(), h.end());
+  }
   return r;
 }
 
 // precision kFloat64 (float64 copies of every input) or kBF16Operands (the input dtype).
-Grads run_ref(const Case& c, const Problem& p, const State& s, Precision precision) {
+Grads run_ref(const Case& c, const Problem& p, const State& s, Precision precision,
+              const Bits* dout_override = nullptr) {
   AttentionOptions opts = bwd_options(c);
   opts.precision = precision;
   const bool f64 = precision == Precision::kFloat64;
@@ -267,7 +310,7 @@ Grads run_ref(const Case& c, const Problem& p, const State& s, Precision precisi
   void* q = in(bwd_q(c, p));
   void* k = in(bwd_k(c, p));
   void* v = in(bwd_v(c, p));
-  void* dout = in(p.dout);
+  void* dout = in(dout_override != nullptr ? *dout_override : p.dout);
   void* o = in(s.o);
   void* o_hp = in(s.o_hp);
   std::vector<float> lse = s.lse, m = s.m_ref, l = s.l;
@@ -283,12 +326,17 @@ Grads run_ref(const Case& c, const Problem& p, const State& s, Precision precisi
   g.dq = make_view(f64 ? static_cast<void*>(dq64.data()) : dq16.data(), dt, {c.B, c.Hq, c.Nq, c.D}, "dq");
   g.dk = make_view(f64 ? static_cast<void*>(dk64.data()) : dk16.data(), dt, {c.B, c.Hkv, c.Nk, c.D}, "dk");
   g.dv = make_view(f64 ? static_cast<void*>(dv64.data()) : dv16.data(), dt, {c.B, c.Hkv, c.Nk, c.D}, "dv");
+  CaseSinks sinks(c, Device::kCPU);
+  std::vector<float> dsinks(c.Hq, NAN);
+  if (sinks.any()) g.dsinks = make_view(dsinks.data(), DType::kFloat32, {c.Hq}, "dsinks");
   const Status st = attention_backward(make_view(dout, dt, {c.B, c.Hq, c.Nq, c.D}, "dout"),
                                        make_view(q, dt, {c.B, c.Hq, c.Nq, c.D}, "q"),
                                        make_view(k, dt, {c.B, c.Hkv, c.Nk, c.D}, "k"),
-                                       make_view(v, dt, {c.B, c.Hkv, c.Nk, c.D}, "v"), fs, opts, g);
+                                       make_view(v, dt, {c.B, c.Hkv, c.Nk, c.D}, "v"), fs,
+                                       sinks.attach(opts), g);
   EXPECT_TRUE(st.ok()) << "reference backward: " << st.message();
   Grads r;
+  if (sinks.any()) r.dsinks.assign(dsinks.begin(), dsinks.end());
   if (f64) {
     r.dq = dq64, r.dk = dk64, r.dv = dv64;
     return r;
@@ -360,6 +408,27 @@ void check(const Case& c, const char* name, const std::vector<double>& gpu,
                         << " + " << floor << explain(gpu, ref64, H, N, c.D);
   EXPECT_LE(err, sharp) << c.name << " " << name << ": rel L2 error " << err << " > 1.1 x " << base
                         << " + " << floor << explain(gpu, ref64, H, N, c.D);
+}
+
+// dsinks [Hq] (numerics 9.10): -sum over the batch and rows of p_sink * D. No tensor-core operand:
+// the emulation's error against fp64 is the fp32 reference's own (sequential sums of D over d and
+// of the rows' terms, std::exp2), and the kernel's is of the same kind in another order (bwd_aux.cu:
+// fp32 D, exp2f, per-row terms summed by a fixed tree), ~sqrt(B Nq) 2^-24 relative for sums of
+// terms of random sign: ~1e-5 here. Bound: 2 x the emulation's relative L2 error + 1e-4 (10x
+// that), over the heads (heads without a sink: exactly 0 on both sides).
+void check_dsinks(const Case& c, const std::vector<double>& gpu, const std::vector<double>& ref64,
+                  const std::vector<double>& ref_lp) {
+  const double err = rel_l2(gpu, ref64), base = rel_l2(ref_lp, ref64), bound = 2 * base + 1e-4;
+  std::printf("[ %-44s ] dsinks rel L2 err %.3e (low-precision reference %.3e, bound %.3e)\n",
+              c.name, err, base, bound);
+  std::ostringstream os;
+  for (size_t h = 0; h < gpu.size(); ++h)
+    os << "\n  head " << h << ": got " << gpu[h] << " want " << ref64[h];
+  EXPECT_LE(err, bound) << c.name << " dsinks: rel L2 error " << err << os.str();
+  // Not vacuous: heads with a finite sink get a gradient.
+  double norm = 0;
+  for (double x : ref64) norm += x * x;
+  EXPECT_GT(norm, 0.0) << c.name << ": dsinks is zero";
 }
 
 int64_t differing_bits(const std::vector<double>& a, const std::vector<double>& b) {
@@ -439,6 +508,28 @@ const Case kCases[] = {
   {"dropin_paper_fp16_d48",                     kDrop, kPaper, false, kHf, 48,  1, 2, 1, 129,  257},
   {"deterministic_attnqat_paper_bf16_d96_gqa4", kQat, kPaper, false, kBf, 96,  1, 4, 1, 700, 1024, kDefault, false, false, true},
   {"deterministic_attnqat_anchored_bf16_d16_causal", kQat, kAnch, true, kBf, 16, 1, 2, 2, 200, 333, kDefault, false, false, true},
+  // Logit soft-capping (numerics 9.9): caps 30 (Gemma-2-like) and 5 (saturating) and 50; every mode,
+  // both p_quant, causal, a window, an ablation, the GPU forward's state, raw inputs.
+  {"softcap30_attnqat_paper_bf16_d128",         kQat, kPaper, false, kBf, 128, 1, 2, 2, 1013, 1024, kDefault, false, false, false, 30.0f},
+  {"softcap5_attnqat_anchored_fp16_d64_causal_gqa4", kQat, kAnch, true, kHf, 64, 1, 4, 1, 300, 333, kDefault, false, false, false, 5.0f},
+  {"softcap5_bf16_bf16_d128_causal",            kBf16, kPaper, true, kBf, 128, 1, 2, 1, 700, 1024, kDefault, false, false, false, 5.0f},
+  {"softcap30_dropin_anchored_bf16_d64",        kDrop, kAnch, false, kBf, 64,  2, 2, 1, 257, 300, kDefault, false, false, false, 30.0f},
+  {"softcap5_ablate_qat_no_quant_p_paper_fp16_d128", kQat, kPaper, false, kHf, 128, 1, 2, 2, 200, 129, kNoQuantP, false, false, false, 5.0f},
+  {"softcap30_window_attnqat_paper_bf16_d64_1_1", kQat, kPaper, test::window(1, 1), kBf, 64, 1, 4, 1, 300, 333, kDefault, false, false, false, 30.0f},
+  {"softcap50_gpu_fwd_anchored_bf16_d128_causal", kQat, kAnch, true, kBf, 128, 1, 2, 1, 1013, 1024, kDefault, false, true, false, 50.0f},
+  {"softcap5_raw_inputs_paper_bf16_d64",        kQat, kPaper, false, kBf, 64, 2, 4, 2, 77, 300, kDefault, true, false, false, 5.0f},
+  // Attention sinks (numerics 9.10; values: kSinkPattern, gpu_util.h) and dsinks: rows without keys
+  // (causal with Nq > Nk, a window), every mode, the GPU forward's state, the deterministic mode.
+  {"sinks_attnqat_paper_bf16_d128_causal_nq_gt_nk", kQat, kPaper, true, kBf, 128, 1, 4, 2, 1024, 700, kDefault, false, false, false, 0.0f, 0},
+  {"sinks_attnqat_anchored_fp16_d64_gqa4",      kQat, kAnch,  false, kHf, 64,  2, 4, 1, 300, 1024, kDefault, false, false, false, 0.0f, 2},
+  {"sinks_bf16_bf16_d64_window0_0_nq_gt_nk",    kBf16, kPaper, test::window(0, 0), kBf, 64, 1, 8, 2, 300, 200, kDefault, false, false, false, 0.0f, 0},
+  {"sinks_dropin_paper_bf16_d128_causal",       kDrop, kPaper, true, kBf, 128, 1, 4, 2, 257, 300, kDefault, false, false, false, 0.0f, 4},
+  {"sinks_gpu_fwd_anchored_bf16_d64_causal_nq_gt_nk", kQat, kAnch, true, kBf, 64, 2, 8, 2, 300, 129, kDefault, false, true, false, 0.0f, 0},
+  {"sinks_deterministic_paper_bf16_d128_gqa2",  kQat, kPaper, false, kBf, 128, 1, 4, 2, 700, 1024, kDefault, false, false, true, 0.0f, 5},
+  // Both.
+  {"softcap5_sinks_attnqat_anchored_bf16_d128_causal", kQat, kAnch, true, kBf, 128, 2, 4, 2, 1013, 1024, kDefault, false, false, false, 5.0f, 0},
+  {"softcap30_sinks_dropin_paper_fp16_d64_causal_nq_gt_nk", kDrop, kPaper, true, kHf, 64, 1, 8, 2, 300, 200, kDefault, false, false, false, 30.0f, 0},
+  {"softcap50_sinks_deterministic_bf16_bf16_d128_window128_0", kBf16, kPaper, test::window(128, 0), kBf, 128, 1, 4, 1, 1013, 1024, kDefault, false, false, true, 50.0f, 2},
 };
 // clang-format on
 
@@ -456,6 +547,7 @@ TEST_P(AttentionBwd, MatchesReference) {
   check(c, "dQ", gpu.dq, ref64.dq, ref_lp.dq, kFloor, c.Hq, c.Nq);
   check(c, "dK", gpu.dk, ref64.dk, ref_lp.dk, kFloor, c.Hkv, c.Nk);
   check(c, "dV", gpu.dv, ref64.dv, ref_lp.dv, eff_quant_p(c) ? kFloorQuantP : kFloor, c.Hkv, c.Nk);
+  if (c.sinks >= 0) check_dsinks(c, gpu.dsinks, ref64.dsinks, ref_lp.dsinks);
   if (c.deterministic) {
     for (int run = 0; run < 2; ++run) {
       const Grads again = run_gpu(c, p, s, &st);
@@ -463,6 +555,7 @@ TEST_P(AttentionBwd, MatchesReference) {
       EXPECT_EQ(differing_bits(again.dq, gpu.dq), 0) << c.name << ": dQ differs between runs";
       EXPECT_EQ(differing_bits(again.dk, gpu.dk), 0) << c.name << ": dK differs between runs";
       EXPECT_EQ(differing_bits(again.dv, gpu.dv), 0) << c.name << ": dV differs between runs";
+      EXPECT_EQ(differing_bits(again.dsinks, gpu.dsinks), 0) << c.name << ": dsinks differs between runs";
     }
   }
 }
@@ -471,6 +564,36 @@ INSTANTIATE_TEST_SUITE_P(Sm90, AttentionBwd, ::testing::ValuesIn(kCases),
                          [](const ::testing::TestParamInfo<Case>& i) {
                            return std::string(i.param.name);
                          });
+
+// ---- Sinks: rows without keys -----------------------------------------------------------------
+
+class AttentionBwdSinks : public Sm90Test {};
+
+// Rows that see no key add nothing to dsinks whatever dO holds (numerics 9.10): dO is NaN on every
+// such row (causal with Nq > Nk: rows 0 .. Nq - Nk - 1), and dsinks must still be finite and the
+// reference's (which skips those rows). dQ, dK, dV are not compared: inside the diagonal tiles a
+// NaN dO may reach them (numerics 9.7).
+TEST_F(AttentionBwdSinks, RowsWithoutKeysAddNothingToDsinks) {
+  for (const Mode mode : {Mode::kAttnQAT, Mode::kBF16}) {
+    const Case c{"sinks_empty_rows_nan_dout", mode, PQuant::kAnchored, true, kBf, 64, 2, 4, 2, 300,
+                 129, kDefault, false, false, false, 5.0f, 0};
+    const Problem p = make_problem(c, 99);
+    const State s = forward_state(c, p);
+    Bits dout = p.dout;
+    const uint16_t nan_bits = to_half_bits(NAN, c.dt);
+    for (int64_t bh = 0; bh < c.B * c.Hq; ++bh)
+      for (int64_t i = 0; i < c.Nq - c.Nk; ++i)
+        for (int64_t d = 0; d < c.D; ++d) dout[(bh * c.Nq + i) * c.D + d] = nan_bits;
+    Status st;
+    const Grads gpu = run_gpu(c, p, s, &st, &dout);
+    ASSERT_TRUE(st.ok()) << st.message();
+    const Grads ref64 = run_ref(c, p, s, Precision::kFloat64, &dout);
+    const Grads ref_lp = run_ref(c, p, s, Precision::kBF16Operands, &dout);
+    for (size_t h = 0; h < gpu.dsinks.size(); ++h)
+      EXPECT_TRUE(std::isfinite(gpu.dsinks[h])) << "head " << h << ": dsinks " << gpu.dsinks[h];
+    check_dsinks(c, gpu.dsinks, ref64.dsinks, ref_lp.dsinks);
+  }
+}
 
 // ---- Errors -----------------------------------------------------------------------------------
 

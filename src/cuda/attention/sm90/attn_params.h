@@ -18,6 +18,7 @@
 // (head_dim), and the backward's dQ pieces cover the tile (bwd_params.h).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -28,6 +29,33 @@
 namespace attnqat::sm90 {
 
 struct SeqRows;
+
+constexpr float kLog2e = 1.44269504088896340736f;  // RN(log2 e)
+
+// Logit soft-capping and attention sinks (numerics 9.9, 9.10): runtime values of every kernel
+// (no template argument; a call without them leaves the defaults and runs the same code with
+// two uniform branches not taken).
+//  - cap_a = RN(c / softcap), 0 without a cap. With a cap, the kernels replace each raw score s
+//    (fp32 dot product) by t = tanh(RN(cap_a * s)) before the mask (masked keys stay -inf, never
+//    -softcap), and AttnParams::c2 holds b = RN(softcap * RN(log2 e)) instead of
+//    RN(c * RN(log2 e)): every later step forms S2 = RN(c2 * t) exactly as it forms RN(c2 * s)
+//    without a cap (b > 0, so the row max of S2 is still c2 times the row max of t).
+//  - sinks: one natural-log logit per query head, fp32 on the device at sinks[h * sinks_stride];
+//    nullptr: no sinks. The forward starts each row's state at the sink (sm90/fwd_softmax.cuh);
+//    the backward's preprocess computes dsinks (bwd_aux.cu).
+struct SoftcapSinks {
+  float cap_a = 0.0f;
+  const float* sinks = nullptr;
+  int64_t sinks_stride = 0;
+
+  __host__ __device__ bool capped() const { return cap_a != 0.0f; }
+  // Head h's sink in log2 units, z2 = RN(z_h * RN(log2 e)); -inf when the call has no sinks or
+  // the head's sink is -inf (no sink). NaN or +inf (which the CPU validation refuses and the
+  // device's is not read for) come out NaN / +inf and poison the head's rows, never ignored.
+  __device__ __forceinline__ float sink2(int h) const {
+    return sinks == nullptr ? -INFINITY : __fmul_rn(sinks[h * sinks_stride], kLog2e);
+  }
+};
 
 // The tile head dim that runs head dim d (see the file header): 64 for d <= 64, 128 for
 // 64 < d <= 128, 0 where no kernel does (d not a positive multiple of 16, or above 128).
@@ -44,7 +72,8 @@ struct AttnParams {
   int head_dim;            // d of the tensors; the kernel's tile (Cfg::kHeadDim) may be wider
   int window_left;         // LocalMask's window (-1: unbounded side; src/common/mask.h)
   int window_right;
-  float c2;                // RN(c * RN(log2 e)): S2 = c2 * (q . k), log2 units
+  float c2;                // RN(c * RN(log2 e)): S2 = c2 * (q . k), log2 units (softcap: b)
+  SoftcapSinks extras;     // softcap and sinks (above); the launchers set it after attn_params()
   PQuant p_quant;          // anchored: m_ref = ceil(m), g = 2^-11; paper: m_ref = m, g = 1
   cuda::PQuantConsts pq;   // the constants of phi_nv(.; g) for p_quant
   const int* cu_seqlens_q;  // packed sequences: [S + 1] row offsets (device); nullptr: dense

@@ -8,6 +8,13 @@
 //   bwd_postprocess: dQ = RN(c * dQaccum) in the input dtype, undoing the fragment order of the
 //                    dQaccum pieces (which span the kernel's tile head dim; columns from the
 //                    tensor's head dim on are dropped, attn_params.h).
+//   dsinks (numerics 9.10), deterministic, in two steps: the preprocess writes each row's
+//                    p_sink * D = exp2(z2 - LSE / ln 2) * D (0 for rows that see no key, padding
+//                    rows and heads without a sink) into a scratch [Hq, S, rows_pad]; then
+//                    dsinks_reduce_kernel, one block per head, sums them in a fixed order (each
+//                    thread a fixed strided subset in order, then a fixed tree) and writes -sum.
+//                    The reference sums over the batch, then the rows, sequentially: another
+//                    fp32 order, and exp2f here against std::exp2 (both within 2 ulp).
 // Plain CUDA (no sm_90 features); memory-bound, a small share of the backward's time.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -56,6 +63,12 @@ struct PreParams {
   const int* cu_seqlens_q;  // packed sequences, else nullptr
   int heads, seqlen_q, rows_pad, head_dim;  // rows_pad = m_blocks * 64 per (sequence, head)
   int64_t total_rows;                       // S * Hq * rows_pad
+  // dsinks only (dsink_rows != nullptr): [Hq, S, rows_pad] per-row terms; the sinks, and the
+  // call's sequences and mask to tell the rows that see no key.
+  float* dsink_rows;
+  int num_seqs;
+  AttnParams attn;
+  MaskKind mask;
 };
 
 template <bool kF16>
@@ -69,6 +82,7 @@ __global__ void bwd_preprocess_kernel(const PreParams p) {
   const SeqSpan sp = seq_span_of(p.cu_seqlens_q, static_cast<int>(sh / p.heads), p.seqlen_q,
                                  p.rows_pad);
   float4 st = make_float4(-INFINITY, 0.0f, -INFINITY, 0.0f);
+  float sink_term = 0.0f;
   if (i < sp.len) {
     const int64_t do_base = p.do_str.at(sp.b, h, sp.row0 + i);
     const int64_t o_base = p.o_str.at(sp.b, h, sp.row0 + i);
@@ -79,9 +93,10 @@ __global__ void bwd_preprocess_kernel(const PreParams p) {
     for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     const int64_t r = p.stat_str.at(sp.b, h, sp.row0 + i);
     const float lse = p.lse[r];
-    // LSE = -inf only for a row that the mask leaves without keys: it keeps P = 0 (and D = 0,
-    // its O is 0). Every other row takes its statistics as they are, so a poisoned row (LSE,
-    // m_ref, l NaN) gives NaN probabilities and NaN gradients, never zeros.
+    // LSE = -inf only for a row that the mask leaves without keys (and has no sink): it keeps
+    // P = 0 (and D = 0, its O is 0). Every other row takes its statistics as they are, so a
+    // poisoned row (LSE, m_ref, l NaN) gives NaN probabilities and NaN gradients, never zeros;
+    // a row without keys but with a sink has a finite LSE, and the mask keeps its P = 0.
     if (lse != -INFINITY) {
       st.x = -__fdiv_rn(lse, kLn2);
       st.y = sum;
@@ -90,8 +105,40 @@ __global__ void bwd_preprocess_kernel(const PreParams p) {
         st.w = __frcp_rn(p.l[r]);
       }
     }
+    // dsinks: p_sink * D with p_sink = exp2(z2 - lse2); a row without keys adds nothing (its O is
+    // 0, but dO may hold anything), and a poisoned row (LSE NaN) poisons the head's dsinks.
+    if (p.dsink_rows != nullptr) {
+      const float z2 = p.attn.extras.sink2(h);
+      const int s = static_cast<int>(sh / p.heads);
+      if (z2 != -INFINITY && !visible_keys(p.mask, i, p.attn.seq_rows(s).info).empty())
+        sink_term = exp2f(__fadd_rn(z2, st.x)) * sum;
+    }
   }
-  if (lane == 0) p.stats[row] = st;
+  if (lane == 0) {
+    p.stats[row] = st;
+    if (p.dsink_rows != nullptr)
+      p.dsink_rows[(static_cast<int64_t>(h) * p.num_seqs + sh / p.heads) * p.rows_pad + i] = sink_term;
+  }
+}
+
+// dsinks[h] = -(sum of head h's row terms), one block of kReduceThreads per head (see the file
+// header): the same order on every run.
+constexpr int kReduceThreads = 256;
+__global__ void dsinks_reduce_kernel(const float* rows, int64_t rows_per_head, float* dsinks,
+                                     int64_t dsinks_stride) {
+  __shared__ float part[kReduceThreads];
+  const int h = blockIdx.x, t = threadIdx.x;
+  const float* r = rows + h * rows_per_head;
+  float acc = 0.0f;
+  for (int64_t i = t; i < rows_per_head; i += kReduceThreads) acc += r[i];
+  part[t] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int w = kReduceThreads / 2; w > 0; w /= 2) {
+    if (t < w) part[t] += part[t + w];
+    __syncthreads();
+  }
+  if (t == 0) dsinks[h * dsinks_stride] = -part[0];
 }
 
 template <bool kF16>
@@ -156,7 +203,11 @@ Status launch_bwd_preprocess(const BwdPreArgs& a) {
   p.seqlen_q = static_cast<int>(a.dout.shape[2]);
   p.head_dim = static_cast<int>(a.dout.shape[3]);
   p.rows_pad = a.m_blocks * kPieceRows;
-  p.total_rows = num_sequences(a.dout, a.varlen) * a.dout.shape[1] * p.rows_pad;
+  p.num_seqs = static_cast<int>(num_sequences(a.dout, a.varlen));
+  p.total_rows = p.num_seqs * a.dout.shape[1] * p.rows_pad;
+  p.dsink_rows = a.dsink_rows;
+  p.attn = a.attn;
+  p.mask = a.mask;
   const int64_t blocks = (p.total_rows + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks == 0) return Status::Ok();
   if (a.dout.dtype == DType::kFloat16)
@@ -165,6 +216,16 @@ Status launch_bwd_preprocess(const BwdPreArgs& a) {
     bwd_preprocess_kernel<false><<<static_cast<unsigned>(blocks), 32 * kRowsPerBlock, 0, a.stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? Status::Ok() : launch_error("the preprocess kernel", err);
+}
+
+Status launch_dsinks_reduce(const float* dsink_rows, int64_t rows_per_head, const TensorView& dsinks,
+                           cudaStream_t stream) {
+  const int64_t heads = dsinks.shape[0];
+  if (heads == 0) return Status::Ok();
+  dsinks_reduce_kernel<<<static_cast<unsigned>(heads), kReduceThreads, 0, stream>>>(
+      dsink_rows, rows_per_head, static_cast<float*>(dsinks.data), dsinks.stride[0]);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? Status::Ok() : launch_error("the dsinks reduction kernel", err);
 }
 
 Status launch_bwd_postprocess(const float* dq_accum, const TensorView& dq, const VarlenArgs& varlen,

@@ -5,13 +5,18 @@
 //   P = exp2(S2 - LSE / ln 2), P_F = phi_nv(P; 1) ("paper") or phi_nv(exp2(S2 - m_ref); 2^-11) / l
 //   ("anchored") or P (quant_p off), dV += P_F^T dO, dP = dO V^T, dS = P (dP - D),
 //   dK = c dS^T Q, dQ = c dS K   (the postprocess applies dQ's c).
+// Softcap (numerics 9.9): the scores are t = tanh(a S) (softcap.cuh) with c2 = b, and
+// dS = P (dP - D) (1 - t^2), computed as RN(RN(P (1 - t^2)) (dP - D)) (the reference multiplies
+// in the other order: one fp32 rounding apart, before dS is rounded to 16 bits). Sinks (9.10)
+// need nothing here: LSE, m_ref and l include the sink, and dsinks comes from the preprocess.
 // The row statistics (-LSE/ln 2, D, -m_ref, 1/l) come precomputed per query row (bwd_aux.cu).
 //
 // Grid (ceil(Nk / 128), Hkv, B), 384 threads, one CTA per SM. Configuration, roles and the
 // shared-memory map: bwd_config.h. Per iteration (query head h of the group, query block m), a
 // consumer warpgroup w (keys [64 w, 64 w + 64) of the block) does:
 //   1. wait Q[m], dO[m], stats[m] (TMA ring);  S = Q K_w^T, dP = dO V_w^T (two commit groups)
-//   2. wait S; mask; P (in place of S), P_F -> P tile in shared memory; fence; warpgroup barrier
+//   2. wait S; [softcap: t]; mask; P (in place of S), P_F -> P tile in shared memory; [softcap:
+//      P (1 - t^2) in place of P]; fence; warpgroup barrier
 //   3. dV += P_F^T dO (issued, runs while 4 computes)
 //   4. wait dP; dS = P (dP - D) -> dS tile (double-buffered); fence; barrier (d = 128: both
 //      warpgroups, because each one's dQ piece reads both dS halves)
@@ -38,6 +43,7 @@
 #include "cuda/attention/sm90/bwd_config.h"
 #include "cuda/attention/sm90/bwd_params.h"
 #include "cuda/attention/sm90/fragment.cuh"
+#include "cuda/attention/sm90/softcap.cuh"
 #include "cuda/common/ptx_sm90.cuh"
 #include "cuda/common/wgmma.cuh"
 #include "common/mask.h"
@@ -287,12 +293,18 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
         const uint32_t st_addr = sm.stats(stage) + (16 * warp + g) * 16;
         const float4 st0 = cuda::ld_shared_v4f(st_addr), st1 = cuda::ld_shared_v4f(st_addr + 8 * 16);
         const int row0 = m * Cfg::kBlockM + 16 * warp + g;
+        if (p.extras.capped()) cap_scores<Cfg::kWgKeys>(s, p.extras.cap_a);  // t, before the mask
         if (keys_need_mask(key0, Cfg::kWgKeys, keys_seen_by_all<Mask>(m, Cfg::kBlockM, seq)))
           apply_mask<Cfg::kWgKeys>(s, key0, Mask::keys(row0, seq), Mask::keys(row0 + 8, seq));
 #pragma unroll
         for (int j = 0; j < Cfg::kSlabs; ++j) {
           float* x = &s[8 * j];
           uint32_t frag[4];
+          float slope[8];  // softcap: 1 - t^2 of each element, taken before x turns into P
+          if (p.extras.capped()) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) slope[e] = cap_slope(x[e]);
+          }
           if (p.quant_p && p.p_quant == PQuant::kAnchored) {
             // The forward's P blocks: phi_nv(p~; 2^-11) of p~ = exp2(S2 - m_ref), then / l
             // (p~ formed exactly as the forward forms it: ex2.approx of fma(s, c2, -m_ref)).
@@ -312,6 +324,11 @@ __device__ __forceinline__ void bwd_consumer(const BwdParams& p, const BwdSmem<C
             cuda::quantize_p_slab_scaled<kF16>(x, p.pq, 1.0f, 1.0f, frag);  // phi_nv(P; 1)
           }
           store_slab(p_tile, j, frag);
+          // Softcap: from here x only feeds dS = P (dP - D) (1 - t^2) (step 4): fold the slope in.
+          if (p.extras.capped()) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) x[e] = __fmul_rn(x[e], slope[e]);
+          }
         }
         cuda::fence_proxy_async_smem();
         cuda::named_bar_sync(bar_wg, 128);

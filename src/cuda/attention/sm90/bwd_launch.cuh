@@ -21,6 +21,7 @@ Status launch_bwd(const BwdArgs& a) {
                                             int64_t{1} << 30, "up to 2^30", a.q, a.k));
   BwdParams p{};
   static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant, a.seq, a.varlen);
+  p.extras = a.extras;
   const int64_t n_blocks = (p.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN;
   const int64_t m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   ATTNQAT_RETURN_IF_ERROR(make_tma_bhsd(&p.tma_q, a.q, Cfg::kBlockM));

@@ -4,7 +4,9 @@
 //                          generated file (CMakeLists.txt, from sm90/bwd_instance.cu.in):
 //                          2 dtypes x 2 head dims x 3 masks = 12 instantiations; quant_p,
 //                          anchored, deterministic and the window's sizes are runtime values
-//   launch_bwd_preprocess  the per-row statistics {-LSE/ln 2, D, -m_ref, 1/l} (bwd_aux.cu)
+//   launch_bwd_preprocess  the per-row statistics {-LSE/ln 2, D, -m_ref, 1/l} (bwd_aux.cu), and
+//                          the rows' dsinks terms
+//   launch_dsinks_reduce   dsinks from those terms (bwd_aux.cu)
 //   launch_bwd_postprocess dQ = c * dQaccum, rounded to the input dtype (bwd_aux.cu)
 // None synchronizes; errors come back as Status.
 #pragma once
@@ -26,7 +28,8 @@ struct BwdArgs {
   const float4* stats;  // [B, Hq, m_blocks * 64] (bwd_params.h)
   float* dq_accum;      // zeroed
   int* dq_sem;          // zeroed (deterministic)
-  float c2, scale;
+  float c2, scale;      // c2 as the forward's (with a softcap: b); scale = c
+  SoftcapSinks extras;  // softcap (the kernel); sinks are the preprocess's (dsinks)
   bool quant_p, deterministic;
   PQuant p_quant;  // paper or anchored (used when quant_p)
   MaskKind mask;   // the policy the dispatch instantiates (api.cu with_mask)
@@ -50,9 +53,21 @@ struct BwdPreArgs {
   const float* l;
   float4* stats;
   int m_blocks;
+  // dsinks (numerics 9.10), optional: with dsink_rows set, each row's term p_sink * D goes to
+  // dsink_rows [Hq, S, m_blocks * 64] (0 for rows that see no key, padding rows, heads without a
+  // sink), for launch_dsinks_reduce. attn: the call's shapes, sequences and sinks (attn.extras);
+  // mask: its policy (which rows see no key).
+  float* dsink_rows = nullptr;
+  AttnParams attn;
+  MaskKind mask;
   cudaStream_t stream;
 };
 Status launch_bwd_preprocess(const BwdPreArgs& a);
+
+// dsinks [Hq] (fp32, any stride) = -(sum of each head's rows_per_head terms in dsink_rows), in a
+// fixed order (deterministic; bwd_aux.cu).
+Status launch_dsinks_reduce(const float* dsink_rows, int64_t rows_per_head, const TensorView& dsinks,
+                            cudaStream_t stream);
 
 // dq [B, Hq, Nq, d] (16-bit, any strides with the last dim contiguous) = RN(scale * dq_accum)
 // from the fragment-ordered pieces of each sequence (packed sequences: varlen, B = 1).

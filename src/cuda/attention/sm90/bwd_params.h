@@ -5,7 +5,9 @@
 //   stats     float4 [B, Hq, Nq_pad]  per query row {-lse2, delta, -m_ref, 1/l} (bwd_aux.cu):
 //             lse2 = LSE / ln 2 (log2 units), delta = D_i = rowsum(dO * O') or rowsum(dO * O),
 //             m_ref and l the anchored P_F's forward statistics. Rows without keys and padding
-//             rows (i >= Nq) hold {-inf, 0, -inf, 0}: every P of theirs is exp2(-inf) = 0.
+//             rows (i >= Nq) hold {-inf, 0, -inf, 0}: every P of theirs is exp2(-inf) = 0
+//             (a row without keys but with a sink, numerics 9.10, holds its finite statistics;
+//             the mask keeps its P = 0).
 //             Nq_pad = m_blocks * 64 (the kernel reads whole 64-row blocks with one bulk copy).
 //   dq_accum  fp32 [B, Hq, m_blocks, d / 64, 4096]: one [64 rows, 64 columns] piece per query
 //             block and column chunk, in the consumer's *fragment order*: element (r, c) of a

@@ -37,6 +37,7 @@ Status launch_fwd(const FwdArgs& a) {
                                             a.k));
   FwdParams p{};
   static_cast<AttnParams&>(p) = attn_params(a.q, a.k, a.c2, a.p_quant, a.seq, a.varlen);
+  p.extras = a.extras;
   const int64_t m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   if constexpr (Cfg::kPacked) {
     p.pk_q = packed_operand(a.pq);

@@ -20,7 +20,8 @@ struct FwdArgs {
   PackedTensor pq, pk, pv;  // kPacked configs: the packed NVFP4 operands (fwd_packed.cuh)
   bool kv_tma = false;      // kPacked: K and V are the decoded tensors k, v (TMA); only Q packed
   ForwardOutputs out;  // validated: contiguous, o_hp used iff the config has kWithOHp
-  float c2;            // RN(c * RN(log2 e))
+  float c2;            // RN(c * RN(log2 e)); with a softcap b = RN(softcap * RN(log2 e))
+  SoftcapSinks extras;  // softcap and sinks (attn_params.h)
   bool quantize_p;     // mode != bf16
   PQuant p_quant;      // paper or anchored (quantized modes)
   MaskKind mask;       // the policy the dispatch instantiates (api.cu with_mask)

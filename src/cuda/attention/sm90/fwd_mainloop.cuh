@@ -4,7 +4,8 @@
 //
 // Per tile n (docs/hopper.md, section 2: Br = Bc = 128, ping-pong, no intra-warpgroup overlap):
 //   wait S_n (issued in the previous critical section); release K[n]
-//   apply_mask (tiles crossing Nk or the causal diagonal) -> online_softmax -> p~
+//   [softcap: cap_scores] -> apply_mask (tiles crossing Nk or the causal diagonal) ->
+//   online_softmax -> p~
 //   convert_p -> P^ and P~ fragments; O, O' *= f (skipped when no row of the warp changed
 //   its reference: then f = 1 exactly)
 //   wait V[n] and K[n+1] full
@@ -35,6 +36,7 @@
 #include "cuda/attention/sm90/fwd_smem.cuh"
 #include "cuda/attention/sm90/fwd_softmax.cuh"
 #include "cuda/attention/sm90/fragment.cuh"
+#include "cuda/attention/sm90/softcap.cuh"
 #include "common/mask.h"
 #include "cuda/common/p_quant.cuh"
 #include "cuda/common/ptx.cuh"
@@ -71,8 +73,8 @@ struct RowKeys {
 
 // The start of both mainloops: zeroed accumulators and row state, this thread's first row (the
 // other is row + 8), its key ranges, and the warpgroup's 64 rows of the Q tile (q_rows). When the
-// CTA visits no key tile (n_tiles = 0: no row sees a key) it also stores O = 0, LSE = -inf, and
-// the caller returns (no barrier is used).
+// CTA visits no key tile (n_tiles = 0: no row sees a key) it also stores O = 0, LSE = -inf (or
+// the sink's, numerics 9.10), and the caller returns (no barrier is used).
 struct ConsumerStart {
   int row;
   RowKeys keys;
@@ -90,7 +92,7 @@ __device__ __forceinline__ ConsumerStart consumer_start(const FwdParams& p, cons
   for (int i = 0; i < Cfg::kAccO; ++i) cs.o[i] = 0.0f;
 #pragma unroll
   for (int i = 0; i < (Cfg::kWithOHp ? Cfg::kAccO : 1); ++i) cs.o_hp[i] = 0.0f;
-  cs.rows = row_state_init();
+  cs.rows = row_state_init(p.extras.sink2(h), p.p_quant);  // sinks: the sink's state
   if (n_tiles == 0) store_o<Cfg, Mask>(p, cs.o, cs.o_hp, cs.rows, sr, h, row);
   const SeqInfo seq = sr.info;
   const int wg_last = min(wg_row0 + 63, seq.len_q - 1);
@@ -118,6 +120,7 @@ __device__ __forceinline__ void consumer_tile(const FwdParams& p, const SmemMap<
   cuda::mbar_arrive(sm.k_empty(stage));  // K[n] no longer read
 
   const int key0 = (n_begin + n) * Cfg::kBlockN;
+  if (p.extras.capped()) cap_scores<Cfg::kBlockN>(cs.s, p.extras.cap_a);  // softcap: t, before the mask
   if (keys_need_mask(key0, Cfg::kBlockN, keys.all)) apply_mask<Cfg::kBlockN>(cs.s, key0, keys.row0, keys.row1);
   float f[2];
   online_softmax<Cfg::kBlockN>(cs.s, cs.rows, p.c2, p.p_quant, f);
@@ -209,6 +212,7 @@ template <class Cfg, class Mask>
 __device__ __forceinline__ void overlap_softmax(const FwdParams& p, ConsumerState<Cfg>& cs, int n,
                                                 const RowKeys& keys, float (&f)[2]) {
   const int key0 = n * Cfg::kBlockN;
+  if (p.extras.capped()) cap_scores<Cfg::kBlockN>(cs.s, p.extras.cap_a);  // softcap: t, before the mask
   if (keys_need_mask(key0, Cfg::kBlockN, keys.all)) apply_mask<Cfg::kBlockN>(cs.s, key0, keys.row0, keys.row1);
   online_softmax<Cfg::kBlockN>(cs.s, cs.rows, p.c2, p.p_quant, f);
 }

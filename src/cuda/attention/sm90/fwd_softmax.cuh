@@ -14,6 +14,8 @@
 // maximum is reduced. A row whose reference max is still -inf uses 0 as its reference, so
 // exp2(-inf - 0) = 0 and no -inf - (-inf) appears; tiles with no visible key of a row leave its
 // state exactly unchanged (f = 1, sum 0).
+// Softcap (numerics 9.9): s holds t = tanh(a s) (softcap.cuh) and c2 is b; nothing here changes.
+// Sinks (9.10): the row state starts at the sink (row_state_init); nothing here changes either.
 #pragma once
 
 #include <cmath>
@@ -31,8 +33,17 @@ struct RowState {
   float l[2];      // partial sum of the unquantized p~, relative to m_ref
 };
 
-__device__ __forceinline__ RowState row_state_init() {
-  return RowState{{-INFINITY, -INFINITY}, {0.0f, 0.0f}};
+// The state before the first key (numerics 4 and 9.10). Without a sink (z2 = -inf): m_ref = -inf,
+// l = 0. With head h's sink z2 (log2 units; SoftcapSinks::sink2): the sink is a key of score z2
+// before the first tile, in no P block and with no value row, so m_ref = z2 ("paper") or
+// ceil(z2) ("anchored") and l = exp2(z2 - m_ref), counted once per row: by the quad's first lane
+// (l is a per-thread partial that store_o sums over the quad). m = z2 itself is not kept: the
+// kernel tracks m_ref only (ceil commutes with max).
+__device__ __forceinline__ RowState row_state_init(float z2, PQuant p_quant) {
+  if (z2 == -INFINITY) return RowState{{-INFINITY, -INFINITY}, {0.0f, 0.0f}};
+  const float ref = p_quant == PQuant::kAnchored ? ceilf(z2) : z2;
+  const float l = threadIdx.x % 4 == 0 ? cuda::ex2_approx(__fsub_rn(z2, ref)) : 0.0f;
+  return RowState{{ref, ref}, {l, l}};
 }
 
 // Replaces the scores s (raw q.k, fp32) by p~ = exp2(c2 s - m_ref_new), updates the row state,

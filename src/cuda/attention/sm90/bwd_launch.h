@@ -58,8 +58,8 @@ struct BwdPreArgs {
   // sink), for launch_dsinks_reduce. attn: the call's shapes, sequences and sinks (attn.extras);
   // mask: its policy (which rows see no key).
   float* dsink_rows = nullptr;
-  AttnParams attn;
-  MaskKind mask;
+  AttnParams attn{};
+  MaskKind mask = MaskKind::kNone;
   cudaStream_t stream;
 };
 Status launch_bwd_preprocess(const BwdPreArgs& a);

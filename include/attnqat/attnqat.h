@@ -99,7 +99,8 @@ struct AttentionOptions {
   // (data == nullptr): no sinks; a head whose sink is -inf has none. NaN and +inf are errors.
   // The one tensor among the options: the Python binding takes it as an argument of
   // attention_forward/attention_backward (keyword `sinks`), not as an attribute.
-  // softcap and sinks run on the CPU reference only: the CUDA kernels return NotImplemented.
+  // softcap and sinks run on the CPU reference and in the CUDA attention kernels (not in the
+  // FP4 decode).
   TensorView sinks{};
   int kv_tile = 128;             // keys per tile of the online softmax (matters for "paper")
   BackwardSwitches bwd{};        // used by the backward (and to decide whether O' is needed)

@@ -389,14 +389,16 @@ def attention(
         softmax_scale: a positive finite number; default ``1/sqrt(D)``.
         softcap: logit soft-capping (Gemma 2): the scores ``s = softmax_scale * q.k`` become
             ``softcap * tanh(s / softcap)`` before the softmax (after the FP4 quantization of Q
-            and K; ``docs/numerics.md`` 9.9). ``0`` or ``None``: off. CPU reference only: on CUDA
-            tensors it raises ``NotImplementedError``.
+            and K; ``docs/numerics.md`` 9.9). ``0`` or ``None``: off. CPU reference and CUDA
+            kernels (forward and backward).
         sinks: attention sinks (GPT-OSS's ``s_aux``): ``None`` or one logit per query head, a
             float32 ``[Hq]`` tensor (a numpy array with numpy inputs). Each row's softmax gets the
             extra term ``exp(sinks[h])``, which takes probability mass but has no value row
             (``docs/numerics.md`` 9.10); ``-inf`` is no sink for that head, NaN and ``+inf`` raise.
             Differentiable: a torch tensor that requires grad gets its gradient. A row that sees
-            no key gives ``O = 0`` and ``LSE = sinks[h]``. CPU reference only, like ``softcap``.
+            no key gives ``O = 0`` and ``LSE = sinks[h]``. CPU reference and CUDA kernels, like
+            ``softcap``; on CUDA the values are not checked on the host (NaN or ``+inf`` make that
+            head's outputs NaN).
         mode: ``"bf16"`` (ordinary attention), ``"fp4"`` (FP4 inference forward; no gradient),
             ``"drop_in_qat"`` (FP4 forward, the paper's naive high-precision backward),
             ``"attn_qat"`` (FP4 forward with O', the Attn-QAT backward).

@@ -197,8 +197,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         **kwargs: ``softcap`` (Gemma 2's logit soft-capping) and ``s_aux`` (GPT-OSS's attention
             sinks, one logit per query head) are applied as :func:`attnqat.attention`'s ``softcap``
             and ``sinks`` (the sinks cast to float32, so their gradient flows back to the
-            parameter); both run on the CPU reference only (CUDA tensors raise
-            ``NotImplementedError``) and not with :class:`FP4Cache`. ``cu_seq_lens_q``,
+            parameter); both run on the CPU reference and the CUDA kernels, not with
+            :class:`FP4Cache` (its decode has neither). ``cu_seq_lens_q``,
             ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k`` (FlashAttention's packed-sequence
             arguments, over the ``B * N`` flattened tokens) run the layer as
             :func:`attnqat.attention_varlen`. ``sliding_window`` is honoured through the mask; other

@@ -91,12 +91,12 @@ def test_no_grad_skips_o_hp():
 @pytest.mark.parametrize("mode,v_blocks", [("fp4", "channel"), ("attn_qat", "token"), ("drop_in_qat", "channel")])
 def test_inference_path_quantizes_in_the_core_with_the_same_numbers(mode, v_blocks, monkeypatch):
     # Without a backward the raw inputs go to the attention op (the core quantizes them): one op
-    # dispatch, not four. The output and LSE must be bit-identical to the path that fake-quantizes
+    # dispatch, not two. The output and LSE must be bit-identical to the path that fake-quantizes
     # in Python first (taken when a backward follows).
     q, k, v = qkv(seed=5)
     calls = []
-    real = torch.ops.attnqat.fake_quantize
-    monkeypatch.setattr(torch.ops.attnqat, "fake_quantize", lambda *a: calls.append(a) or real(*a), raising=False)
+    real = torch.ops.attnqat.fake_quantize_qkv
+    monkeypatch.setattr(torch.ops.attnqat, "fake_quantize_qkv", lambda *a: calls.append(a) or real(*a), raising=False)
     kw = dict(mode=mode, v_blocks=v_blocks, return_lse=True)
     with torch.no_grad():
         o_inf, lse_inf = attnqat.attention(q, k, v, **kw)
@@ -106,8 +106,23 @@ def test_inference_path_quantizes_in_the_core_with_the_same_numbers(mode, v_bloc
         o_ref, lse_ref = attnqat.attention(qh, kh, vh, **kw)
     else:
         o_ref, lse_ref = attnqat.attention(*(t.clone().requires_grad_() for t in (q, k, v)), **kw)
-        assert len(calls) == 3 or mode == "drop_in_qat"  # drop-in: raw backward, the core quantizes
+        assert len(calls) == 1 or mode == "drop_in_qat"  # drop-in: raw backward, the core quantizes
     assert torch.equal(o_inf, o_ref.detach()) and torch.equal(lse_inf, lse_ref.detach())
+
+
+@pytest.mark.parametrize("v_axis, scales, compute", [("last", (1.0, 1.0, 1.0), False), ("token", (0.5, 2.0, 4.0), False),
+                                                     ("last", (1.0, 1.0, 1.0), True)])
+def test_fake_quantize_qkv_is_three_fake_quantize_calls(v_axis, scales, compute):
+    # The training forward's one op for Q, K, V: the same numbers as three fake_quantize calls
+    # (explicit second-level scales and per-tensor amax too), the straight-through gradient, and
+    # torch.library's checks of the op.
+    q, k, v = qkv(seed=8, requires_grad=True)
+    got = torch.ops.attnqat.fake_quantize_qkv(q, k, v, v_axis, *scales, compute)
+    for t, axis, g, out in zip((q, k, v), ("last", "last", v_axis), scales, got):
+        assert torch.equal(out, torch.ops.attnqat.fake_quantize(t, "nvfp4", axis, g, compute))
+    grads = torch.autograd.grad(got, (q, k, v), [torch.full_like(t, 3.0) for t in got])
+    assert all(torch.equal(g, torch.full_like(g, 3.0)) for g in grads)
+    torch.library.opcheck(torch.ops.attnqat.fake_quantize_qkv.default, (q, k, v, v_axis, *scales, compute))
 
 
 def test_gradcheck_fp64_bf16_mode():

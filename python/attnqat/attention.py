@@ -375,7 +375,7 @@ def attention(
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (the layout of
             ``torch.nn.functional.scaled_dot_product_attention``). ``Hq`` must be a multiple of
             ``Hkv`` (GQA/MQA), ``D`` a multiple of 16 up to 256 on the CPU (the reference); the
-            CUDA kernels take ``D`` 64 and 128. float32/float16/bfloat16 (and float64 on the CPU);
+            CUDA kernels take ``D`` a multiple of 16 up to 128. float32/float16/bfloat16 (and float64 on the CPU);
             all numpy arrays or all torch tensors; any strides (a last dimension that is not
             contiguous is copied). Empty inputs (``B``, ``H``, ``Nq`` or ``Nk`` 0) give empty
             results and zero gradients; a query row that sees no key gives ``O = 0`` and
@@ -446,8 +446,8 @@ def attention(
             ``window=4``), or numpy arrays mixed with torch tensors.
         ValueError: an option or tensor the kernels do not accept; the message names the
             argument, what it got and what is accepted.
-        NotImplementedError: what the CUDA kernels do not take yet (e.g. head dims other than
-            64 and 128, ``softcap`` and ``sinks``).
+        NotImplementedError: what the CUDA kernels do not take yet (e.g. head dims above 128,
+            float32 inputs).
     """
     cfg = resolve_config(
         causal=causal, softmax_scale=softmax_scale, mode=mode, p_quant=p_quant, v_blocks=v_blocks,

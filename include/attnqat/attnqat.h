@@ -172,7 +172,9 @@ struct IndexView {
 // v_blocks must be 'channel' (a 16-token V block would straddle sequences).
 // seqused_k (optional, int32 [S], FlashAttention's seqused_k): sequence s has only the first
 // seqused_k[s] keys of its rows (0 .. its range's length; CUDA clamps, the CPU checks); the rest
-// are padding that no query sees (masks align to the used length) and whose dK, dV are 0. With
+// are padding that no query sees (masks align to the used length) and whose dK, dV are 0; the
+// CUDA kernels read the padding rows of the key tile that holds a sequence's last used key (with
+// probability 0: keep them finite, numerics 9.7). With
 // it a padded batch [B, Nk] of key-padding masks (e.g. a text encoder's) runs as one call:
 // cu_seqlens_k = 0, Nk, 2 Nk, ..., seqused_k = the valid lengths.
 // Outputs: o, o_hp [total_q, Hq, D] and dq [total_q, Hq, D], dk, dv [total_k, Hkv, D]

@@ -413,9 +413,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_kernel(const __grid_cons
                                       : static_cast<int>(blockIdx.x);
   const int h_kv = blockIdx.y, seq_idx = blockIdx.z;  // the sequence (dense: the batch entry)
   const SeqRows sr = p.seq_rows(seq_idx);
-  // Packed sequences: the grid covers the longest one; a CTA past its own returns (all threads,
-  // before any barrier is set up). It has no query block to write to, so the deterministic dQ
-  // turns (dq_turn) never count it.
+  // Packed sequences: the grid covers the longest one; a CTA past its sequence's key rows returns
+  // (all threads, before any barrier is set up). It has no query block to write to, so the
+  // deterministic dQ turns (dq_turn) never count it. A block of seqused_k padding rows only goes
+  // on with no query block and writes its zero dK, dV.
   if (n_block * Cfg::kBlockN >= sr.k_rows) return;
   // The query blocks that meet this key block, [m_begin, m_end) (src/common/mask.h); none for a
   // block of seqused_k padding only, which just writes its zero dK, dV.

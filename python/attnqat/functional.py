@@ -158,12 +158,15 @@ _PADDING_INDEX = {}
 
 
 def _padding_index(b: int, nq: int, nk: int, ends: Tuple[int, ...], device: torch.device):
+    """cu_seqlens_q, cu_seqlens_k, seqused_k and the [B, 1, Nk, 1] mask of the padding keys."""
     key = (b, nq, nk, ends, device)
     if key not in _PADDING_INDEX:
         if len(_PADDING_INDEX) >= 8:
             _PADDING_INDEX.pop(next(iter(_PADDING_INDEX)))
         steps = torch.arange(b + 1, dtype=torch.int32)
-        _PADDING_INDEX[key] = tuple(t.to(device) for t in (steps * nq, steps * nk, torch.tensor(ends, dtype=torch.int32)))
+        used = torch.tensor(ends, dtype=torch.int32)
+        padding = (torch.arange(nk)[None, :] >= used[:, None].long())[:, None, :, None]
+        _PADDING_INDEX[key] = tuple(t.to(device) for t in (steps * nq, steps * nk, used, padding))
     return _PADDING_INDEX[key]
 
 
@@ -174,7 +177,11 @@ def _padded_keys_attention(q, k, v, ends, opts, softmax_scale):
     attention on its own visible keys, as the grouped calls give (attnqat.h)."""
     b, hq, nq, d = q.shape
     nk = k.shape[2]
-    cu_q, cu_k, used = _padding_index(b, nq, nk, tuple(ends), q.device)
+    cu_q, cu_k, used, padding = _padding_index(b, nq, nk, tuple(ends), q.device)
+    # The CUDA kernels read the padding rows of the key tile that crosses a sequence's end (with
+    # probability 0, numerics 9.7): zeros there keep a NaN or Inf in masked keys from reaching
+    # any output, as the mask promises. (K, V are small next to the attention: text keys.)
+    k, v = k.masked_fill(padding, 0), v.masked_fill(padding, 0)
     rows = lambda t: t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], t.shape[1], t.shape[3])
     o, lse = attention_varlen(rows(q), rows(k), rows(v), cu_q, cu_k, nq, nk, causal=False, softmax_scale=softmax_scale,
                               return_lse=True, seqused_k=used, **opts)

@@ -155,6 +155,24 @@ def test_key_padding_of_different_lengths_is_one_packed_call(mode, monkeypatch):
         assert torch.equal(grads[1][1, :, 9:], torch.zeros_like(grads[1][1, :, 9:]))  # padding keys
 
 
+def test_key_padding_packed_call_gets_zeros_for_masked_keys(monkeypatch):
+    # The CUDA kernels read the padding rows that share a key tile with a sequence's last key
+    # (with probability 0): the packed call must hand them zeros, so NaN at a masked key cannot
+    # reach an output (numerics 9.7), and the result is that of the sequences alone.
+    from attnqat import functional
+
+    seen = []
+    real = functional.attention_varlen
+    monkeypatch.setattr(functional, "attention_varlen", lambda q, k, v, *a, **kw: seen.append((k, v)) or real(q, k, v, *a, **kw))
+    q, k, v = qkv(b=2, nq=6, nk=20)
+    k[1, :, 7:], v[1, :, 7:] = float("nan"), float("inf")
+    m = (torch.arange(20)[None, :] < torch.tensor([20, 7])[:, None])[:, None, None, :]
+    o = attnqat.sdpa(q, k, v, attn_mask=m, enable_gqa=True, mode="fp4")
+    packed_k, packed_v = seen[0]
+    assert torch.isfinite(packed_k).all() and torch.isfinite(packed_v).all()
+    assert torch.equal(o[1:], attnqat.attention(q[1:], k[1:, :, :7], v[1:, :, :7], mode="fp4"))
+
+
 def test_mask_views_made_per_call_are_analysed_once(monkeypatch):
     """diffusers passes a [B, Nk] mask that the backend views as [B, 1, 1, Nk] at every layer."""
     from attnqat import functional

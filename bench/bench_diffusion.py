@@ -40,7 +40,6 @@ on `wan_1.3b_self` (target 0.8).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -254,11 +253,7 @@ def run_case(case: Case, args, device, backend_fn) -> list:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="directory for the JSON and headline.json "
-                   "(default: bench/results)")
-    p.add_argument("--quick", action="store_true", help="3 repetitions, no diffusers-layout case (< 1 min)")
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the code paths (needs --out)")
+    p = common.bench_parser(__doc__, "3 repetitions, no diffusers-layout case", "tiny shapes")
     p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], default=None,
                    help="run these cases only (default: all; --quick: all but the diffusers-layout one)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7, --quick 3)")

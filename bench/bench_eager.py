@@ -26,7 +26,6 @@ is better) and `fwd_fp4_vs_cudnn_d128_eager_n4k` = cuDNN eager time / fp4 eager 
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
@@ -113,11 +112,7 @@ def profile_host(step, cuda: bool):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="directory for the JSON and headline.json "
-                   "(default: bench/results)")
-    p.add_argument("--quick", action="store_true", help="fewer loops and graph replays (< 1 min)")
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny shape: checks the code paths (needs --out)")
+    p = common.bench_parser(__doc__, "fewer loops and graph replays", "tiny shape")
     p.add_argument("--calls", type=int, default=None, help="calls per eager loop (default 50, --smoke 3)")
     p.add_argument("--loops", type=int, default=None, help="eager loops, median taken (default 7, --quick 3)")
     p.add_argument("--reps", type=int, default=None, help="graph replays (default 15, --quick 5)")

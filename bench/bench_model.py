@@ -31,7 +31,6 @@ and 16 new tokens (headline entries carry `layers` and the lengths).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import inspect
 import sys
@@ -225,11 +224,7 @@ def generate_rows(args, device, timer) -> list:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="directory for the JSON and headline.json "
-                   "(default: bench/results)")
-    p.add_argument("--quick", action="store_true", help="6 layers, 4k training tokens, a 2k prompt (< 1 min)")
-    p.add_argument("--smoke", action="store_true", help="CPU, a tiny model: checks the code paths (needs --out)")
+    p = common.bench_parser(__doc__, "6 layers, 4k training tokens, a 2k prompt", "a tiny model")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 24, --quick 6)")
     p.add_argument("--train-tokens", type=int, nargs="*", default=None,
                    help="training lengths (default 4096 16384; --quick 4096); none: skip training")

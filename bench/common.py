@@ -8,6 +8,7 @@ the same GPU and reports ratios.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -145,6 +146,17 @@ def time_wall(fn: Callable[[int], object], sets: int = 1, warmup: int = 1, reps:
         times.append((time.perf_counter() - start) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps,
             "method": "host_clock_smoke"}
+
+
+def bench_parser(doc: str, quick_help: str, smoke_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark with a smoke mode takes: --out, --quick (what it shortens:
+    `quick_help`) and --smoke (a CPU run at tiny shapes: `smoke_help`, needs --out)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="directory for the JSON and headline.json "
+                   "(default: bench/results)")
+    p.add_argument("--quick", action="store_true", help=f"{quick_help} (< 1 min)")
+    p.add_argument("--smoke", action="store_true", help=f"CPU, {smoke_help}: checks the code paths (needs --out)")
+    return p
 
 
 def require_device(smoke: bool, out_dir: Path | None) -> None:

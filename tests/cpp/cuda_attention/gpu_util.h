@@ -73,4 +73,28 @@ inline std::vector<float> sink_values(int offset, int64_t heads) {
   return z;
 }
 
+// A case's sinks (its `sinks` offset, `Hq` heads): the host values, a device copy when `where` is
+// CUDA, and options with them attached.
+struct CaseSinks {
+  std::vector<float> host;
+  DeviceBuffer dev;
+  template <class Case>
+  CaseSinks(const Case& c, Device where) : host(sink_values(c.sinks, c.Hq)) {
+    if (where == Device::kCUDA && !host.empty()) {
+      dev = DeviceBuffer(host.size() * 4);
+      dev.upload(host);
+    }
+  }
+  bool any() const { return !host.empty(); }
+  bool has(int64_t h) const { return any() && host[h] != -INFINITY; }  // head h has a sink
+  // opts with the sinks attached (unchanged without).
+  AttentionOptions attach(AttentionOptions opts) {
+    if (host.empty()) return opts;
+    void* data = dev.get() != nullptr ? dev.get() : static_cast<void*>(host.data());
+    opts.sinks = make_view(data, DType::kFloat32, {static_cast<int64_t>(host.size())}, "sinks",
+                           dev.get() != nullptr ? Device::kCUDA : Device::kCPU);
+    return opts;
+  }
+};
+
 }  // namespace attnqat::gpu_test

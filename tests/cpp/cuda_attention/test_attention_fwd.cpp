@@ -110,27 +110,6 @@ AttentionOptions options_of(const Case& c) {
   return o;
 }
 
-// The case's sinks as a host copy (sink_values) and the view of it or of a device copy.
-struct CaseSinks {
-  std::vector<float> host;
-  DeviceBuffer dev;
-  CaseSinks(const Case& c, Device where) : host(sink_values(c.sinks, c.Hq)) {
-    if (where == Device::kCUDA && !host.empty()) {
-      dev = DeviceBuffer(host.size() * 4);
-      dev.upload(host);
-    }
-  }
-  // opts with the sinks attached (unchanged without).
-  AttentionOptions attach(AttentionOptions opts) {
-    if (host.empty()) return opts;
-    void* data = dev.get() != nullptr ? dev.get() : static_cast<void*>(host.data());
-    opts.sinks = make_view(data, DType::kFloat32, {static_cast<int64_t>(host.size())}, "sinks",
-                           dev.get() != nullptr ? Device::kCUDA : Device::kCPU);
-    return opts;
-  }
-  bool has(int64_t h) const { return !host.empty() && host[h] != -INFINITY; }
-};
-
 // ---- GPU run ----------------------------------------------------------------------------------
 
 struct GpuOut {

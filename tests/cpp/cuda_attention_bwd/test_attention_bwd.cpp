@@ -94,25 +94,6 @@ AttentionOptions options_of(const Case& c) {
   return o;
 }
 
-// The case's sinks (host values; the device copy when `where` is CUDA), attached to options.
-struct CaseSinks {
-  std::vector<float> host;
-  DeviceBuffer dev;
-  CaseSinks(const Case& c, Device where) : host(sink_values(c.sinks, c.Hq)) {
-    if (where == Device::kCUDA && !host.empty()) {
-      dev = DeviceBuffer(host.size() * 4);
-      dev.upload(host);
-    }
-  }
-  bool any() const { return !host.empty(); }
-  AttentionOptions attach(AttentionOptions opts) {
-    if (host.empty()) return opts;
-    void* data = dev.get() != nullptr ? dev.get() : static_cast<void*>(host.data());
-    opts.sinks = make_view(data, DType::kFloat32, {static_cast<int64_t>(host.size())}, "sinks",
-                           dev.get() != nullptr ? Device::kCUDA : Device::kCPU);
-    return opts;
-  }
-};
 bool eff_qkv(const Case& c) { return quantizes(c.mode) && options_of(c).bwd.quantized_qkv; }
 bool eff_quant_p(const Case& c) { return quantizes(c.mode) && options_of(c).bwd.quant_p; }
 

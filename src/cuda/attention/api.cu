@@ -134,11 +134,8 @@ Status dispatch(const sm90::FwdArgs& args) {
 
 Status dispatch_packed(const sm90::FwdArgs& args) {
   const MaskKind mask = args.mask;
-  // The in-kernel unpacking reads whole rows of d / 2 code bytes: no narrower head dim.
-  if (args.q.shape[3] != 64 && args.q.shape[3] != 128)
-    return Status::NotImplemented(
-        "q: attention from packed NVFP4 tensors on CUDA takes head dims 64 and 128, got " +
-        std::to_string(args.q.shape[3]) + "; dequantize the tensors and call attention()");
+  // Head dims 64 and 128 only: the in-kernel unpacking reads whole rows of d / 2 code bytes, and
+  // packed.cu (operand_unpacks_in_kernel) sends no other head dim here.
   return with_dtype(args.q.dtype, [&](auto f16) {
     return with_head_dim(args.q.shape[3], [&](auto head_dim) {
       return with_mask(mask, [&](auto mask_policy) {
